@@ -1,0 +1,109 @@
+"""The `underpar` command line: thin — it parses, builds a config, and calls a track."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from underpar import config as cfglib
+from underpar.errors import UnderparError
+
+app = typer.Typer(
+    help="underpar: the most language model out of a fixed budget of time, bytes and compute.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Corpora, tokenizers and token shards.", no_args_is_help=True)
+eval_app = typer.Typer(help="Scoring: bits per byte.", no_args_is_help=True)
+config_app = typer.Typer(help="Presets and resolved configs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
+app.add_typer(config_app, name="config")
+
+SetOption = typer.Option(None, "--set", help="Override a config field: section.key=value (repeatable).")
+
+
+def _data_config(source: str, vocab: int, out: Optional[str], path: Optional[str], sets: list[str]):
+    from underpar.data.prepare import DataConfig
+
+    cfg = DataConfig(source=source, vocab_size=vocab, out=out or "", path=path or "")
+    for assignment in sets or []:
+        cfg = cfglib.override(cfg, assignment)
+    cfglib.validate(cfg)
+    return cfg
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: str = typer.Option("builtin", help="builtin | text | jsonl | fineweb"),
+    vocab: int = typer.Option(1024, help="Tokenizer vocabulary size."),
+    out: Optional[str] = typer.Option(None, help="Output folder (default: $UNDERPAR_CACHE/datasets/<source>_sp<vocab>)."),
+    path: Optional[str] = typer.Option(None, help="Input file or folder (text, jsonl; fineweb: a local hub mirror)."),
+    force: bool = typer.Option(False, help="Rebuild even if the output is up to date."),
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Build a tokenizer and train/val token shards, with a manifest.json."""
+    from underpar.data.prepare import prepare
+
+    cfg = _data_config(source, vocab, out, path, sets)
+    manifest = prepare(cfg, force=force)
+    verb = "up to date" if manifest["reused"] else "prepared"
+    typer.echo(f"{verb}: {manifest['dir']}")
+    docs = manifest.get("documents", {})
+    for split in ("train", "val"):
+        line = f"  {split:5s} tokens {manifest['tokens'][split]:>12,}  bytes/token {manifest['bytes_per_token'][split]:.4f}"
+        if split in docs:
+            line += f"  documents {docs[split]:>7,}  text bytes {manifest['text_bytes'][split]:>12,}"
+        typer.echo(line)
+
+
+@eval_app.command("bpb")
+def eval_bpb(
+    model: str = typer.Option("unigram", help="uniform | unigram (a sanity baseline fitted on the train shards)."),
+    source: str = typer.Option("builtin", help="Which prepared data (see `data prepare`)."),
+    vocab: int = typer.Option(1024),
+    data: Optional[str] = typer.Option(None, help="A prepared data folder (default: the one for source/vocab)."),
+    seq_len: int = typer.Option(1024),
+) -> None:
+    """Score a baseline model's exact val_bpb on prepared validation shards."""
+    from underpar.eval.baselines import score_baseline
+
+    cfg = _data_config(source, vocab, data, None, [])
+    result = score_baseline(cfg, model, seq_len=seq_len)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@config_app.command("presets")
+def config_presets() -> None:
+    """List the shipped presets and their tracks."""
+    for name, track in cfglib.list_presets().items():
+        typer.echo(f"{name:24s} {track}")
+
+
+@config_app.command("show")
+def config_show(
+    preset: Optional[str] = typer.Option(None, help="A preset name (see `underpar config presets`)."),
+    track: Optional[str] = typer.Option(None, help=f"Defaults of a track: {', '.join(cfglib.TRACKS)}"),
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Print a resolved config as JSON (a preset's track, or a track's defaults)."""
+    if preset is None and track is None:
+        raise UnderparError("give --preset NAME or --track NAME")
+    track = track or cfglib.load_preset(preset)[0]
+    cfg = cfglib.resolve(track, preset, sets or [])
+    typer.echo(json.dumps(cfglib.to_dict(cfg), indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except UnderparError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
