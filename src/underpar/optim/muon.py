@@ -1,0 +1,177 @@
+"""Muon: momentum SGD whose update for each 2-D matrix is orthogonalized by a few
+Newton-Schulz iterations in bf16, as in the Parameter Golf baseline (from modded-nanogpt).
+
+Under torch.distributed each rank orthogonalizes every world_size-th matrix and one
+all_reduce of a flat bf16 buffer hands every rank all the updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+Coefficients = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class NSCoefficients:
+    """One Newton-Schulz recipe: (a, b, c) per iteration and how X is normalized first.
+
+    A single (a, b, c) is reused for every iteration; a longer list is a per-iteration
+    schedule whose length must equal the number of steps.
+    X starts as G / (||G||_F * (1 + norm_margin) + eps).
+    """
+
+    abc: tuple[Coefficients, ...]
+    norm_margin: float = 0.0
+    eps: float = 1e-7
+
+    def schedule(self, steps: int) -> tuple[Coefficients, ...]:
+        if len(self.abc) == 1:
+            return self.abc * steps
+        if steps != len(self.abc):
+            raise ValueError(
+                f"these Newton-Schulz coefficients are a {len(self.abc)}-step schedule; "
+                f"got steps={steps}"
+            )
+        return self.abc
+
+
+# The baseline's quintic iteration (3.4445, -4.7750, 2.0315), repeated each step.
+BASELINE_NS = NSCoefficients(abc=((3.4445, -4.7750, 2.0315),), norm_margin=0.0, eps=1e-7)
+
+# Polar Express: one tuple per iteration; the 2% margin keeps the top singular value < 1.
+POLAR_EXPRESS_NS = NSCoefficients(
+    abc=(
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
+    norm_margin=2e-2,
+    eps=1e-6,
+)
+
+NS_COEFFICIENTS: dict[str, NSCoefficients] = {
+    "baseline": BASELINE_NS,
+    "polar_express": POLAR_EXPRESS_NS,
+}
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: NSCoefficients | Coefficients | Sequence[Coefficients] = BASELINE_NS,
+    eps: float | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Approximately orthogonalize a 2-D matrix (push its singular values towards 1).
+
+    `coefficients` is an NSCoefficients recipe, one (a, b, c) tuple, or a per-iteration
+    list of tuples (the latter two use the baseline normalization). `eps` overrides the
+    recipe's. `dtype` is bf16 as in the baseline; tests pass float64 for a reference.
+    The result is in `dtype`.
+    """
+    if G.ndim != 2:
+        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(G.shape)}")
+    if not isinstance(coefficients, NSCoefficients):
+        abc = (coefficients,) if isinstance(coefficients[0], (int, float)) else coefficients
+        coefficients = NSCoefficients(abc=tuple(tuple(t) for t in abc))
+    eps = coefficients.eps if eps is None else eps
+    X = G.to(dtype)
+    X = X / (X.norm() * (1 + coefficients.norm_margin) + eps)
+    # Iterate on the wide orientation so X @ X.T is the smaller Gram matrix.
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    for a, b, c in coefficients.schedule(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.T if transposed else X
+
+
+def muon_scale(rows: int, cols: int) -> float:
+    """The baseline's shape correction: tall matrices get sqrt(rows / cols)."""
+    return max(1.0, rows / cols) ** 0.5
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then Newton-Schulz orthogonalization, for 2-D parameters.
+
+    Group values: lr, momentum (set by the trainer each step during the warmup), nesterov,
+    backend_steps (Newton-Schulz iterations), ns (a key of NS_COEFFICIENTS).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float,
+        momentum: float,
+        nesterov: bool = True,
+        backend_steps: int = 5,
+        ns: str = "baseline",
+    ):
+        if ns not in NS_COEFFICIENTS:
+            raise ValueError(f"unknown ns '{ns}'; choose one of: {', '.join(NS_COEFFICIENTS)}")
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, backend_steps=backend_steps, ns=ns
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
+
+    def _update(self, p: Tensor, group: dict) -> Tensor:
+        """This rank's orthogonalized update for `p` (bf16, shape of p)."""
+        g = p.grad
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(g)
+        if group["nesterov"]:
+            g = g.add(buf, alpha=group["momentum"])
+        else:
+            g = buf
+        update = newton_schulz(g, group["backend_steps"], NS_COEFFICIENTS[group["ns"]])
+        return update * muon_scale(update.size(0), update.size(1))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        world_size = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            # Every rank fills only its own slots; the all_reduce (a sum with zeros
+            # elsewhere, so exact) gives each rank the whole set of updates.
+            numel = sum(p.numel() for p in params)
+            flat = torch.zeros(numel, device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    flat[offset : offset + p.numel()] = self._update(p, group).reshape(-1)
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                update = flat[offset : offset + p.numel()].view_as(p).to(dtype=p.dtype)
+                p.add_(update, alpha=-group["lr"])
+                offset += p.numel()
+        return loss

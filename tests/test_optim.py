@@ -1,0 +1,373 @@
+"""Muon + Newton-Schulz, the parameter table, schedules, and the sharded distributed step."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from underpar.config import override, validate
+from underpar.errors import ConfigError
+from underpar.optim import (
+    Muon,
+    OptimConfig,
+    build_optimizers,
+    describe_param_table,
+    lr_multiplier,
+    lr_schedule,
+    muon_momentum,
+    muon_momentum_at,
+    newton_schulz,
+    set_lr,
+    set_muon_momentum,
+)
+from underpar.optim.muon import BASELINE_NS, NS_COEFFICIENTS, POLAR_EXPRESS_NS, muon_scale
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _conditioned_square(n: int, seed: int = 0) -> torch.Tensor:
+    # A square Gaussian has singular values near 0 that 5 iterations cannot lift (each
+    # step grows a small one by ~a); use a matrix with condition number 10 instead.
+    u, _ = torch.linalg.qr(_randn(n, n, seed=seed))
+    v, _ = torch.linalg.qr(_randn(n, n, seed=seed + 1))
+    return u @ torch.diag(torch.logspace(-1, 0, n)) @ v.T
+
+
+MATRICES = {
+    "tall": lambda: _randn(64, 32, seed=1),
+    "wide": lambda: _randn(32, 64, seed=2),
+    "square": lambda: _conditioned_square(128, seed=3),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Newton-Schulz
+
+
+@pytest.mark.parametrize("kind", MATRICES)
+@pytest.mark.parametrize(
+    "ns, band", [("baseline", (0.6, 1.25)), ("polar_express", (0.82, 1.18))]
+)
+def test_newton_schulz_near_orthogonal(kind: str, ns: str, band: tuple[float, float]) -> None:
+    G = MATRICES[kind]()
+    X = newton_schulz(G, 5, NS_COEFFICIENTS[ns])
+    assert X.dtype == torch.bfloat16 and X.shape == G.shape
+    sv = torch.linalg.svdvals(X.double())
+    # Measured on these inputs: baseline 0.68..1.14, polar express 0.86..1.15.
+    assert band[0] < sv.min() and sv.max() < band[1], (sv.min(), sv.max())
+
+
+@pytest.mark.parametrize("kind", MATRICES)
+@pytest.mark.parametrize("ns", ["baseline", "polar_express"])
+def test_newton_schulz_matches_float64_iteration(kind: str, ns: str) -> None:
+    G = MATRICES[kind]()
+    coeffs = NS_COEFFICIENTS[ns]
+
+    def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((x.double() - ref).norm() / ref.norm())
+
+    ref = newton_schulz(G.double(), 5, coeffs, dtype=torch.float64)
+    # Same iteration: float32 agrees with float64 almost to float32 precision.
+    assert rel(newton_schulz(G, 5, coeffs, dtype=torch.float32), ref) < 1e-5
+    # bf16 (the real path): ~4e-3 after one step, accumulating to 2.5-5% after five.
+    assert rel(newton_schulz(G, 5, coeffs), ref) < 0.08
+    if ns == "baseline":
+        ref1 = newton_schulz(G.double(), 1, coeffs, dtype=torch.float64)
+        assert rel(newton_schulz(G, 1, coeffs), ref1) < 1e-2
+
+
+def test_newton_schulz_baseline_by_hand() -> None:
+    # The baseline's own formulation, written out: normalize, transpose tall, iterate.
+    G = _randn(48, 16, seed=4)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.double() / (G.double().norm() + 1e-7)
+    X = X.T
+    for _ in range(5):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    ours = newton_schulz(G, 5, (a, b, c), dtype=torch.float64)
+    torch.testing.assert_close(ours, X.T, rtol=1e-6, atol=1e-9)
+    assert newton_schulz(G, 5, BASELINE_NS, dtype=torch.float64).allclose(ours)
+
+
+def test_newton_schulz_per_iteration_schedule_length() -> None:
+    with pytest.raises(ValueError, match="5-step"):
+        newton_schulz(_randn(8, 8), 4, POLAR_EXPRESS_NS)
+
+
+# ---------------------------------------------------------------------------------------
+# Muon
+
+
+def test_muon_scale() -> None:
+    assert muon_scale(64, 32) == pytest.approx(math.sqrt(2))
+    assert muon_scale(32, 64) == 1.0
+    assert muon_scale(16, 16) == 1.0
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_muon_two_steps_by_hand(shape: tuple[int, int]) -> None:
+    lr, m = 0.05, 0.9
+    p = nn.Parameter(_randn(*shape, seed=5))
+    p0 = p.detach().clone()
+    g1, g2 = _randn(*shape, seed=6), _randn(*shape, seed=7)
+    opt = Muon([p], lr=lr, momentum=m)
+
+    def expected_update(nesterov_grad: torch.Tensor) -> torch.Tensor:
+        u = newton_schulz(nesterov_grad, 5, BASELINE_NS) * math.sqrt(max(1, shape[0] / shape[1]))
+        return u.float()
+
+    # torch.add(x, y, alpha=k) is x + k * y in one rounding, as the optimizer computes it.
+    p.grad = g1.clone()
+    opt.step()
+    buf = g1  # 0 * m + g1
+    p1 = torch.add(p0, expected_update(torch.add(g1, buf, alpha=m)), alpha=-lr)
+    assert torch.equal(p.detach(), p1)
+
+    p.grad = g2.clone()
+    opt.step()
+    buf = m * buf + g2
+    p2 = torch.add(p1, expected_update(torch.add(g2, buf, alpha=m)), alpha=-lr)
+    assert torch.equal(p.detach(), p2)
+
+
+def test_muon_without_nesterov_uses_buffer() -> None:
+    p = nn.Parameter(_randn(16, 16, seed=8))
+    p0 = p.detach().clone()
+    g = _randn(16, 16, seed=9)
+    opt = Muon([p], lr=0.1, momentum=0.5, nesterov=False)
+    p.grad = g.clone()
+    opt.step()
+    assert torch.equal(p.detach(), torch.add(p0, newton_schulz(g, 5).float(), alpha=-0.1))
+
+
+def test_muon_rejects_vectors_and_unknown_ns() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([nn.Parameter(torch.ones(4))], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="baseline"):
+        Muon([nn.Parameter(torch.ones(4, 4))], lr=0.1, momentum=0.9, ns="nope")
+
+
+@pytest.mark.parametrize("ns", ["baseline", "polar_express"])
+def test_muon_reduces_a_regression_loss(ns: str) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 24, bias=False)
+    target = _randn(24, 16, seed=10) * 0.5
+    x = _randn(256, 16, seed=11)
+    opt = Muon(layer.parameters(), lr=0.1, momentum=0.9, ns=ns)
+
+    def loss_fn() -> torch.Tensor:
+        return ((layer(x) - x @ target.T) ** 2).mean()
+
+    start, steps = loss_fn().item(), 100
+    for step in range(steps):
+        # Muon's step has a fixed spectral size, so it needs the warmdown to settle.
+        set_lr([opt], lr_multiplier(step / steps, warmdown_fraction=0.5))
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    assert loss_fn().item() < 1e-3 * start  # measured ~1e-5 * start
+
+
+# ---------------------------------------------------------------------------------------
+# parameter table and builders
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.c_q = nn.Linear(dim, dim, bias=False)
+        self.attn.q_gain = nn.Parameter(torch.ones(2))
+        self.mlp = nn.Module()
+        self.mlp.fc = nn.Linear(dim, 2 * dim, bias=False)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.ones(2, dim))  # 2-D, but a control tensor
+
+
+class ToyGPT(nn.Module):
+    def __init__(self, tie: bool, dim: int = 8, vocab: int = 32):
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList([ToyBlock(dim), ToyBlock(dim)])
+        self.skip_weights = nn.Parameter(torch.ones(1, dim))
+        self.lm_head = None if tie else nn.Linear(dim, vocab, bias=False)
+
+
+def _table(model: nn.Module, tie: bool) -> dict[str, tuple[str, float]]:
+    rows = describe_param_table(model, OptimConfig(), tie)
+    return {name: (opt, lr) for name, _, opt, lr in rows}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_table(tie: bool) -> None:
+    model = ToyGPT(tie)
+    table = _table(model, tie)
+    assert table["tok_emb.weight"] == ("adam", 0.05 if tie else 0.6)
+    assert table["blocks.0.attn.c_q.weight"] == ("muon", 0.04)
+    assert table["blocks.1.mlp.fc.weight"] == ("muon", 0.04)
+    assert table["blocks.0.attn_scale"] == ("adam", 0.04)
+    assert table["blocks.0.attn.q_gain"] == ("adam", 0.04)
+    assert table["blocks.0.resid_mix"] == ("adam", 0.04)
+    assert table["skip_weights"] == ("adam", 0.04)
+    assert ("lm_head.weight" in table) == (not tie)
+    if not tie:
+        assert table["lm_head.weight"] == ("adam", 0.008)
+    assert len(table) == len(list(model.parameters()))
+    # tie_embeddings inferred from the absence of an lm_head
+    inferred = describe_param_table(model, OptimConfig())
+    assert inferred == describe_param_table(model, OptimConfig(), tie)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_build_optimizers(tie: bool) -> None:
+    model = ToyGPT(tie)
+    cfg = OptimConfig()
+    muon, adam = build_optimizers(model, cfg, tie)
+    assert isinstance(muon, Muon) and isinstance(adam, torch.optim.Adam)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    expected = {id(m.weight) for b in model.blocks for m in (b.attn.c_q, b.mlp.fc)}
+    assert muon_ids == expected
+    claimed = [id(p) for opt in (muon, adam) for g in opt.param_groups for p in g["params"]]
+    assert sorted(claimed) == sorted(id(p) for p in model.parameters())  # each exactly once
+    lrs = {g["lr_field"]: g["base_lr"] for g in adam.param_groups}
+    expected_lrs = {"scalar_lr": 0.04, "tied_embed_lr": 0.05} if tie else {
+        "scalar_lr": 0.04, "embed_lr": 0.6, "head_lr": 0.008}
+    assert lrs == expected_lrs
+    assert adam.defaults["betas"] == (0.9, 0.95) and adam.defaults["eps"] == 1e-8
+    assert muon.param_groups[0]["momentum"] == 0.95 and muon.param_groups[0]["ns"] == "baseline"
+
+    set_lr([muon, adam], 0.5)
+    assert all(g["lr"] == 0.5 * g["base_lr"] for o in (muon, adam) for g in o.param_groups)
+    set_muon_momentum([muon, adam], 0.85)
+    assert muon.param_groups[0]["momentum"] == 0.85
+    assert "momentum" not in adam.param_groups[0]
+
+
+def test_unclaimed_parameter_errors() -> None:
+    model = ToyGPT(tie=True)
+    model.bigram = nn.Linear(8, 8, bias=False)  # a matrix outside blocks: no rule
+    with pytest.raises(ConfigError, match=r"bigram\.weight"):
+        build_optimizers(model, OptimConfig(), True)
+
+    renamed = nn.Module()
+    renamed.layers = nn.ModuleList([ToyBlock(8)])  # `blocks` renamed: must not go silent
+    with pytest.raises(ConfigError, match=r"layers\.0\.attn\.c_q\.weight"):
+        describe_param_table(renamed, OptimConfig(), True)
+
+
+def test_optim_config() -> None:
+    cfg = OptimConfig()
+    validate(cfg)
+    validate(override(cfg, "ns_coefficients=polar_express"))
+    with pytest.raises(ConfigError, match="polar_express"):
+        validate(override(cfg, "ns_coefficients=nope"))
+    with pytest.raises(ConfigError, match="muon_backend_steps = 5"):
+        validate(override(override(cfg, "ns_coefficients=polar_express"), "muon_backend_steps=4"))
+    with pytest.raises(ConfigError, match="warmdown"):
+        validate(override(cfg, "schedule=cosine"))
+    with pytest.raises(ConfigError, match="must not exceed 1"):
+        validate(override(override(cfg, "warmup_fraction=0.5"), "warmdown_fraction=0.6"))
+    with pytest.raises(ConfigError, match="out of range"):
+        validate(override(cfg, "warmdown_fraction=1.5"))
+
+
+# ---------------------------------------------------------------------------------------
+# schedules
+
+
+def test_lr_multiplier_warmdown() -> None:
+    wd = 0.2
+    assert lr_multiplier(0.0, wd) == 1.0
+    assert lr_multiplier(0.8, wd) == pytest.approx(1.0)
+    assert lr_multiplier(0.9, wd) == pytest.approx(0.5)
+    assert lr_multiplier(0.95, wd) == pytest.approx(0.25)
+    assert lr_multiplier(1.0, wd) == 0.0
+    assert lr_multiplier(0.5, 0.0) == 1.0 and lr_multiplier(1.0, 0.0) == 1.0  # no warmdown
+    grid = [i / 200 for i in range(201)]
+    values = [lr_multiplier(p, wd) for p in grid]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_lr_multiplier_warmup() -> None:
+    assert lr_multiplier(0.0, 0.2, 0.1) == 0.0
+    assert lr_multiplier(0.05, 0.2, 0.1) == pytest.approx(0.5)
+    assert lr_multiplier(0.1, 0.2, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(0.5, 0.2, 0.1) == 1.0
+    values = [lr_multiplier(i / 200, 0.2, 0.1) for i in range(201)]
+    peak = values.index(1.0)
+    assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))
+
+
+def test_lr_schedule_from_config() -> None:
+    sched = lr_schedule(OptimConfig(warmdown_fraction=0.5))
+    assert sched(0.0) == 1.0 and sched(0.75) == pytest.approx(0.5) and sched(1.0) == 0.0
+
+
+def test_muon_momentum_warmup() -> None:
+    assert muon_momentum(0) == pytest.approx(0.85)
+    assert muon_momentum(250) == pytest.approx(0.90)
+    assert muon_momentum(500) == pytest.approx(0.95)
+    assert muon_momentum(10_000) == pytest.approx(0.95)
+    assert muon_momentum(0, warmup_steps=0) == 0.95
+    assert muon_momentum_at(OptimConfig(), 0) == pytest.approx(0.85)
+
+
+# ---------------------------------------------------------------------------------------
+# distributed: the sharded step equals the single-process step
+
+SHAPES = [(24, 16), (16, 40), (32, 32)]  # 3 matrices over 2 ranks: rank 0 owns 2, rank 1 owns 1
+
+
+def _params_and_grads() -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:
+    params = [nn.Parameter(_randn(*s, seed=20 + i)) for i, s in enumerate(SHAPES)]
+    grads = [
+        [_randn(*s, seed=30 + 10 * step + i) for i, s in enumerate(SHAPES)] for step in range(2)
+    ]
+    return params, grads
+
+
+def _run_muon(params: list[nn.Parameter], grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    opt = Muon(params, lr=0.04, momentum=0.95)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = _run_muon(*_params_and_grads())
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_muon_matches_single_process(tmp_path) -> None:
+    single = _run_muon(*_params_and_grads())
+    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        sharded = torch.load(tmp_path / f"rank{rank}.pt")
+        for a, b in zip(single, sharded):
+            assert torch.equal(a, b)  # each slot is written by one rank; the sum is exact
