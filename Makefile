@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The main job on the embedded default: built-in corpus, a tiny GPT, 2 minutes on the CPU.
 demo: $(STAMP)
 	$(BIN)/underpar data prepare --source builtin --vocab 1024
-	$(BIN)/underpar eval bpb --uniform
+	$(BIN)/underpar eval bpb --model unigram
+	$(BIN)/underpar pretrain --preset tiny-cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -77,6 +77,35 @@ def eval_bpb(
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command("pretrain")
+def pretrain(
+    preset: str = typer.Option("golf-baseline", help="A pretrain preset (see `underpar config presets`)."),
+    sets: Optional[list[str]] = SetOption,
+    resume: Optional[str] = typer.Option(None, help="Continue a stopped run from its run directory."),
+) -> None:
+    """Train a GPT under a wallclock cap; score val_bpb after the quantization round trip."""
+    from pathlib import Path
+
+    from underpar.tracks import pretrain as track
+
+    if resume is not None:
+        cfg = cfglib.load_json(Path(resume) / "config.json")
+        for assignment in sets or []:
+            cfg = cfglib.override(cfg, assignment)
+        cfglib.validate(cfg)
+    else:
+        cfg = cfglib.resolve("pretrain", preset, sets or [])
+    summary = track.run(cfg, resume=resume)
+    sizes = summary["artifact_bytes"]
+    if sizes is not None:  # rank 0
+        typer.echo(
+            f"\nval_bpb {summary['val_bpb']:.4f} after the int8+zlib round trip "
+            f"({summary['val_bpb_pre_quant']:.4f} before), {summary['steps']} steps in {summary['training_seconds']:.0f} s\n"
+            f"artifact {sizes['total']:,} bytes = code {sizes['code']:,} + model {sizes['model']:,} (limit {sizes['limit']:,})\n"
+            f"run directory {summary['run_dir']} (summary.json, metrics.jsonl, loss.png)"
+        )
+
+
 @config_app.command("presets")
 def config_presets() -> None:
     """List the shipped presets and their tracks."""

@@ -25,6 +25,7 @@ T = TypeVar("T")
 # track name -> "module:RootConfigClass"; imported lazily so `underpar --help` stays fast.
 TRACKS = {
     "prepare": "underpar.data.prepare:DataConfig",
+    "pretrain": "underpar.tracks.pretrain:PretrainConfig",
 }
 
 

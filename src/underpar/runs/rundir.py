@@ -1,0 +1,99 @@
+"""A run directory: resolved config, metrics.jsonl, train.log, summary.json, plots, artifacts."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from underpar import config as cfglib
+
+
+class RunDir:
+    """Files of one run. Only rank 0 writes; other ranks get an inert instance."""
+
+    def __init__(self, path: str | Path, writer: bool = True):
+        self.path = Path(path)
+        self.writer = writer
+        if writer:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, root: str | Path, name: str, writer: bool = True) -> "RunDir":
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return cls(Path(root) / f"{stamp}-{name}", writer)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def save_config(self, cfg: Any) -> None:
+        if self.writer:
+            cfglib.save_json(cfg, self.file("config.json"))
+
+    def log(self, message: str) -> None:
+        """A line to train.log and the console."""
+        if not self.writer:
+            return
+        print(message, flush=True)
+        with open(self.file("train.log"), "a") as f:
+            f.write(message + "\n")
+
+    def metric(self, **row: Any) -> None:
+        if self.writer:
+            with open(self.file("metrics.jsonl"), "a") as f:
+                f.write(json.dumps(_finite(row)) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.file("metrics.jsonl")
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: drop rows logged after the checkpoint, which the resumed run redoes."""
+        if self.writer and self.file("metrics.jsonl").is_file():
+            rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+            self.file("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def save_summary(self, summary: dict[str, Any]) -> None:
+        if self.writer:
+            tmp = self.file("summary.json.tmp")
+            tmp.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+            os.replace(tmp, self.file("summary.json"))
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/inf: write them as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and commit, for summaries and benchmark results."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

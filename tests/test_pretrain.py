@@ -1,0 +1,172 @@
+"""The pretraining track on a micro model: run directory, warmup restore, kill-and-resume,
+2-process torchrun against one process, artifact limit, non-finite loss."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from underpar import config as cfglib
+from underpar.data import shards
+from underpar.data.prepare import DataConfig, prepare, split_files
+from underpar.errors import UnderparError
+from underpar.model.gpt import GPT, build
+from underpar.optim import build_optimizers
+from underpar.runs.rundir import RunDir
+from underpar.tracks import pretrain as track
+
+from test_prepare import write_corpus
+
+MICRO = [
+    "model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1", "model.vocab_size=400",
+    "data.source=text", "data.vocab_size=400", "data.val_docs=20",
+    "train.seq_len=64", "train.tokens_per_step=1024", "train.micro_batch_tokens=512",
+    "train.max_wallclock_seconds=0", "train.max_steps=6", "train.warmup_steps=2", "train.compile=false",
+    "train.device=cpu", "train.checkpoint_every_steps=2", "train.val_every_steps=3",
+    "train.val_max_tokens=2048", "train.val_batch_tokens=1024",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-data")
+    write_corpus(root / "corpus", documents=120)
+    out = root / "prepared"
+    prepare(cfglib.from_dict(DataConfig, dict(source="text", path=str(root / "corpus"), vocab_size=400, val_docs=20, out=str(out))))
+    return root
+
+
+def micro_config(data_dir, runs, *extra):
+    sets = MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}", f"train.runs_root={runs}", *extra]
+    return cfglib.resolve("pretrain", "tiny-cpu", sets)
+
+
+def test_run_directory_and_summary(data_dir, tmp_path):
+    cfg = micro_config(data_dir, tmp_path)
+    summary = track.run(cfg)
+    run_dir = RunDir(summary["run_dir"])
+    assert cfglib.load_json(run_dir.file("config.json")) == cfg
+    rows = run_dir.metrics()
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "val_bpb" in r] == [3, 6, 6]
+    assert summary["steps"] == 6 and summary["training_tokens"] == 6 * 1024
+    assert summary["val_bpb"] == pytest.approx(summary["val_bpb_pre_quant"], abs=0.05)
+    sizes = summary["artifact_bytes"]
+    assert sizes["total"] == sizes["code"] + sizes["model"]
+    assert sizes["model"] == os.path.getsize(run_dir.file("model.int8.ptz"))
+    assert "model/gpt.py" in sizes["code_files"] and "tracks/pretrain.py" in sizes["code_files"]
+    for name in ("train.log", "loss.png", "summary.json"):
+        assert run_dir.file(name).stat().st_size > 0
+    assert json.loads(run_dir.file("summary.json").read_text())["val_bpb"] == summary["val_bpb"]
+    # the trained model beats the uniform distribution by a wide margin even after 6 steps
+    assert summary["val_loss"] < torch.log(torch.tensor(400.0)).item() - 0.3
+
+
+def test_warmup_restore_leaves_a_fresh_init(data_dir):
+    cfg = micro_config(data_dir, "unused")
+    torch.manual_seed(cfg.train.seed)
+    model = build(cfg.model)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizers = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
+    loader = shards.TokenLoader(split_files({"dir": str(data_dir / "prepared"), **json.loads((data_dir / "prepared" / "manifest.json").read_text())}, "train"))
+    start = loader.state_dict()
+
+    def step():
+        x, y = loader.next_batch(512, 64)
+        model(x, y).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad()
+        return 0.0
+
+    track.warmup_and_restore(model, optimizers, loader, 3, step)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, fresh[name]), name
+    assert all(not opt.state for opt in optimizers)
+    assert loader.state_dict() == start
+    # and the warmup really trained: without the restore the weights would have moved
+    step()
+    assert not torch.equal(model.state_dict()["blocks.0.attn.proj.weight"], fresh["blocks.0.attn.proj.weight"])
+
+
+def final_losses(run_dir):
+    return [r["train_loss"] for r in RunDir(run_dir).metrics() if "train_loss" in r]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    cfg = micro_config(data_dir, tmp_path / "a")
+    uninterrupted = track.run(cfg)
+
+    real_metric = RunDir.metric
+
+    def killed_at_step_5(self, **row):
+        if row.get("step") == 5 and "train_loss" in row:
+            raise KeyboardInterrupt("simulated kill")
+        real_metric(self, **row)
+
+    monkeypatch.setattr(RunDir, "metric", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        track.run(micro_config(data_dir, tmp_path / "b"))
+    monkeypatch.undo()
+    (killed_dir,) = (tmp_path / "b").iterdir()
+    assert not (killed_dir / "summary.json").exists()
+    resumed = track.run(cfglib.load_json(killed_dir / "config.json"), resume=killed_dir)
+    assert resumed["steps"] == 6
+    assert final_losses(killed_dir) == final_losses(uninterrupted["run_dir"])
+    assert resumed["val_bpb"] == uninterrupted["val_bpb"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    cfg = micro_config(data_dir, tmp_path, "train.checkpoint_every_steps=0")
+    summary = track.run(cfg)
+    with pytest.raises(UnderparError, match="no checkpoint"):
+        track.run(cfg, resume=summary["run_dir"])
+
+
+def test_artifact_over_the_limit_fails(data_dir, tmp_path):
+    with pytest.raises(UnderparError, match="over the limit"):
+        track.run(micro_config(data_dir, tmp_path, "train.artifact_limit_bytes=50000"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, input_ids, target_ids=None):
+        calls["n"] += 1
+        out = real_forward(self, input_ids, target_ids)
+        # warmup (2 steps x 2 micro-steps) + 4 good steps, then NaN
+        return out * float("nan") if calls["n"] > 4 + 8 else out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(UnderparError, match=r"training loss became nan at step 5.*step 4"):
+        track.run(micro_config(data_dir, tmp_path))
+    (run_dir,) = tmp_path.iterdir()
+    assert torch.load(run_dir / "checkpoint-rank0.pt", weights_only=False)["step"] == 4
+
+
+def test_bad_batch_geometry_is_a_config_error(data_dir, tmp_path):
+    with pytest.raises(cfglib.ConfigError, match="multiple of train.micro_batch_tokens"):
+        micro_config(data_dir, tmp_path, "train.tokens_per_step=1000")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun missing")
+def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
+    sets = MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}", "train.checkpoint_every_steps=0", "train.max_steps=4"]
+    single = track.run(cfglib.resolve("pretrain", "tiny-cpu", sets + [f"train.runs_root={tmp_path / 'one'}"]))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "underpar", "pretrain", "--preset", "tiny-cpu"]
+    for s in sets + [f"train.runs_root={tmp_path / 'two'}", "train.micro_batch_tokens=512"]:
+        args += ["--set", s]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two_dir,) = (tmp_path / "two").iterdir()
+    two = json.loads((two_dir / "summary.json").read_text())
+    assert two["world_size"] == 2 and two["steps"] == 4
+    assert final_losses(two_dir) == pytest.approx(final_losses(single["run_dir"]), rel=2e-3)
+    assert two["val_bpb"] == pytest.approx(single["val_bpb"], rel=2e-3)
