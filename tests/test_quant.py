@@ -11,10 +11,10 @@ import torch
 import underpar
 from underpar.config import from_dict, validate
 from underpar.errors import ConfigError
+from underpar.model.precision import CONTROL_PATTERNS
 from underpar.quant import artifact
 from underpar.quant.artifact import account, code_bytes, code_files, export_model, load_model
 from underpar.quant.int8 import (
-    BASELINE_CONTROL_PATTERNS,
     CLIP_PERCENTILE,
     COMPRESSORS,
     MIN_ROW_SCALE,
@@ -41,7 +41,7 @@ def small_gpt_state() -> dict[str, torch.Tensor]:
 
 def test_round_trip_restores_shapes_dtypes_and_values():
     sd = small_gpt_state()
-    obj, stats = quantize_state_dict(sd, BASELINE_CONTROL_PATTERNS)
+    obj, stats = quantize_state_dict(sd, CONTROL_PATTERNS)
     out = dequantize_state_dict(obj)
 
     assert set(out) == set(sd)
@@ -99,11 +99,11 @@ def test_export_and_load_round_trip(tmp_path):
     sd = small_gpt_state()
     cfg = QuantConfig()
     path = tmp_path / "model.int8.ptz"
-    written = export_model(sd, cfg, path, BASELINE_CONTROL_PATTERNS)
+    written = export_model(sd, cfg, path, CONTROL_PATTERNS)
     assert written == path.stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == ["model.int8.ptz"]  # no temp files left
     loaded = load_model(path, cfg)
-    expected = dequantize_state_dict(quantize_state_dict(sd, BASELINE_CONTROL_PATTERNS)[0])
+    expected = dequantize_state_dict(quantize_state_dict(sd, CONTROL_PATTERNS)[0])
     assert set(loaded) == set(expected)
     for name in expected:
         assert torch.equal(loaded[name], expected[name]), name
@@ -111,7 +111,7 @@ def test_export_and_load_round_trip(tmp_path):
 
 def test_byte_accounting_sums_exactly(tmp_path):
     path = tmp_path / "model.ptz"
-    model_bytes = export_model(small_gpt_state(), QuantConfig(), path, BASELINE_CONTROL_PATTERNS)
+    model_bytes = export_model(small_gpt_state(), QuantConfig(), path, CONTROL_PATTERNS)
     acct = account(model_bytes)
     assert acct.model == model_bytes == os.path.getsize(path)
     assert acct.code + acct.model == acct.total

@@ -14,21 +14,7 @@ from typing import Any, Literal
 from torch import nn
 
 from underpar.errors import ConfigError
-
-# Small per-channel gains and mixes; Adam at scalar_lr even when 2-D (resid_mix is 2 x dim).
-# Same substrings as the baseline's CONTROL_TENSOR_NAME_PATTERNS.
-CONTROL_PATTERNS = (
-    "attn_scale",
-    "attn_scales",
-    "mlp_scale",
-    "mlp_scales",
-    "resid_mix",
-    "resid_mixes",
-    "q_gain",
-    "skip_weight",
-    "skip_weights",
-)
-
+from underpar.model import precision
 
 @dataclass(frozen=True)
 class Rule:
@@ -43,7 +29,8 @@ def _top(name: str) -> str:
 
 
 def is_control(name: str, p: nn.Parameter) -> bool:
-    return any(pattern in name for pattern in CONTROL_PATTERNS)
+    """Small per-channel gains and mixes: Adam at scalar_lr even when 2-D (resid_mix is 2 x dim)."""
+    return precision.is_control(name)
 
 
 def is_embedding(name: str, p: nn.Parameter) -> bool:

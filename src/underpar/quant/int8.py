@@ -29,13 +29,6 @@ QMAX = 127
 # their range needs; parameter-golf issue #775 discusses the same floor for int6). Kept for
 # fidelity; it also keeps every scale well inside fp16's normal range.
 MIN_ROW_SCALE = 1.0 / QMAX
-# The baseline's default control tensors: tiny gains and mixes whose exact values matter more
-# than their bytes, kept in fp32 when small.
-BASELINE_CONTROL_PATTERNS = (
-    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-    "q_gain", "skip_weight", "skip_weights",
-)
-
 
 class ArtifactError(UnderparError):
     """An artifact that cannot be written, read, or is over its byte limit."""

@@ -89,6 +89,9 @@ def environment() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout, or $UNDERPAR_GIT_COMMIT where the tree travels without .git."""
+    if os.environ.get("UNDERPAR_GIT_COMMIT"):
+        return os.environ["UNDERPAR_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
