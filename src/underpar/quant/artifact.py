@@ -21,7 +21,10 @@ LIMIT_BYTES = 16_000_000
 # The source that defines the model and its training, relative to the package folder: what a
 # submission's single train_gpt.py would have to contain, so what the code bytes count.
 CODE_GLOBS = (
-    "model/**/*.py",
+    "model/__init__.py",
+    "model/gpt.py",
+    "model/layers.py",
+    "model/precision.py",
     "optim/**/*.py",
     "quant/**/*.py",
     "data/shards.py",
