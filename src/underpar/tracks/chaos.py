@@ -1,0 +1,344 @@
+"""Deep Chaos Scheduler: full fine-tuning of a different random sub-network every sticky block.
+
+Every `sticky_interval` optimizer steps a seeded scheduler keeps the sacred layers and picks
+30-70% of the other ("victim") layers as active; each active victim draws a mode (both /
+attention only / MLP only / identity); the rest are "dead". The controller applies the plan to
+a Hugging Face Llama/Qwen2 model either by hoisting (rebuilding `model.model.layers` without
+the dead layers, so they cost no compute) or by masking (forward hooks that zero heads,
+channels and whole layers). Model surgery lives in `underpar.model.surgery`.
+
+Semantics, following the team's published code (JuiceB0xC0de/lucky-pick-scheduler,
+`deep_chaos.py`) unless a field says otherwise:
+- identity: an active victim that runs its natural, unmasked forward; the published code
+  touches no `requires_grad`, so it also trains, like "both" (`train_identity=True`). The
+  write-up instead "yanks dead and identity layers out": `hoist_identity=True` treats identity
+  like dead (removed when hoisting, zeroed when masking).
+- dead: hoist -> removed from the list, a frozen `x + b` stub at the start of each removed run;
+  mask -> the layer's outputs are zeroed, so it runs as x -> x (no stub). Frozen here in both
+  (the published code freezes nothing: its masked dead layers get zero gradients, which AdamW
+  momentum and weight decay still act on).
+- attn / mlp: hoist -> the other half is skipped (`AttentionOnly` / `MlpOnly`); mask -> the
+  other half's output is zeroed. The skipped half (and its norm) is frozen.
+- embeddings, final norm, lm_head: the published code never freezes them, so they train
+  (`train_embeddings=True`).
+- masks (strategy "mask" only; hoisting runs active layers at full width, as published):
+  projection outputs are multiplied by 0/1 masks in forward hooks, which zeroes both the
+  contribution and the gradient of the masked rows. Unlike the published hooks (which pass
+  through in eval mode) they apply in train and eval alike until removed, like hoisting does;
+  evaluate the full model inside `controller.restored()`.
+- stubs are seeded by (seed, original index of the run's first layer), so a run that starts at
+  the same layer gets the same stub in every block, as in the published code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from underpar.config import bounded, choice, items, validate
+from underpar.errors import ConfigError
+from underpar.model import surgery
+from underpar.model.surgery import LayerDims
+
+@dataclasses.dataclass
+class ChaosConfig:
+    sticky_interval: int = bounded(50, 1)  # optimizer steps per block (>= grad accumulation)
+    sacred_layers: list[int] = items([0, 1, -2, -1])  # negative = from the end
+    active_fraction_min: float = bounded(0.3, 0.0, 1.0)  # of the victims, per block
+    active_fraction_max: float = bounded(0.7, 0.0, 1.0)
+    force_on_after: int = bounded(10, 1)  # a victim off this many blocks in a row is forced on
+    force_off_after: int = bounded(5, 1)  # on this many blocks in a row is forced off
+    p_both: float = bounded(0.30, 0.0, 1.0)  # mode probabilities of an active victim
+    p_attn: float = bounded(0.25, 0.0, 1.0)
+    p_mlp: float = bounded(0.25, 0.0, 1.0)
+    p_identity: float = bounded(0.20, 0.0, 1.0)
+    strategy: str = choice("hoist", ["hoist", "mask"])
+    kv_heads_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask: fraction of KV heads kept
+    kv_heads_keep_max: float = bounded(0.7, 0.0, 1.0)
+    mlp_channels_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask: MLP channel groups kept
+    mlp_channels_keep_max: float = bounded(0.7, 0.0, 1.0)
+    mlp_group_size: int = bounded(128, 1)
+    hidden_keep_min: float = bounded(0.6, 0.0, 1.0)  # mask: o/down output groups kept
+    hidden_keep_max: float = bounded(0.95, 0.0, 1.0)
+    hidden_group_size: int = bounded(64, 1)
+    hoist_identity: bool = False  # True: identity layers are skipped like dead ones (write-up)
+    train_identity: bool = True  # identity layers that run also train (published code)
+    train_embeddings: bool = True  # embeddings, final norm, lm_head
+    stub_std: float = bounded(0.01, 0.0)
+    seed: int = bounded(0, 0)
+    optimizer_state: str = choice("keep", ["keep", "reset", "offload"])  # of params sitting out
+
+    def check(self) -> None:
+        for name in ("active_fraction", "kv_heads_keep", "mlp_channels_keep", "hidden_keep"):
+            lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if lo > hi:
+                raise ConfigError(f"{name}_min = {lo} is larger than {name}_max = {hi}")
+        total = self.p_both + self.p_attn + self.p_mlp + self.p_identity
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"p_both + p_attn + p_mlp + p_identity = {total:g}; they must sum to 1")
+
+    def mode_probabilities(self) -> dict[str, float]:
+        return {"both": self.p_both, "attn": self.p_attn, "mlp": self.p_mlp, "identity": self.p_identity}
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    """One block's layout: a mode per original layer and, for strategy "mask", the kept units
+    per layer (KV-head indices, MLP channel-group indices, hidden-group indices of the o_proj
+    and down_proj outputs)."""
+
+    block: int
+    modes: list[str]
+    kv_heads: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    mlp_groups: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    attn_hidden_groups: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    mlp_hidden_groups: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    mlp_group_size: int = 128
+    hidden_group_size: int = 64
+
+    def layers(self, *modes: str) -> list[int]:
+        return [i for i, m in enumerate(self.modes) if m in modes]
+
+    @property
+    def active_fraction(self) -> float:
+        victims = [m for m in self.modes if m != "sacred"]
+        return sum(m != "dead" for m in victims) / len(victims) if victims else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per mode and the layer lists, for logs."""
+        out: dict[str, Any] = {"block": self.block, "active_fraction": round(self.active_fraction, 4)}
+        for mode in surgery.MODES:
+            out[f"n_{mode}"] = self.modes.count(mode)
+        out["layers"] = {mode: self.layers(mode) for mode in surgery.MODES if mode in self.modes}
+        return out
+
+
+def resolve_layers(indices: list[int], num_layers: int) -> list[int]:
+    """Negative indices count from the end; out-of-range ones are an error."""
+    out = []
+    for i in indices:
+        if not -num_layers <= i < num_layers:
+            raise ConfigError(f"sacred layer {i} does not exist in a model with {num_layers} layers")
+        if i % num_layers not in out:
+            out.append(i % num_layers)
+    return sorted(out)
+
+
+class ChaosScheduler:
+    """Deterministic plans: block b depends only on `cfg.seed` and the blocks before it (the
+    on/off streak counters), computed in order and cached. The mode draws do not depend on the
+    strategy, so "hoist" and "mask" runs with one seed pick the same layers.
+
+    Active count per block: uniform integer in [ceil(n*min), floor(n*max)] of the n victims
+    (strictly inside the configured fractions; if that range is empty, the nearest integer to
+    n*(min+max)/2). Streak rules: a victim off `force_on_after` blocks in a row is on in the
+    next block; one on `force_off_after` blocks in a row is off. Forced-on layers raise the
+    target up to the maximum; the fraction bounds win in the (rare) case they cannot all hold.
+    """
+
+    def __init__(self, num_layers: int, cfg: ChaosConfig, dims: LayerDims | None = None):
+        validate(cfg)
+        self.cfg, self.dims, self.num_layers = cfg, dims, num_layers
+        self.sacred = resolve_layers(cfg.sacred_layers, num_layers)
+        self.victims = [i for i in range(num_layers) if i not in self.sacred]
+        n = len(self.victims)
+        lo = math.ceil(n * cfg.active_fraction_min - 1e-9)
+        hi = math.floor(n * cfg.active_fraction_max + 1e-9)
+        if lo > hi:
+            lo = hi = round(n * (cfg.active_fraction_min + cfg.active_fraction_max) / 2)
+        self.active_range = (lo, hi)
+        self._plans: list[BlockPlan] = []
+        self._on = {v: 0 for v in self.victims}  # streaks after the last computed block
+        self._off = {v: 0 for v in self.victims}
+
+    def plan(self, block: int) -> BlockPlan:
+        if block < 0:
+            raise ValueError(f"block must be >= 0, got {block}")
+        while len(self._plans) <= block:
+            self._plans.append(self._next(len(self._plans)))
+        return self._plans[block]
+
+    def _rng(self, block: int, stream: str) -> random.Random:
+        return random.Random(f"underpar.chaos/{self.cfg.seed}/{block}/{stream}")
+
+    def _choose_active(self, rng: random.Random) -> set[int]:
+        cfg, (lo, hi) = self.cfg, self.active_range
+        target = rng.randint(lo, hi)
+        forced_on = sorted((v for v in self.victims if self._off[v] >= cfg.force_on_after),
+                           key=lambda v: -self._off[v])
+        forced_off = sorted((v for v in self.victims if self._on[v] >= cfg.force_off_after
+                             and v not in forced_on), key=lambda v: self._on[v])
+        free = [v for v in self.victims if v not in forced_on and v not in forced_off]
+        target = min(max(target, len(forced_on)), hi)
+        active = forced_on[:target]
+        active += rng.sample(free, min(target - len(active), len(free)))
+        active += forced_off[: max(0, lo - len(active))]
+        return set(active)
+
+    def _next(self, block: int) -> BlockPlan:
+        cfg = self.cfg
+        rng = self._rng(block, "layers")
+        active = self._choose_active(rng)
+        names, probs = zip(*cfg.mode_probabilities().items())
+        modes = ["sacred"] * self.num_layers
+        for v in self.victims:
+            modes[v] = rng.choices(names, probs)[0] if v in active else "dead"
+            self._on[v], self._off[v] = (self._on[v] + 1, 0) if v in active else (0, self._off[v] + 1)
+        plan = BlockPlan(block, modes, mlp_group_size=cfg.mlp_group_size,
+                         hidden_group_size=cfg.hidden_group_size)
+        if cfg.strategy == "mask":
+            self._sample_masks(plan)
+        return plan
+
+    def _sample_masks(self, plan: BlockPlan) -> None:
+        if self.dims is None:
+            raise ConfigError("strategy 'mask' needs the model's layer dims (ChaosScheduler(..., dims=))")
+        cfg, d, rng = self.cfg, self.dims, self._rng(plan.block, "masks")
+
+        def keep(n: int, lo: float, hi: float) -> list[int]:
+            count = min(n, max(1, round(n * rng.uniform(lo, hi))))
+            return sorted(rng.sample(range(n), count))
+
+        mlp_groups = math.ceil(d.intermediate_size / cfg.mlp_group_size)
+        hidden_groups = math.ceil(d.hidden_size / cfg.hidden_group_size)
+        for i, mode in enumerate(plan.modes):
+            if mode in ("both", "attn"):
+                plan.kv_heads[i] = keep(d.num_kv_heads, cfg.kv_heads_keep_min, cfg.kv_heads_keep_max)
+                plan.attn_hidden_groups[i] = keep(hidden_groups, cfg.hidden_keep_min, cfg.hidden_keep_max)
+            if mode in ("both", "mlp"):
+                plan.mlp_groups[i] = keep(mlp_groups, cfg.mlp_channels_keep_min, cfg.mlp_channels_keep_max)
+                plan.mlp_hidden_groups[i] = keep(hidden_groups, cfg.hidden_keep_min, cfg.hidden_keep_max)
+
+
+class ChaosController:
+    """Applies the scheduler's plans to a Hugging Face causal LM.
+
+    Loop: `plan = ctl.step(optimizer_step, optimizer)` before each optimizer step (it starts a
+    new block when the step crosses a block boundary, never mid gradient accumulation), train,
+    and `ctl.end(optimizer)` when done. Evaluate and save inside `with ctl.restored():` (or
+    `save_pretrained_restored`): the full model, with its original layer list and config."""
+
+    def __init__(self, model: nn.Module, cfg: ChaosConfig):
+        validate(cfg)
+        if surgery.is_hoisted(model):
+            raise ValueError("ChaosController needs the full model; this one is hoisted")
+        self.model, self.cfg = model, cfg
+        self.dims = surgery.layer_dims(model)
+        self.scheduler = ChaosScheduler(self.dims.num_layers, cfg, dims=self.dims)
+        self.plan: BlockPlan | None = None
+        self.params = list(model.parameters())  # all of them: hoisted ones leave model.parameters()
+        self._requires_grad = [(p, p.requires_grad) for p in self.params]
+        self._offloaded: dict[torch.Tensor, torch.device] = {}
+
+    def block_of(self, step: int) -> int:
+        return step // self.cfg.sticky_interval
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> BlockPlan | None:
+        """Start the block of optimizer step `step` if it is not the current one; returns the
+        new plan, or None when the block did not change."""
+        block = self.block_of(step)
+        if self.plan is not None and self.plan.block == block:
+            return None
+        plan = self.begin_block(block)
+        if optimizer is not None:
+            self.on_block_change(optimizer, plan)
+        return plan
+
+    def begin_block(self, block: int) -> BlockPlan:
+        """Undo the previous block's changes, apply block `block`'s plan (structure and
+        `requires_grad`), drop stale gradients of frozen parameters; returns the plan."""
+        self._undo()
+        self.plan = self.scheduler.plan(block)
+        self._apply()
+        cfg = self.cfg
+        surgery.set_trainable(self.model, self.plan.modes, train_embeddings=cfg.train_embeddings,
+                              train_identity=cfg.train_identity, skip_identity=cfg.hoist_identity)
+        for p in self.params:
+            if not p.requires_grad:
+                p.grad = None
+        return self.plan
+
+    def _apply(self) -> None:
+        cfg = self.cfg
+        if cfg.strategy == "hoist":
+            surgery.hoist(self.model, self.plan, skip_identity=cfg.hoist_identity,
+                          stub_std=cfg.stub_std, seed=cfg.seed)
+        else:
+            surgery.apply_masks(self.model, self.plan, skip_identity=cfg.hoist_identity)
+
+    def _undo(self) -> None:
+        surgery.restore(self.model)
+        surgery.remove_masks(self.model)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[nn.Module]:
+        """The full model (original layers, config, no masks) inside the block; `requires_grad`
+        is left as the block set it. The block's structure comes back on exit."""
+        self._undo()
+        try:
+            yield self.model
+        finally:
+            if self.plan is not None:
+                self._apply()
+
+    def on_block_change(self, optimizer: torch.optim.Optimizer, plan: BlockPlan | None = None) -> None:
+        """AdamW state of parameters that sit out this block: "keep" leaves it; "reset" drops it
+        (they restart from zero moments when they return; frees memory meanwhile); "offload"
+        moves the moment tensors to (pinned) CPU memory and brings them back on return.
+        Call it right after `begin_block` (`step(..., optimizer)` does); `plan` is unused."""
+        mode = self.cfg.optimizer_state
+        if mode == "keep":
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if not state:
+                    continue
+                if mode == "reset" and not p.requires_grad:
+                    del optimizer.state[p]
+                elif mode == "offload":
+                    self._move_state(p, state, to_cpu=not p.requires_grad)
+
+    def _move_state(self, p: torch.Tensor, state: dict, to_cpu: bool) -> None:
+        if to_cpu == (p in self._offloaded):
+            return
+        pin = torch.cuda.is_available() and p.device.type == "cuda"
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.shape != p.shape:
+                continue  # 'step' and other scalars stay where the optimizer keeps them
+            if to_cpu:
+                state[key] = torch.empty_like(value, device="cpu", pin_memory=pin)
+                state[key].copy_(value, non_blocking=pin)
+            else:
+                state[key] = value.to(self._offloaded[p], non_blocking=True)
+        if to_cpu:
+            self._offloaded[p] = p.device
+        else:
+            del self._offloaded[p]
+
+    def end(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore the model (layers, config, masks, `requires_grad`) and any offloaded state."""
+        self._undo()
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        if optimizer is not None:
+            for p in list(self._offloaded):
+                self._move_state(p, optimizer.state[p], to_cpu=False)
+        self.plan = None
+
+
+def save_pretrained_restored(controller: ChaosController, model: nn.Module, path: str | Path,
+                             **kwargs: Any) -> None:
+    """Save `model` in plain Hugging Face format from its restored full form (original layer
+    keys, no stub buffers, original config), then re-apply the current block."""
+    if model is not controller.model:
+        raise ValueError("save_pretrained_restored: the model is not the one the controller edits")
+    with controller.restored():
+        model.save_pretrained(path, **kwargs)
