@@ -106,6 +106,51 @@ def pretrain(
         )
 
 
+@app.command("finetune")
+def finetune(
+    method: Optional[str] = typer.Option(None, help="full | lisa | chaos"),
+    model: Optional[str] = typer.Option(None, help="smollm2-135m, a local folder, or a hub id."),
+    task: Optional[str] = typer.Option(None, help="Training task, e.g. gsm_symbolic, gsm8k, s1k."),
+    preset: Optional[str] = typer.Option(None, help="A finetune preset (see `underpar config presets`)."),
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Fine-tune a Hugging Face causal LM (full, LISA or the Deep Chaos Scheduler) and evaluate it."""
+    from underpar.tracks import finetune as track
+
+    shortcuts = [f"{key}={value}" for key, value in (("method", method), ("model.name", model), ("data.task", task)) if value]
+    cfg = cfglib.resolve("finetune", preset, shortcuts + (sets or []))
+    summary = track.run(cfg)
+    typer.echo(f"\n{summary['method']}: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
+               f"{summary['median_ms_per_step']:.0f} ms/step")
+    for name, result in summary["eval"].items():
+        acc = result["accuracy"]
+        typer.echo(f"{name}: accuracy {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] (n={result['n']})")
+    typer.echo(f"run directory {summary['run_dir']}")
+
+
+@eval_app.command("task")
+def eval_task(
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m, a local folder, or a hub id."),
+    task: str = typer.Option("gsm_symbolic", help="gsm_symbolic, asdiv, gsm8k, math500, ..."),
+    split: str = typer.Option("test"),
+    limit: int = typer.Option(200, help="Number of examples (the first N)."),
+    path: Optional[str] = typer.Option(None, help="Local file in the task's schema."),
+    max_new_tokens: int = typer.Option(256),
+    batch_size: int = typer.Option(64),
+) -> None:
+    """Greedy accuracy of a model on a task, with a 95% confidence interval."""
+    from underpar.data.tasks import get_task
+    from underpar.eval.accuracy import evaluate_task
+    from underpar.eval.generate import DecodeConfig
+    from underpar.model import hf
+
+    lm, tokenizer = hf.load_model(model)
+    chosen = get_task(task)
+    examples = chosen.load(split, limit=limit, path=path)
+    result = evaluate_task(lm, tokenizer, chosen, examples, DecodeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
+    typer.echo(json.dumps(result, indent=2))
+
+
 @config_app.command("presets")
 def config_presets() -> None:
     """List the shipped presets and their tracks."""

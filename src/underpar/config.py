@@ -26,6 +26,7 @@ T = TypeVar("T")
 TRACKS = {
     "prepare": "underpar.data.prepare:DataConfig",
     "pretrain": "underpar.tracks.pretrain:PretrainConfig",
+    "finetune": "underpar.tracks.finetune:FinetuneConfig",
 }
 
 

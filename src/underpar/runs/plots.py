@@ -11,20 +11,44 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def loss_curve(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Train loss (nats) and val_bpb against training time (s), on two axes."""
-    train = [(r["elapsed"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-    val = [(r["elapsed"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
+def loss_curve(rows: list[dict[str, Any]], path: Path, title: str = "", x: str = "elapsed") -> Path:
+    """Train loss (nats) and, where logged, val_bpb against training time (s) or step."""
+    train = [(r[x], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    val = [(r[x], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), color="tab:blue", lw=1, label="train loss (nats)")
-    ax.set_xlabel("training time (s)")
+    ax.set_xlabel("training time (s)" if x == "elapsed" else x)
     ax.set_ylabel("train loss (nats)", color="tab:blue")
     if val:
         ax2 = ax.twinx()
         ax2.plot(*zip(*val), "o-", color="tab:red", label="val_bpb")
         ax2.set_ylabel("val_bpb", color="tab:red")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+MODE_COLORS = {"dead": "#f0f0f0", "identity": "#bdbdbd", "attn": "#6baed6", "mlp": "#fd8d3c",
+               "both": "#31a354", "sacred": "#54278f"}
+
+
+def mode_heatmap(blocks: list[list[str]], path: Path) -> Path:
+    """Which layer ran in which mode in each block (Deep Chaos): layers down, blocks across."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    names = list(MODE_COLORS)
+    grid = [[names.index(mode) for mode in column] for column in blocks]
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(blocks) + 2), max(3, 0.2 * len(blocks[0]) + 1)))
+    ax.imshow(list(map(list, zip(*grid))), aspect="auto", interpolation="nearest",
+              cmap=ListedColormap(list(MODE_COLORS.values())), vmin=0, vmax=len(names) - 1)
+    ax.set_xlabel("block")
+    ax.set_ylabel("layer")
+    ax.legend(handles=[Patch(color=c, label=m) for m, c in MODE_COLORS.items()], loc="upper left",
+              bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
