@@ -16,8 +16,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+RUNS = Path(tempfile.mkdtemp(prefix="chaos-speed-"))  # run directories; only the JSON goes to --out
 VARIANTS = {
     "full": ["method=full"],
     "lisa": ["method=lisa", "lisa.interval=50"],
@@ -30,12 +32,12 @@ VARIANTS = {
 def one_run(name: str, sets: list[str], out: Path) -> dict:
     """Run the finetune track in a fresh process; returns its summary and per-step metrics."""
     args = [sys.executable, "-m", "underpar", "finetune", "--preset", "chaos-qwen2.5-3b"]
-    for s in sets + [f"train.runs_root={out / 'runs' / name}"]:
+    for s in sets + [f"train.runs_root={RUNS / name}"]:
         args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:
         return {"error": result.stderr[-2000:]}
-    (run_dir,) = (out / "runs" / name).iterdir()
+    (run_dir,) = (RUNS / name).iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"summary": summary, "ms": [r["ms"] for r in rows]}
@@ -71,6 +73,11 @@ def main() -> None:
             "torch": short["summary"]["torch"],
         }
         print(name, json.dumps(results[name]), flush=True)
+        write(out, args, interval, results)  # after every variant: a cut-off run keeps what it measured
+    print(table(write(out, args, interval, results)))
+
+
+def write(out: Path, args, interval: int, results: dict) -> dict:
     base = results.get("full", {})
     for r in results.values():
         if "ms_per_step" in r and "ms_per_step" in base:
@@ -82,7 +89,7 @@ def main() -> None:
               "sticky_interval": interval, "blocks": args.blocks, "commit": os.environ.get("UNDERPAR_GIT_COMMIT"),
               "results": results}
     (out / "chaos_speed-h100.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(table(record))
+    return record
 
 
 def gib(n: int | None) -> str:

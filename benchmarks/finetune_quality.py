@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def main() -> None:
 
     def config(method: str, seed: int) -> finetune.FinetuneConfig:
         sets = [f"method={method}", f"train.seed={seed}", f"chaos.seed={seed}", f"lisa.seed={seed}",
-                f"train.runs_root={out / 'runs'}", f"eval.examples={args.eval_examples}", "train.save=false",
+                f"train.runs_root={tempfile.mkdtemp(prefix='finetune-quality-')}", f"eval.examples={args.eval_examples}", "train.save=false",
                 f"eval.tasks={json.dumps(list(EVAL_TASKS))}", *args.sets]
         return cfglib.resolve("finetune", "chaos-smollm2", sets)
 
