@@ -26,6 +26,8 @@ VARIANTS = {
     "chaos-mask": ["method=chaos", "chaos.strategy=mask"],
     "chaos-hoist": ["method=chaos", "chaos.strategy=hoist"],
     "chaos-hoist-identity": ["method=chaos", "chaos.strategy=hoist", "chaos.hoist_identity=true"],
+    "chaos-hoist-identity-offload": ["method=chaos", "chaos.strategy=hoist", "chaos.hoist_identity=true",
+                                     "chaos.optimizer_state=offload"],
 }
 
 
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--arch", default="qwen2.5-3b")
     parser.add_argument("--blocks", type=int, default=4, help="sticky blocks of 50 steps; the first is warm-up")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--tag", default="", help="prefix of the result file name, e.g. 'offload-'")
     args = parser.parse_args()
     out = Path(args.out)
     interval = 50
@@ -88,7 +91,7 @@ def write(out: Path, args, interval: int, results: dict) -> dict:
     record = {"benchmark": "chaos_speed", "arch": args.arch, "seq_len": 2048, "batch": 1,
               "sticky_interval": interval, "blocks": args.blocks, "commit": os.environ.get("UNDERPAR_GIT_COMMIT"),
               "results": results}
-    (out / "chaos_speed-h100.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"chaos_speed-{args.tag}h100.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -177,7 +177,7 @@ def test_smollm2_conversion(smollm2):
     source = json.loads((smollm2 / "underpar-source.json").read_text())
     assert source["gguf_sha256"] == hf.SMOLLM2_GGUF_SHA256
     # deterministic: the same bytes under transformers 5.17 and 5.23
-    assert hf._sha256(smollm2 / "model.safetensors") == hf.SMOLLM2_SAFETENSORS_SHA256
+    assert hf.sha256_file(smollm2 / "model.safetensors") == hf.SMOLLM2_SAFETENSORS_SHA256
     assert hf.smollm2_dir() == smollm2  # converted once
     if "UNDERPAR_SMOLLM2_DIR" not in os.environ:
         assert not [p for p in smollm2.parent.iterdir() if p.name.startswith(".")]  # no leftovers

