@@ -128,6 +128,30 @@ def finetune(
     typer.echo(f"run directory {summary['run_dir']}")
 
 
+@app.command("randopt")
+def randopt(
+    model: Optional[str] = typer.Option(None, help="smollm2-135m, a local folder, or a hub id."),
+    task: Optional[str] = typer.Option(None, help="Train task (its train split), e.g. gsm_symbolic, basic_arithmetic."),
+    preset: Optional[str] = typer.Option(None, help="A randopt preset (see `underpar config presets`)."),
+    sets: Optional[list[str]] = SetOption,
+    resume: Optional[str] = typer.Option(None, help="Continue a stopped search from its run directory."),
+) -> None:
+    """Gradient-free post-training (RandOpt): score seeded perturbations, majority-vote the top K."""
+    from pathlib import Path
+
+    from underpar.tracks import randopt as track
+
+    shortcuts = [f"{key}={value}" for key, value in (("model", model), ("task", task)) if value]
+    if resume is not None:
+        cfg = cfglib.load_json(Path(resume) / "config.json")
+        for assignment in shortcuts + (sets or []):
+            cfg = cfglib.override(cfg, assignment)
+        cfglib.validate(cfg)
+    else:
+        cfg = cfglib.resolve("randopt", preset, shortcuts + (sets or []))
+    track.run(cfg, resume=resume)  # rank 0 prints the report (also in the run's train.log)
+
+
 @eval_app.command("task")
 def eval_task(
     model: str = typer.Option("smollm2-135m", help="smollm2-135m, a local folder, or a hub id."),

@@ -27,6 +27,7 @@ TRACKS = {
     "prepare": "underpar.data.prepare:DataConfig",
     "pretrain": "underpar.tracks.pretrain:PretrainConfig",
     "finetune": "underpar.tracks.finetune:FinetuneConfig",
+    "randopt": "underpar.tracks.randopt:RandOptConfig",
 }
 
 

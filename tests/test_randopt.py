@@ -1,0 +1,309 @@
+"""RandOpt: the population draw, K, majority voting, and the track end to end on a tiny random
+Llama with SmolLM2's chat tokenizer (population.jsonl, kill and resume, base weights restored,
+two torchrun processes against one)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from underpar import config as cfglib  # noqa: E402
+from underpar.data.tasks import TASKS, Example, Task  # noqa: E402
+from underpar.errors import ConfigError  # noqa: E402
+from underpar.eval.ensemble import (  # noqa: E402
+    bits_per_byte, encode_documents, ensemble_logprobs, majority_vote, vote_all,
+)
+from underpar.model import hf  # noqa: E402
+from underpar.tracks import randopt  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads only add contention
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- population, K, ranking
+
+def test_population_is_drawn_without_replacement_and_reproducibly():
+    sigmas = [5e-4, 1e-3, 2e-3]
+    pop = randopt.draw_population(5000, sigmas, seed=7)
+    seeds = [s for s, _ in pop]
+    assert len(set(seeds)) == 5000 and all(0 <= s < 2**31 for s in seeds)
+    assert pop == randopt.draw_population(5000, sigmas, seed=7)
+    assert randopt.draw_population(5000, sigmas, seed=8) != pop
+    counts = {sigma: sum(1 for _, g in pop if g == sigma) for sigma in sigmas}
+    assert set(counts) == set(sigmas) and min(counts.values()) > 1500  # each sigma ~1/3
+
+
+def test_top_k_and_ranking():
+    assert [randopt.top_k(r, 128) for r in (0.02, 0.05)] == [2, 6]
+    assert randopt.top_k(0.02, 10) == 1 and randopt.top_k(1.0, 7) == 7
+    assert randopt.top_k(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
+    rows = [{"reward": r} for r in (0.5, 0.75, 0.5, 1.0, 0.75)]
+    assert randopt.rank(rows) == [3, 1, 4, 0, 2]  # ties keep draw order
+
+
+def test_k1_indices_take_the_top_then_a_seeded_sample():
+    ranked = list(range(20))
+    assert randopt.k1_indices(-1, ranked, 3, 0) == ranked
+    assert randopt.k1_indices(0, ranked, 3, 0) == []
+    chosen = randopt.k1_indices(8, ranked, 3, 0)
+    assert chosen[:3] == [0, 1, 2] and len(set(chosen)) == 8 and chosen == sorted(chosen)
+    assert chosen == randopt.k1_indices(8, ranked, 3, 0) != randopt.k1_indices(8, ranked, 3, 1)
+
+
+# ---------------------------------------------------------------- majority vote
+
+def test_majority_vote_hand_table():
+    # members in rank order; ties go to the key of the highest-ranked voter
+    assert majority_vote(["3", "4", "4"], "numeric") == "4"
+    assert majority_vote(["3", "4"], "numeric") == "3"
+    assert majority_vote(["4", "3", "3", "4"], "numeric") == "4"
+    assert majority_vote(["3", "4", "4", "3"], "numeric") == "3"
+    # None does not vote, unless nobody answered
+    assert majority_vote([None, None, "7"], "numeric") == "7"
+    assert majority_vote([None, "5", "6"], "numeric") == "5"
+    assert majority_vote([None, None], "numeric") is None
+    # equivalent answers vote together; the winner is the top voter's own text
+    assert majority_vote(["2", "1,000", "1000.0", "$1000"], "numeric") == "1,000"
+    assert majority_vote(["1/3", "1/2", "0.5"], "math") == "1/2"
+    assert majority_vote(["0.5", "\\frac{1}{2}", "1/3", "x"], "math") == "0.5"
+    assert majority_vote(["x", "1/2", "0.5", "x"], "math") == "x"  # 2 vs 2: "x" is ranked higher
+    table = [["1", "2", None], ["2", "2", None], ["1", "3", None]]  # members x questions
+    assert vote_all(table, "numeric") == ["1", "2", None]
+
+
+def test_ensemble_probabilities_are_averaged_stably():
+    logp = [[torch.tensor([-0.1, -2.0, -800.0], dtype=torch.float64)],
+            [torch.tensor([-3.0, -0.5, -900.0], dtype=torch.float64)]]
+    (mixed,) = ensemble_logprobs(logp)
+    expected = torch.log((logp[0][0].exp() + logp[1][0].exp()) / 2)
+    assert torch.allclose(mixed[:2], expected[:2])
+    assert torch.isclose(mixed[2], torch.tensor(-800.0 - math.log(2), dtype=torch.float64))  # exp underflows
+    assert ensemble_logprobs([logp[0]])[0].equal(logp[0][0])  # one member: itself
+    # 3 tokens of -ln 2 nats each over 3 bytes: 1 bit per byte
+    assert bits_per_byte([torch.full((3,), -math.log(2), dtype=torch.float64)], 3) == pytest.approx(1.0)
+
+
+def test_documents_count_the_bytes_of_the_scored_tokens(loaded):
+    _, tokenizer = loaded
+    docs = ["Héllo wörld, this is a test document.", "x", "Another one."]
+    ids, n_bytes = encode_documents(tokenizer, docs, max_tokens=6)
+    assert [len(d) for d in ids] == [6, 3]  # cut to 6 tokens; "x" is one token: nothing to score
+    assert n_bytes == sum(len(tokenizer.decode(d[1:]).encode("utf-8")) for d in ids)
+    full, _ = encode_documents(tokenizer, docs[:1], max_tokens=10**6)
+    assert len(tokenizer.decode(full[0]).encode()) == len(docs[0].encode()) > n_bytes
+
+
+# ---------------------------------------------------------------- the track end to end
+
+class LengthMod3(Task):
+    """A custom task (README example): the "answer" is the completion's length mod 3, so a
+    random model scores about 1/3 and different perturbations score differently."""
+
+    name, kind, splits = "length_mod3", "numeric", ("train", "test")
+
+    def load(self, split, limit=None, seed=0, path=None):
+        offset = 0 if split == "train" else 1000
+        n = 8 if limit is None else limit
+        return [Example(f"Item {offset + i}: say anything.", str((offset + i) % 3)) for i in range(n)]
+
+    def extract(self, text):
+        return str(len(text or "") % 3)
+
+
+@pytest.fixture(scope="module")
+def custom_task():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TASKS, "length_mod3", LengthMod3())
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(hf.smollm2_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         initializer_range=0.05, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return hf.load_model(str(model_dir), device="cpu")
+
+
+SMALL = ["population=6", "sigmas=[0.01, 0.03]", "top_ratios=[0.2, 0.5]", "train_examples=8", "test_examples=5",
+         "decode.max_new_tokens=8", "decode.batch_size=8", "device=cpu", "diagnostics.merge_pairs=2",
+         "diagnostics.bpb_documents=0"]
+
+
+def config(model_dir, root, *sets, task="length_mod3", tests='["length_mod3", "basic_arithmetic"]'):
+    return cfglib.resolve("randopt", None, [f"model={model_dir}", f"task={task}", f"test_tasks={tests}",
+                                            *SMALL, f"runs_root={root}", *sets])
+
+
+def table(summary):
+    """What a run concludes, without timings and paths."""
+    return {k: summary[k] for k in ("base", "population", "ensembles", "diagnostics")}
+
+
+def population_rows(run_dir):
+    lines = (run_dir / randopt.POPULATION_FILE).read_text().splitlines()
+    return [{k: r[k] for k in ("index", "seed", "sigma", "reward", "digest")} for r in map(json.loads, lines)]
+
+
+@pytest.fixture(scope="module")
+def full_run(custom_task, model_dir, loaded, tmp_path_factory):
+    from underpar.eval import generate as generate_module
+
+    model, tokenizer = loaded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(model_dir, tmp_path_factory.mktemp("full"), "diagnostics.bpb_documents=2")
+    built = []
+    real_decoder = generate_module._StaticDecoder
+
+    def counted(*args, **kwargs):
+        built.append(args[1])  # the (rows, max_len, ...) key
+        return real_decoder(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delattr(model, "_underpar_static_decoder", raising=False)
+        mp.setattr(generate_module, "_StaticDecoder", counted)
+        summary = randopt.run(cfg, model, tokenizer)
+    return cfg, summary, before, built
+
+
+def test_run_end_to_end(full_run, loaded):
+    cfg, summary, before, built = full_run
+    model, _ = loaded
+    # one static decoder for the whole run: train (8 prompts) and test sets (5, padded to 8)
+    # of different prompt lengths all fit the one the warm-up built
+    assert len(built) == 1 and built[0][0] == 8 == summary["decoder_rows"]
+    run_dir = Path(summary["run_dir"])
+    # one line per candidate, in the drawn population, scores that differ between candidates
+    rows = population_rows(run_dir)
+    population = randopt.draw_population(6, [0.01, 0.03], 0)
+    assert sorted(r["index"] for r in rows) == list(range(6))
+    assert [(r["seed"], r["sigma"]) for r in sorted(rows, key=lambda r: r["index"])] == population
+    assert len({r["digest"] for r in rows}) == 6 and len({r["reward"] for r in rows}) > 1
+    # selection and ensembles: K per ratio, one row per test set and K
+    ranked = randopt.rank(sorted(rows, key=lambda r: r["index"]))
+    assert [e["k"] for e in summary["ensembles"]] == [1, 3, 1, 3]
+    assert summary["test_examples"] == {"length_mod3": 5, "basic_arithmetic": 5}
+    assert [e["task"] for e in summary["ensembles"]] == ["length_mod3"] * 2 + ["basic_arithmetic"] * 2
+    assert summary["population"]["top"][0]["index"] == ranked[0]
+    # K=1 ensemble = the top seed alone = the K=1 diagnostic's train-selected seed
+    k1 = summary["diagnostics"]["k1"]
+    assert k1["seeds"] == 6 and k1["train_selected_index"] == ranked[0]
+    assert summary["ensembles"][0]["accuracy"]["mean"] == k1["train_selected"]
+    assert k1["oracle_best"] == max(p["test_accuracy"] for p in k1["points"])
+    assert summary["ensembles"][1]["members_mean_accuracy"] == pytest.approx(
+        sum(p["test_accuracy"] for p in k1["points"][:3]) / 3)
+    merges = summary["diagnostics"]["merges"]
+    assert len(merges["pairs"]) == 2 and all(set(p) >= {"average", "sum", "parents"} for p in merges["pairs"])
+    assert all({p["a"], p["b"]} <= set(ranked[:3]) for p in merges["pairs"])
+    bpb = summary["diagnostics"]["bpb"]
+    assert bpb["documents"] == 2 and bpb["bytes"] > 0 and 0 < bpb["base"] < 40
+    assert [e["k"] for e in bpb["ensembles"]] == [1, 3]
+    assert summary["search"]["scored"] == 6 and summary["search"]["seeds_per_second"] > 0
+    assert (run_dir / "summary.json").is_file() and (run_dir / "k1_transfer.png").is_file()
+    assert cfglib.load_json(run_dir / "config.json") == cfg
+    # the model is the base again, bit for bit
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tmp_path, monkeypatch):
+    cfg_full, summary_full, before, _ = full_run
+    model, tokenizer = loaded
+    real = randopt.score_candidate
+    calls = []
+
+    def killed_after_three(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[3])  # the seed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(randopt, "score_candidate", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        randopt.run(config(model_dir, tmp_path, "diagnostics.bpb_documents=2"), model, tokenizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored on failure
+    (run_dir,) = tmp_path.iterdir()
+    assert len(population_rows(run_dir)) == 3
+    with open(run_dir / randopt.POPULATION_FILE, "a") as f:
+        f.write('{"index": 3, "seed": ')  # torn by the kill: dropped and rescored
+
+    calls.clear()
+    monkeypatch.setattr(randopt, "score_candidate", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
+    resumed = randopt.run(None, model, tokenizer, resume=run_dir)
+    population = randopt.draw_population(6, [0.01, 0.03], 0)
+    assert calls == [s for s, _ in population[3:]]
+    assert resumed["search"]["scored"] == 3 and resumed["search"]["resumed"] == 3
+    assert population_rows(run_dir) == population_rows(Path(summary_full["run_dir"]))
+    assert table(resumed) == table(summary_full)
+
+
+def test_resume_refuses_a_different_search(full_run, model_dir, tmp_path):
+    cfg, summary, _, _ = full_run
+    with pytest.raises(ConfigError, match="seed"):
+        randopt.run(config(model_dir, tmp_path, "seed=1"), resume=summary["run_dir"])
+
+
+def test_config_errors_name_the_problem(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no 'train' split"):
+        config(model_dir, tmp_path, task="asdiv")
+    with pytest.raises(ConfigError, match="sigmas"):
+        config(model_dir, tmp_path, "sigmas=[]")
+    with pytest.raises(ConfigError, match="top_ratios"):
+        config(model_dir, tmp_path, "top_ratios=[0.0]")
+    with pytest.raises(ConfigError, match="unknown task"):
+        config(model_dir, tmp_path, tests='["nope"]')
+    with pytest.raises(ConfigError, match="task=path"):
+        config(model_dir, tmp_path, 'task_paths=["gsm8k"]')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun"))
+                    and shutil.which("torchrun") is None, reason="torchrun missing")
+def test_two_processes_score_like_one(model_dir, loaded, tmp_path):
+    sets = [s for s in SMALL if not s.startswith("diagnostics.merge")] + [
+        "diagnostics.merge_pairs=1", "test_tasks=[\"basic_arithmetic\"]", "test_examples=4"]
+    model, tokenizer = loaded
+    one = randopt.run(cfglib.resolve("randopt", None, [f"model={model_dir}", "task=basic_arithmetic", *sets,
+                                                        f"runs_root={tmp_path / 'one'}"]), model, tokenizer)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2", "-m",
+            "underpar", "randopt", "--model", str(model_dir), "--task", "basic_arithmetic"]
+    for s in sets + [f"runs_root={tmp_path / 'two'}"]:
+        args += ["--set", s]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (two_dir,) = (tmp_path / "two").iterdir()
+    two = json.loads((two_dir / "summary.json").read_text())
+    assert two["world_size"] == 2
+    key = lambda r: r["index"]  # noqa: E731
+    assert sorted(population_rows(two_dir), key=key) == sorted(population_rows(Path(one["run_dir"])), key=key)
+    assert table(two) == json.loads(json.dumps(table(one)))
