@@ -132,6 +132,7 @@ def finetune(
 def randopt(
     model: Optional[str] = typer.Option(None, help="smollm2-135m, a local folder, or a hub id."),
     task: Optional[str] = typer.Option(None, help="Train task (its train split), e.g. gsm_symbolic, basic_arithmetic."),
+    population: Optional[int] = typer.Option(None, help="Number of seeded perturbations to score."),
     preset: Optional[str] = typer.Option(None, help="A randopt preset (see `underpar config presets`)."),
     sets: Optional[list[str]] = SetOption,
     resume: Optional[str] = typer.Option(None, help="Continue a stopped search from its run directory."),
@@ -141,7 +142,7 @@ def randopt(
 
     from underpar.tracks import randopt as track
 
-    shortcuts = [f"{key}={value}" for key, value in (("model", model), ("task", task)) if value]
+    shortcuts = [f"{key}={value}" for key, value in (("model", model), ("task", task), ("population", population)) if value]
     if resume is not None:
         cfg = cfglib.load_json(Path(resume) / "config.json")
         for assignment in shortcuts + (sets or []):
