@@ -55,8 +55,8 @@ SEARCH_FIELDS = ("model", "dtype", "task", "train_examples", "task_paths", "data
 class RODecodeConfig:
     """Greedy decoding of every prompt set (see underpar.eval.generate)."""
 
-    max_new_tokens: int = bounded(256, 1)
-    batch_size: int = bounded(128, 1)  # rows of the one decoder; sets are padded to whole batches
+    max_new_tokens: int = bounded(128, 1)
+    batch_size: int = bounded(32, 1)  # rows of the one decoder; sets are padded to whole batches
     engine: str = choice("static", ENGINES)
     compile: bool = True  # static engine on CUDA: the decode step becomes a CUDA graph
 
@@ -66,24 +66,27 @@ class RODiagnosticsConfig:
     # K=1 transfer on the first test set: -1 = the whole population, 0 = off, n = the top
     # max-K members (answered already for the ensembles) plus a seeded uniform sample of the rest.
     k1_seeds: int = bounded(-1, -1)
-    merge_pairs: int = bounded(8, 0)  # pairs of top max-K members merged by average and by sum
-    bpb_documents: int = bounded(64, 0)  # built-in validation documents for held-out bpb; 0 = off
+    merge_pairs: int = bounded(2, 0)  # pairs of top max-K members merged by average and by sum
+    bpb_documents: int = bounded(8, 0)  # built-in validation documents for held-out bpb; 0 = off
     bpb_max_tokens: int = bounded(1024, 2)  # each document is cut to this many tokens
 
 
 @dataclasses.dataclass
 class RandOptConfig:
+    """Defaults are a small search that finishes on a CPU in minutes; the `randopt-smollm2`
+    preset is the GPU-sized one (population 128, 64 train / 200 test problems, 256 tokens)."""
+
     name: str = "randopt"
     model: str = "smollm2-135m"  # smollm2-135m, a local save_pretrained folder, or a hub id
     dtype: str = choice("auto", ("auto", "bfloat16", "float32"))  # auto: bf16 on CUDA, fp32 on CPU
     device: str = choice("auto", ("auto", "cpu", "cuda"))
     task: str = "gsm_symbolic"  # train task: its "train" split, the first train_examples
-    train_examples: int = bounded(64, 1)
+    train_examples: int = bounded(16, 1)
     test_tasks: list[str] = items(["gsm_symbolic", "asdiv"])  # "test" splits, first test_examples
-    test_examples: int = bounded(200, 1)
+    test_examples: int = bounded(32, 1)
     task_paths: list[str] = items([])  # "task=path" local files (gsm8k, math500); else hub/generated
     data_seed: int = 0  # generated tasks: which problems (fixed across global seeds)
-    population: int = bounded(128, 1, 2**31)
+    population: int = bounded(8, 1, 2**31)
     sigmas: list[float] = items([5e-4, 1e-3, 2e-3])
     seed: int = bounded(0, 0)  # the global seed: draws the population
     top_ratios: list[float] = items([0.02, 0.05])  # K = max(1, int(ratio * population))
