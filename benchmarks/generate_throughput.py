@@ -21,7 +21,7 @@ from underpar.data.sft import prompt_ids
 from underpar.data.tasks import get_task
 from underpar.eval.generate import DecodeConfig, GenerationStats, generate
 from underpar.model import hf
-from underpar.runs.rundir import environment
+from underpar.runs.rundir import device_tag, environment
 
 VARIANTS = {  # name -> (engine, compile)
     "hf": ("hf", False),
@@ -29,13 +29,6 @@ VARIANTS = {  # name -> (engine, compile)
     "static": ("static", False),
     "static+compile": ("static", True),
 }
-
-
-def device_tag() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name().lower()
-    return next((tag for tag in ("h200", "h100", "a100", "l40s", "l4") if tag in name), "gpu")
 
 
 def main() -> None:

@@ -24,22 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from underpar import config as cfglib
 from underpar.model import hf
-from underpar.runs.rundir import environment
+from underpar.runs.rundir import device_tag, environment
 from underpar.tracks import randopt
 
 TEST_TASKS = ("gsm_symbolic", "asdiv")
 RUNS = tempfile.mkdtemp(prefix="randopt-search-")  # run directories; only the JSON goes to --out
-
-
-def device_tag() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name().lower()
-    return next((tag for tag in ("h200", "h100", "a100", "l40s", "l4") if tag in name), "gpu")
 
 
 def main() -> None:

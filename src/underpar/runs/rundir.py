@@ -88,6 +88,14 @@ def environment() -> dict[str, Any]:
     }
 
 
+def device_tag() -> str:
+    """A short device name for result file names: h100, h200, ..., gpu, or cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return next((tag for tag in ("h200", "h100", "a100", "l40s", "l4") if tag in name), "gpu")
+
+
 def git_commit() -> str | None:
     """HEAD of the checkout, or $UNDERPAR_GIT_COMMIT where the tree travels without .git."""
     if os.environ.get("UNDERPAR_GIT_COMMIT"):
