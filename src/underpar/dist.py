@@ -34,16 +34,20 @@ def setup(device: str = "auto") -> Env:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = resolve_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         torch_dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     return Env(rank, world_size, local_rank, dev)
+
+
+def resolve_device(device: str = "auto", index: int = 0) -> torch.device:
+    """"auto" (CUDA if available, else CPU), "cpu" or "cuda"."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    return torch.device("cuda", index) if use_cuda else torch.device("cpu")
 
 
 def teardown() -> None:

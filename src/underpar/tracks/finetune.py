@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from underpar import config as cfglib
+from underpar import dist
 from underpar.config import bounded, choice, items, nested
 from underpar.data.sft import collate, encode_sft_examples, pack, packed_attention_mask
 from underpar.data.tasks import get_task
@@ -148,8 +149,7 @@ def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
     """Fine-tune per `cfg`. A caller may pass an already loaded (model, tokenizer), e.g. to run
     several seeds on one model object whose weights it resets between runs."""
     cfglib.validate(cfg)
-    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.train.device == "auto" else cfg.train.device)
+    device = dist.resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     run_dir = RunDir.create(cfg.train.runs_root, cfg.name)
     run_dir.save_config(cfg)
@@ -238,7 +238,7 @@ def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
             run_dir.log(f"step {step + 1}/{steps} | loss {total_loss:.4f} | lr {lr:.2e} | {step_ms[-1]:.0f} ms")
     train_seconds = time.perf_counter() - started
     if controller is not None:
-        controller.end(optimizer) if cfg.method == "chaos" else controller.end()
+        controller.end(optimizer)
 
     # ---- evaluate and save the full model ----------------------------------------------------
     model.config.use_cache = True

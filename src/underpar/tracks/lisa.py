@@ -60,7 +60,8 @@ class LisaController:
         self.block = block
         return active
 
-    def end(self) -> None:
+    def end(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Put the original `requires_grad` flags back (LISA keeps no optimizer state aside)."""
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
         self.block = None
