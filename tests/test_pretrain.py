@@ -156,12 +156,14 @@ def test_bad_batch_geometry_is_a_config_error(data_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun missing")
-def test_two_process_torchrun_matches_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, compile):
+    """Also compiled: DDP must wrap the compiled model (dynamo cannot trace DDP's forward)."""
     sets = MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}", "train.checkpoint_every_steps=0", "train.max_steps=4"]
     single = track.run(cfglib.resolve("pretrain", "tiny-cpu", sets + [f"train.runs_root={tmp_path / 'one'}"]))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     args = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "underpar", "pretrain", "--preset", "tiny-cpu"]
-    for s in sets + [f"train.runs_root={tmp_path / 'two'}", "train.micro_batch_tokens=512"]:
+    for s in sets + [f"train.runs_root={tmp_path / 'two'}", "train.micro_batch_tokens=512", f"train.compile={str(compile).lower()}"]:
         args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
