@@ -172,3 +172,26 @@ def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, compile):
     assert two["world_size"] == 2 and two["steps"] == 4
     assert final_losses(two_dir) == pytest.approx(final_losses(single["run_dir"]), rel=2e-3)
     assert two["val_bpb"] == pytest.approx(single["val_bpb"], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_runs_each_world_size_and_records_a_failed_one(data_dir, tmp_path):
+    """benchmarks/scaling.py on 1, 2 and 3 gloo processes: 3 cannot split the batch, so it is
+    recorded as failed and the table still has 1 and 2, which agree on val_bpb."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, os.path.join(root, "benchmarks", "scaling.py"), "pretrain", "--device", "cpu",
+            "--preset", "tiny-cpu", "--gpus", "1", "2", "3", "--steps", "3", "--out", str(tmp_path)]
+    for s in MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}"]:
+        if not s.startswith("train.max_steps"):
+            args += ["--set", s]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "scaling_pretrain-cpu.json").read_text())["rows"]
+    assert [r["gpus"] for r in rows] == [1, 2, 3]
+    one, two, three = rows
+    assert one["efficiency"] == 1.0 and two["world_size"] == 2 and two["steps"] == 3
+    assert two["speedup"] == pytest.approx(two["tokens_per_second"] / one["tokens_per_second"])
+    assert two["val_bpb"] == pytest.approx(one["val_bpb"], rel=2e-3)
+    assert "error" in three and "not divisible" in three["log_tail"]
+    assert (tmp_path / "logs" / "pretrain-3.log").is_file()

@@ -307,3 +307,19 @@ def test_two_processes_score_like_one(model_dir, loaded, tmp_path):
     key = lambda r: r["index"]  # noqa: E731
     assert sorted(population_rows(two_dir), key=key) == sorted(population_rows(Path(one["run_dir"])), key=key)
     assert table(two) == json.loads(json.dumps(table(one)))
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_scores_the_same_population_on_two_processes(model_dir, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "benchmarks" / "scaling.py"), "randopt", "--device", "cpu", "--gpus", "1", "2",
+            "--population", "4", "--out", str(tmp_path), "--set", f"model={model_dir}", "--set", "task=basic_arithmetic",
+            "--set", "train_examples=4", "--set", "test_examples=2", "--set", "test_tasks=[\"basic_arithmetic\"]",
+            "--set", "decode.max_new_tokens=8", "--set", "decode.batch_size=4"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = json.loads((tmp_path / "scaling_randopt-cpu.json").read_text())["rows"]
+    assert (one["gpus"], two["gpus"], two["world_size"]) == (1, 2, 2)
+    assert len(two["rewards"]) == 4 and two["rewards_equal_to_1"] == 4
+    assert two["seeds_per_second"] > 0 and two["efficiency"] == pytest.approx(two["speedup"] / 2)
