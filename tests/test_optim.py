@@ -140,6 +140,31 @@ def test_muon_two_steps_by_hand(shape: tuple[int, int]) -> None:
     assert torch.equal(p.detach(), p2)
 
 
+@pytest.mark.parametrize("shape", [(24, 16), (16, 40)])
+def test_newton_schulz_on_a_stack_is_the_per_matrix_iteration(shape: tuple[int, int]) -> None:
+    stack = torch.stack([_randn(*shape, seed=40 + k) for k in range(3)])
+    batched = newton_schulz(stack, 5, BASELINE_NS)
+    for k in range(3):
+        assert torch.equal(batched[k], newton_schulz(stack[k], 5, BASELINE_NS))
+
+
+def test_muon_stack_skips_a_parameter_without_grad() -> None:
+    """Three same-shape matrices, the middle one without a grad: it stays as it was, and the
+    others move exactly as they would alone."""
+    params = [nn.Parameter(_randn(16, 24, seed=50 + k)) for k in range(3)]
+    alone = [nn.Parameter(p.detach().clone()) for p in params]
+    grads = [_randn(16, 24, seed=60 + k) for k in range(3)]
+    opt = Muon(params, lr=0.05, momentum=0.9)
+    for k in (0, 2):
+        params[k].grad = grads[k].clone()
+        alone[k].grad = grads[k].clone()
+        Muon([alone[k]], lr=0.05, momentum=0.9).step()
+    opt.step()
+    assert torch.equal(params[1].detach(), _randn(16, 24, seed=51))
+    assert torch.equal(params[0].detach(), alone[0].detach()) and torch.equal(params[2].detach(), alone[2].detach())
+    assert params[1] not in opt.state
+
+
 def test_muon_without_nesterov_uses_buffer() -> None:
     p = nn.Parameter(_randn(16, 16, seed=8))
     p0 = p.detach().clone()
@@ -326,7 +351,9 @@ def test_muon_momentum_warmup() -> None:
 # ---------------------------------------------------------------------------------------
 # distributed: the sharded step equals the single-process step
 
-SHAPES = [(24, 16), (16, 40), (32, 32)]  # 3 matrices over 2 ranks: rank 0 owns 2, rank 1 owns 1
+# Stacks by shape over 2 ranks: three (24, 16) (rank 0 owns 2, rank 1 owns 1), one (16, 40)
+# and one (32, 32) (rank 0 owns each, rank 1 none).
+SHAPES = [(24, 16), (16, 40), (24, 16), (32, 32), (24, 16)]
 
 
 def _params_and_grads() -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:

@@ -1,8 +1,11 @@
 """Muon: momentum SGD whose update for each 2-D matrix is orthogonalized by a few
 Newton-Schulz iterations in bf16, as in the Parameter Golf baseline (from modded-nanogpt).
 
-Under torch.distributed each rank orthogonalizes every world_size-th matrix and one
-all_reduce of a flat bf16 buffer hands every rank all the updates.
+Matrices of one shape are orthogonalized together, as one batched iteration: a handful of
+kernel launches per shape instead of per matrix (the per-matrix loop cost ~30 ms a step on
+the baseline's 54 small matrices, as much as a micro-step of compute on one H100).
+Under torch.distributed each rank orthogonalizes its own contiguous slice of every shape's
+stack, and one all_reduce of a flat bf16 buffer hands every rank all the updates.
 """
 
 from __future__ import annotations
@@ -70,30 +73,31 @@ def newton_schulz(
     eps: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
-    """Approximately orthogonalize a 2-D matrix (push its singular values towards 1).
+    """Approximately orthogonalize a matrix, or each matrix of a (batch, rows, cols) stack
+    (push its singular values towards 1).
 
     `coefficients` is an NSCoefficients recipe, one (a, b, c) tuple, or a per-iteration
     list of tuples (the latter two use the baseline normalization). `eps` overrides the
     recipe's. `dtype` is bf16 as in the baseline; tests pass float64 for a reference.
     The result is in `dtype`.
     """
-    if G.ndim != 2:
-        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(G.shape)}")
+    if G.ndim not in (2, 3):
+        raise ValueError(f"newton_schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     if not isinstance(coefficients, NSCoefficients):
         abc = (coefficients,) if isinstance(coefficients[0], (int, float)) else coefficients
         coefficients = NSCoefficients(abc=tuple(tuple(t) for t in abc))
     eps = coefficients.eps if eps is None else eps
     X = G.to(dtype)
-    X = X / (X.norm() * (1 + coefficients.norm_margin) + eps)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + coefficients.norm_margin) + eps)
     # Iterate on the wide orientation so X @ X.T is the smaller Gram matrix.
-    transposed = G.size(0) > G.size(1)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
     for a, b, c in coefficients.schedule(steps):
-        A = X @ X.T
+        A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 def muon_scale(rows: int, cols: int) -> float:
@@ -128,21 +132,6 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
 
-    def _update(self, p: Tensor, group: dict) -> Tensor:
-        """This rank's orthogonalized update for `p` (bf16, shape of p)."""
-        g = p.grad
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(g)
-        if group["nesterov"]:
-            g = g.add(buf, alpha=group["momentum"])
-        else:
-            g = buf
-        update = newton_schulz(g, group["backend_steps"], NS_COEFFICIENTS[group["ns"]])
-        return update * muon_scale(update.size(0), update.size(1))
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -158,20 +147,57 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            # Every rank fills only its own slots; the all_reduce (a sum with zeros
-            # elsewhere, so exact) gives each rank the whole set of updates.
-            numel = sum(p.numel() for p in params)
-            flat = torch.zeros(numel, device=params[0].device, dtype=torch.bfloat16)
+            # The flat buffer holds one stack per shape. Every rank fills only its own slice
+            # of each stack; the all_reduce (a sum with zeros elsewhere, so exact) gives each
+            # rank the whole set of updates.
+            stacks = _stacks(params)
+            flat = torch.zeros(sum(len(members) * p_numel for _, members, p_numel in stacks),
+                               device=params[0].device, dtype=torch.bfloat16)
             offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    flat[offset : offset + p.numel()] = self._update(p, group).reshape(-1)
-                offset += p.numel()
+            for shape, members, numel in stacks:
+                region = flat[offset : offset + len(members) * numel].view(len(members), *shape)
+                offset += len(members) * numel
+                chunk = -(-len(members) // world_size)
+                mine = [(k, params[i]) for k, i in enumerate(members[rank * chunk : (rank + 1) * chunk], rank * chunk)
+                        if params[i].grad is not None]
+                if mine:
+                    positions, owned = zip(*mine)
+                    update = self._updates(list(owned), group)
+                    if list(positions) == list(range(positions[0], positions[-1] + 1)):
+                        region[positions[0] : positions[-1] + 1] = update
+                    else:
+                        for k, u in zip(positions, update):
+                            region[k] = u
             if distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                update = flat[offset : offset + p.numel()].view_as(p).to(dtype=p.dtype)
-                p.add_(update, alpha=-group["lr"])
+            in_order = [params[i] for _, members, _ in stacks for i in members]
+            by_dtype = {dtype: flat.to(dtype) for dtype in {p.dtype for p in in_order}}
+            updates, offset = [], 0
+            for p in in_order:
+                updates.append(by_dtype[p.dtype][offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
+            torch._foreach_add_(in_order, updates, alpha=-group["lr"])
         return loss
+
+    def _updates(self, params: list[Tensor], group: dict) -> Tensor:
+        """Orthogonalized updates (bf16, stacked) for same-shape parameters that have grads."""
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+        update = newton_schulz(torch.stack(nesterov), group["backend_steps"], NS_COEFFICIENTS[group["ns"]])
+        return update * muon_scale(*params[0].shape)
+
+
+def _stacks(params: Sequence[Tensor]) -> list[tuple[torch.Size, list[int], int]]:
+    """(shape, parameter indices, numel per matrix) per distinct shape, in first-seen order."""
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, p in enumerate(params):
+        by_shape.setdefault(p.shape, []).append(i)
+    return [(shape, members, shape.numel()) for shape, members in by_shape.items()]
