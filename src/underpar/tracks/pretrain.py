@@ -163,7 +163,7 @@ def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> dict[
     # a millisecond, so nothing is lost by not overlapping them with the backward pass.
     forward = torch.compile(model, dynamic=False, fullgraph=True) if train.compile else model
     if env.distributed:
-        forward = DistributedDataParallel(forward, device_ids=[env.local_rank] if use_bf16 else None)
+        forward = DistributedDataParallel(forward, device_ids=[env.local_rank] if use_bf16 else None, broadcast_buffers=False)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     run_dir.log(
         f"model {num_params(model):,} parameters | {env.world_size} process(es) on {env.device} | "
