@@ -163,19 +163,18 @@ class Muon(torch.optim.Optimizer):
                 if mine:
                     positions, owned = zip(*mine)
                     update = self._updates(list(owned), group)
-                    if list(positions) == list(range(positions[0], positions[-1] + 1)):
-                        region[positions[0] : positions[-1] + 1] = update
+                    lo, hi = positions[0], positions[-1] + 1
+                    if hi - lo == len(positions):  # no parameter without a grad in between
+                        region[lo:hi] = update
                     else:
                         for k, u in zip(positions, update):
                             region[k] = u
             if distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             in_order = [params[i] for _, members, _ in stacks for i in members]
-            by_dtype = {dtype: flat.to(dtype) for dtype in {p.dtype for p in in_order}}
-            updates, offset = [], 0
-            for p in in_order:
-                updates.append(by_dtype[p.dtype][offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            sizes = [p.numel() for p in in_order]
+            by_dtype = {dtype: flat.to(dtype).split(sizes) for dtype in {p.dtype for p in in_order}}
+            updates = [by_dtype[p.dtype][j].view_as(p) for j, p in enumerate(in_order)]
             torch._foreach_add_(in_order, updates, alpha=-group["lr"])
         return loss
 
