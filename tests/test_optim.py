@@ -85,6 +85,22 @@ def test_newton_schulz_matches_float64_iteration(kind: str, ns: str) -> None:
         assert rel(newton_schulz(G, 1, coeffs), ref1) < 1e-2
 
 
+@pytest.mark.slow
+def test_compiled_muon_stays_within_bf16_of_the_float64_step() -> None:
+    """Muon(compile=True) (the CUDA default) on the CPU: each update is the float64 iteration's
+    to bf16 accuracy, like the eager path's (measured: compiled 1.6-2.4%, eager 2.4-3.2%)."""
+    params = [nn.Parameter(_randn(*s, seed=70 + i)) for i, s in enumerate([(24, 16), (16, 40), (24, 16)])]
+    start = [p.detach().clone() for p in params]
+    grads = [_randn(*p.shape, seed=80 + i) for i, p in enumerate(params)]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    Muon(params, lr=1.0, momentum=0.0, nesterov=False, compile=True).step()
+    for p, p0, g in zip(params, start, grads):
+        ref = newton_schulz(g.double(), 5, BASELINE_NS, dtype=torch.float64) * muon_scale(*g.shape)
+        update = (p0 - p.detach()).double()
+        assert float((update - ref).norm() / ref.norm()) < 0.05
+
+
 def test_newton_schulz_baseline_by_hand() -> None:
     # The baseline's own formulation, written out: normalize, transpose tall, iterate.
     G = _randn(48, 16, seed=4)

@@ -10,6 +10,7 @@ stack, and one all_reduce of a flat bf16 buffer hands every rank all the updates
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -87,17 +88,27 @@ def newton_schulz(
         abc = (coefficients,) if isinstance(coefficients[0], (int, float)) else coefficients
         coefficients = NSCoefficients(abc=tuple(tuple(t) for t in abc))
     eps = coefficients.eps if eps is None else eps
-    X = G.to(dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + coefficients.norm_margin) + eps)
+    return _iterate(G.to(dtype), coefficients.schedule(steps), coefficients.norm_margin, eps)
+
+
+def _iterate(X: Tensor, schedule: tuple[Coefficients, ...], norm_margin: float, eps: float) -> Tensor:
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + norm_margin) + eps)
     # Iterate on the wide orientation so X @ X.T is the smaller Gram matrix.
-    transposed = G.size(-2) > G.size(-1)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    for a, b, c in coefficients.schedule(steps):
+    for a, b, c in schedule:
         A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
     return X.mT if transposed else X
+
+
+@functools.cache
+def _compiled_iterate():
+    """The iteration under torch.compile, as the reference runs its Newton-Schulz: the
+    elementwise terms fuse into few kernels (one graph per stack shape)."""
+    return torch.compile(_iterate, dynamic=False, fullgraph=True)
 
 
 def muon_scale(rows: int, cols: int) -> float:
@@ -110,6 +121,7 @@ class Muon(torch.optim.Optimizer):
 
     Group values: lr, momentum (set by the trainer each step during the warmup), nesterov,
     backend_steps (Newton-Schulz iterations), ns (a key of NS_COEFFICIENTS).
+    compile: run the iteration under torch.compile; None = when the parameters are on CUDA.
     """
 
     def __init__(
@@ -120,7 +132,9 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         backend_steps: int = 5,
         ns: str = "baseline",
+        compile: bool | None = None,
     ):
+        self.compile = compile
         if ns not in NS_COEFFICIENTS:
             raise ValueError(f"unknown ns '{ns}'; choose one of: {', '.join(NS_COEFFICIENTS)}")
         defaults = dict(
@@ -190,7 +204,10 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
         nesterov = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
-        update = newton_schulz(torch.stack(nesterov), group["backend_steps"], NS_COEFFICIENTS[group["ns"]])
+        stack = torch.stack(nesterov).to(torch.bfloat16)
+        ns = NS_COEFFICIENTS[group["ns"]]
+        compiled = stack.is_cuda if self.compile is None else self.compile
+        update = (_compiled_iterate() if compiled else _iterate)(stack, ns.schedule(group["backend_steps"]), ns.norm_margin, ns.eps)
         return update * muon_scale(*params[0].shape)
 
 
