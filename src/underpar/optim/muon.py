@@ -1,9 +1,10 @@
 """Muon: momentum SGD whose update for each 2-D matrix is orthogonalized by a few
 Newton-Schulz iterations in bf16, as in the Parameter Golf baseline (from modded-nanogpt).
 
-Matrices of one shape are orthogonalized together, as one batched iteration: a handful of
-kernel launches per shape instead of per matrix (the per-matrix loop cost ~30 ms a step on
-the baseline's 54 small matrices, as much as a micro-step of compute on one H100).
+Matrices of one shape are orthogonalized together, as one batched iteration (compiled on
+CUDA): a handful of kernel launches per shape instead of per matrix. On one H100 the
+baseline's 54 matrices took ~50 ms a step one at a time, more than a micro-step of compute,
+and take ~5 ms batched (docs/BENCHMARKS.md).
 Under torch.distributed each rank orthogonalizes its own contiguous slice of every shape's
 stack, and one all_reduce of a flat bf16 buffer hands every rank all the updates.
 """
