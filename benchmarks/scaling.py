@@ -9,7 +9,8 @@
             and all of Muon's orthogonalization, so 1 / (n x share time) bounds the efficiency
             that communication-free data parallelism could reach.
   randopt   seeds/s of the same RandOpt population on each world size (seed-parallel ranks),
-            and how many candidates' train rewards equal the one-GPU run's.
+            how many candidates' train rewards equal the one-GPU run's, and from the one-GPU
+            run's per-candidate seconds the bound that per-round gathering puts on 2, 4, 8.
 
 Every run is the underpar CLI under torchrun, with NVLink multicast off (NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1). The JSON records the NCCL version,
@@ -84,15 +85,27 @@ def randopt_row(n: int, s: dict, base: dict | None) -> dict:
     row = {"gpus": n}
     if "error" in s:
         return {**row, **s}
-    rewards = [json.loads(line)["reward"] for line in (Path(s["run_dir"]) / "population.jsonl").read_text().splitlines()]
+    lines = (Path(s["run_dir"]) / "population.jsonl").read_text().splitlines()
+    candidates = sorted((json.loads(line) for line in lines), key=lambda c: c["index"])
     row.update(seeds_per_second=s["search"]["seeds_per_second"], search_seconds=s["search"]["seconds"],
                scored=s["search"]["scored"], world_size=s["world_size"], timing=s["timing"],
-               wall_seconds=s["wall_seconds"], rewards=rewards)
+               wall_seconds=s["wall_seconds"], rewards=[c["reward"] for c in candidates],
+               candidate_seconds=[c["seconds"] for c in candidates])
+    if n == 1:
+        row["round_bound"] = {k: round_bound(row["candidate_seconds"], k) for k in (2, 4, 8)}
     if base is not None and "error" not in base:
         row["speedup"] = row["seeds_per_second"] / base["seeds_per_second"]
         row["efficiency"] = row["speedup"] / n
-        row["rewards_equal_to_1"] = sum(a == b for a, b in zip(rewards, base["rewards"]))
+        row["rewards_equal_to_1"] = sum(a == b for a, b in zip(row["rewards"], base["rewards"]))
     return row
+
+
+def round_bound(seconds: list[float], n: int) -> float:
+    """Efficiency of n seed-parallel ranks if each candidate took the time it took on one GPU:
+    candidates run in rounds of n (candidate i on rank i % n) and a round lasts as long as its
+    slowest candidate, so the bound is (total / n) / sum of the rounds' maxima."""
+    rounds = [max(seconds[i : i + n]) for i in range(0, len(seconds), n)]
+    return sum(seconds) / n / sum(rounds)
 
 
 def interconnect() -> dict:
@@ -161,6 +174,9 @@ def main() -> None:
     tag = "cpu" if cpu else f"{device_tag()}x{available}"
     (out / f"scaling_{args.mode}-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(args.mode, rows))
+    if track == "randopt" and rows and "round_bound" in rows[0]:
+        print("rounds waiting for their slowest candidate, from the 1-GPU times: efficiency bound "
+              + ", ".join(f"{k} GPUs {100 * v:.1f}%" for k, v in rows[0]["round_bound"].items()))
     if skipped:
         print(f"skipped world sizes {skipped}: only {available} GPUs here")
 

@@ -323,3 +323,4 @@ def test_scaling_benchmark_scores_the_same_population_on_two_processes(model_dir
     assert (one["gpus"], two["gpus"], two["world_size"]) == (1, 2, 2)
     assert len(two["rewards"]) == 4 and two["rewards_equal_to_1"] == 4
     assert two["seeds_per_second"] > 0 and two["efficiency"] == pytest.approx(two["speedup"] / 2)
+    assert len(one["candidate_seconds"]) == 4 and all(0 < b <= 1 for b in one["round_bound"].values())
