@@ -44,20 +44,19 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 PRESETS = {"pretrain": "golf-baseline", "share": "golf-baseline", "randopt": "randopt-smollm2"}
 
 
-def launch(nproc: int, track: str, preset: str, sets: list[str], log: Path) -> dict:
+def launch(nproc: int, track: str, preset: str, sets: list[str], runs_root: Path, log: Path) -> dict:
     """Run `underpar <track>` on nproc ranks; its summary.json, or {"error": log tail}."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "underpar", track, "--preset", preset]
-    for s in sets:
+    for s in sets + [f"{'train.' if track == 'pretrain' else ''}runs_root={runs_root}"]:
         cmd += ["--set", s]
     env = {**os.environ, **NO_MULTICAST}
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
     wall = round(time.perf_counter() - started, 1)
-    runs_root = Path(next(s for s in sets if "runs_root=" in s).split("=", 1)[1])
     summaries = sorted(runs_root.glob("*/summary.json"))
     if proc.returncode != 0 or not summaries:
         return {"error": f"exit {proc.returncode}", "log_tail": (proc.stdout + proc.stderr)[-3000:], "wall_seconds": wall}
@@ -114,7 +113,7 @@ def interconnect() -> dict:
         info["gpus_visible"] = torch.cuda.device_count()
         info["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
         if shutil.which("nvidia-smi"):
-            topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True)
+            topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, check=False)
             info["nvidia_smi_topo"] = topo.stdout or topo.stderr
     return info
 
@@ -153,13 +152,12 @@ def main() -> None:
     sets += args.sets
     full_batch = cfglib.resolve(track, preset, sets).train.tokens_per_step if args.mode == "share" else None
     runs = Path(os.environ.get("TMPDIR", "/tmp")) / f"underpar-scaling-{os.getpid()}"
-    runs_key = "train.runs_root" if track == "pretrain" else "runs_root"
 
     rows, base = [], None
     for n in sizes:
         nproc, extra = (1, [f"train.tokens_per_step={full_batch // n}"]) if args.mode == "share" else (n, [])
         print(f"{args.mode}: {n} ...", flush=True)
-        summary = launch(nproc, track, preset, sets + extra + [f"{runs_key}={runs / str(n)}"], out / "logs" / f"{args.mode}-{n}.log")
+        summary = launch(nproc, track, preset, sets + extra, runs / str(n), out / "logs" / f"{args.mode}-{n}.log")
         if n == 1:
             base = summary if track == "pretrain" else randopt_row(1, summary, None)
         if track == "randopt":
