@@ -166,14 +166,15 @@ class Muon(torch.optim.Optimizer):
             # of each stack; the all_reduce (a sum with zeros elsewhere, so exact) gives each
             # rank the whole set of updates.
             stacks = _stacks(params)
-            flat = torch.zeros(sum(len(members) * p_numel for _, members, p_numel in stacks),
-                               device=params[0].device, dtype=torch.bfloat16)
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
             offset = 0
-            for shape, members, numel in stacks:
-                region = flat[offset : offset + len(members) * numel].view(len(members), *shape)
-                offset += len(members) * numel
+            for shape, members in stacks:
+                size = len(members) * shape.numel()
+                region = flat[offset : offset + size].view(len(members), *shape)
+                offset += size
                 chunk = -(-len(members) // world_size)
-                mine = [(k, params[i]) for k, i in enumerate(members[rank * chunk : (rank + 1) * chunk], rank * chunk)
+                first = rank * chunk
+                mine = [(k, params[i]) for k, i in enumerate(members[first : first + chunk], first)
                         if params[i].grad is not None]
                 if mine:
                     positions, owned = zip(*mine)
@@ -186,7 +187,7 @@ class Muon(torch.optim.Optimizer):
                             region[k] = u
             if distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            in_order = [params[i] for _, members, _ in stacks for i in members]
+            in_order = [params[i] for _, members in stacks for i in members]
             sizes = [p.numel() for p in in_order]
             by_dtype = {dtype: flat.to(dtype).split(sizes) for dtype in {p.dtype for p in in_order}}
             updates = [by_dtype[p.dtype][j].view_as(p) for j, p in enumerate(in_order)]
@@ -212,9 +213,9 @@ class Muon(torch.optim.Optimizer):
         return update * muon_scale(*params[0].shape)
 
 
-def _stacks(params: Sequence[Tensor]) -> list[tuple[torch.Size, list[int], int]]:
-    """(shape, parameter indices, numel per matrix) per distinct shape, in first-seen order."""
+def _stacks(params: Sequence[Tensor]) -> list[tuple[torch.Size, list[int]]]:
+    """(shape, parameter indices) per distinct shape, in first-seen order."""
     by_shape: dict[torch.Size, list[int]] = {}
     for i, p in enumerate(params):
         by_shape.setdefault(p.shape, []).append(i)
-    return [(shape, members, shape.numel()) for shape, members in by_shape.items()]
+    return list(by_shape.items())
