@@ -104,3 +104,79 @@ def test_presets_listed_and_loaded():
 def test_unknown_track():
     with pytest.raises(ConfigError, match="unknown track 'golf'; valid tracks: prepare"):
         cfglib.root_class("golf")
+
+
+# ---------------------------------------------------------------- registries and variants
+
+from underpar.registry import Registry  # noqa: E402
+
+SHAPES = Registry("test-shape")
+
+
+@SHAPES.register("flat")
+@dataclasses.dataclass
+class Flat:
+    level: float = bounded(1.0, 0.0)
+
+
+@SHAPES.register("ramp")
+@dataclasses.dataclass
+class Ramp:
+    start: float = bounded(0.0, 0.0, 1.0)
+    steps: int = bounded(10, 1)
+
+
+@dataclasses.dataclass
+class WithVariant:
+    shape: Flat | Ramp = cfglib.variant(SHAPES, "flat")
+    kind: str = choice("flat", SHAPES)
+
+
+def test_registry_lists_valid_names_and_refuses_duplicates():
+    assert list(SHAPES) == ["flat", "ramp"] and "ramp" in SHAPES and SHAPES["ramp"] is Ramp
+    with pytest.raises(ConfigError, match="unknown test-shape 'wave'; valid: flat, ramp"):
+        SHAPES["wave"]
+    with pytest.raises(ValueError, match="registered twice"):
+        SHAPES.register("flat")(Flat)
+    assert SHAPES.name_of(Ramp()) == "ramp" and Registry.all()["test-shape"] is SHAPES
+
+
+def test_choice_from_a_registry_is_checked_at_validation_so_later_entries_count():
+    cfg = cfglib.override(WithVariant(), "kind=wave")
+    with pytest.raises(ConfigError, match="kind = 'wave' is not valid; choose one of: flat, ramp"):
+        cfglib.validate(cfg)
+    SHAPES._entries["wave"] = Flat  # what a later module's registration does
+    try:
+        cfglib.validate(cfg)
+    finally:
+        del SHAPES._entries["wave"]
+
+
+def test_variant_sections_switch_set_and_round_trip():
+    cfg = WithVariant()
+    assert cfg.shape == Flat()
+    cfg = cfglib.override(cfg, "shape=ramp")
+    assert cfg.shape == Ramp()
+    cfg = cfglib.override(cfg, "shape.steps=20")
+    assert cfg.shape == Ramp(steps=20)
+    assert cfglib.override(cfg, "shape=ramp").shape == Ramp(steps=20)  # same name keeps settings
+    assert cfglib.override(cfg, "shape.name=flat").shape == Flat()
+    assert cfglib.override(cfg, "shape={name = 'ramp', start = 0.5}").shape == Ramp(start=0.5)
+    data = cfglib.to_dict(cfg)
+    assert data["shape"] == {"name": "ramp", "start": 0.0, "steps": 20}
+    assert cfglib.from_dict(WithVariant, data) == cfg
+    assert cfglib.from_dict(WithVariant, {"shape": "ramp"}).shape == Ramp()
+    with pytest.raises(ConfigError, match="shape = 'wave' is not valid; choose one of: flat, ramp"):
+        cfglib.override(cfg, "shape=wave")
+    with pytest.raises(ConfigError, match="unknown config key 'shape.level'"):
+        cfglib.override(cfg, "shape.level=2")  # a field of the other variant
+    with pytest.raises(ConfigError, match="needs a 'name'"):
+        cfglib.from_dict(WithVariant, {"shape": {"steps": 3}})
+    with pytest.raises(ConfigError, match=r"shape.start = 2.0 is out of range"):
+        cfglib.validate(cfglib.override(cfg, "shape.start=2"))
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(text):
+    with pytest.raises(ConfigError, match="lr: expected a finite number"):
+        cfglib.override(Outer(), f"lr={text}")

@@ -3,7 +3,10 @@ validation that names the key and the valid choices, and a JSON round trip.
 
 Each component owns its config dataclass next to its code; this module only knows how to
 build, override, validate and serialize any of them. Fields declare their valid values
-with `choice(...)` or `bounded(...)`; a dataclass may add cross-field checks in `check()`.
+with `choice(...)` (a name from a list or a `Registry`) or `bounded(...)`; `variant(...)` is a
+section whose class is chosen by name from a registry of parameter dataclasses (a schedule
+and its own parameters, a finetune method and its own settings); a dataclass may add
+cross-field checks in `check()`. Numbers must be finite.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from underpar.errors import ConfigError
+from underpar.registry import Registry
 
 T = TypeVar("T")
 
@@ -31,9 +36,18 @@ TRACKS = {
 }
 
 
-def choice(default: Any, valid: typing.Iterable[Any]) -> Any:
-    """A field whose value must be one of `valid`."""
-    return dataclasses.field(default=default, metadata={"choices": tuple(valid)})
+def choice(default: Any, valid: typing.Iterable[Any] | Registry) -> Any:
+    """A field whose value (or each value of a list) must be one of `valid`: a fixed list, or
+    a `Registry` whose names are looked up when the config is validated."""
+    return dataclasses.field(default=default, metadata={"choices": valid if isinstance(valid, Registry) else tuple(valid)})
+
+
+def variant(registry: Registry, default: str) -> Any:
+    """A section whose class is the parameter dataclass registered under a name in `registry`.
+    In TOML or JSON it is `{name = "...", <that class's fields>}` (or just the name, for the
+    defaults); `--set path=NAME` switches it to NAME's defaults, `--set path.field=v` sets one
+    of its fields."""
+    return dataclasses.field(default_factory=lambda: registry[default](), metadata={"variant": registry})
 
 
 def bounded(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
@@ -111,14 +125,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -137,12 +156,49 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         path = f"{prefix}.{key}" if prefix else key
         if key not in names:
             raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], path)
+        registry = _variant_registry(cls, key)
+        kwargs[key] = _variant_from(registry, value, path) if registry else _coerce(value, hints[key], path)
     return cls(**kwargs)
 
 
+def _variant_registry(cls: type, key: str) -> Registry | None:
+    return next((f.metadata.get("variant") for f in dataclasses.fields(cls) if f.name == key), None)
+
+
+def _variant_from(registry: Registry, value: Any, path: str) -> Any:
+    """A variant section from a name, a {"name": ..., fields...} table, or an instance."""
+    if isinstance(value, str):
+        return _variant_class(registry, value, path)()
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise ConfigError(f"{path}: the table needs a 'name' (one of: {', '.join(registry)})")
+        rest = {k: v for k, v in value.items() if k != "name"}
+        return from_dict(_variant_class(registry, value["name"], path), rest, prefix=path)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        registry.name_of(value)
+        return value
+    raise ConfigError(f"{path}: expected a {registry.kind} name or table, got {value!r}")
+
+
+def _variant_class(registry: Registry, name: Any, path: str) -> type:
+    if name not in registry:
+        raise ConfigError(f"{path} = {name!r} is not valid; choose one of: {', '.join(registry)}")
+    return registry[name]
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain nested data (what JSON and TOML hold); a variant section carries its name."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+            if "variant" in f.metadata:
+                value = {"name": f.metadata["variant"].name_of(getattr(cfg, f.name)), **value}
+        elif isinstance(value, list):
+            value = list(value)
+        out[f.name] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,6 +229,13 @@ def _set(obj: Any, keys: list[str], text: str, path: str) -> Any:
         raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(names)}")
     tp = _hints(type(obj))[key]
     current = getattr(obj, key)
+    registry = _variant_registry(type(obj), key)
+    if registry is not None and (len(keys) == 1 or keys[1:] == ["name"]):
+        if len(keys) == 1 and text.lstrip().startswith("{"):
+            return dataclasses.replace(obj, **{key: _variant_from(registry, _parse_literal(text), path)})
+        if text.strip() == registry.name_of(current):
+            return obj  # the same entry: keep its settings
+        return dataclasses.replace(obj, **{key: _variant_from(registry, text.strip(), path)})
     if len(keys) > 1:
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"'{path}': '{key}' is a value, not a section")
@@ -189,13 +252,15 @@ def validate(cfg: Any, prefix: str = "") -> None:
         path = f"{prefix}.{f.name}" if prefix else f.name
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
+            if "variant" in f.metadata:
+                f.metadata["variant"].name_of(value)
             validate(value, path)
             continue
         valid = f.metadata.get("choices")
         if valid is not None:
             values = value if isinstance(value, list) else [value]
             for v in values:
-                if v not in valid:
+                if not isinstance(v, typing.Hashable) or v not in valid:
                     raise ConfigError(
                         f"{path} = {v!r} is not valid; choose one of: {', '.join(map(str, valid))}"
                     )

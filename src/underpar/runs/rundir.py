@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -62,10 +63,12 @@ class RunDir:
             rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
             self.file("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def save_summary(self, summary: dict[str, Any]) -> None:
+    def save_summary(self, summary: Any) -> None:
+        """summary.json from a track's summary dataclass (or a dict), written atomically."""
         if self.writer:
+            data = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(summary)
             tmp = self.file("summary.json.tmp")
-            tmp.write_text(json.dumps(_finite(summary), indent=2) + "\n")
+            tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
             os.replace(tmp, self.file("summary.json"))
 
 
