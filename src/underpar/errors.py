@@ -11,3 +11,7 @@ class ConfigError(UnderparError):
 
 class DataError(UnderparError):
     """Missing, empty, corrupt or unusable input data."""
+
+
+class TrainingError(UnderparError):
+    """Training that cannot go on, e.g. a loss that became NaN or infinite."""
