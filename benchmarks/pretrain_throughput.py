@@ -8,6 +8,7 @@ utilization, steps, val_bpb before/after the round trip and artifact bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -56,7 +57,7 @@ def main() -> None:
         *args.sets,
     ]
     cfg = cfglib.resolve("pretrain", "golf-baseline", sets)
-    summary = pretrain.run(cfg)
+    summary = dataclasses.asdict(pretrain.run(cfg))
     flops = flops_per_token(cfg, summary["parameters"]) * summary["tokens_per_second"]
     result = {
         "benchmark": "pretrain_throughput",

@@ -7,8 +7,8 @@ import pytest
 from scipy.stats import t as student_t
 
 from underpar.errors import ConfigError
-from underpar.eval.answers import (
-    EXTRACTORS, extract_answer_is, extract_boxed, extract_gsm8k_strict, extract_last_number,
+from underpar.data.answers import (
+    ANSWER_KINDS, extract_answer_is, extract_boxed, extract_gsm8k_strict, extract_last_number,
     math_equal, normalize_number, numbers_equal, vote_key,
 )
 from underpar.eval.stats import accuracy_ci, mean_ci, welch_test
@@ -64,10 +64,12 @@ def test_extractors_on_model_outputs(text, strict, last, boxed, answer_is):
     assert extract_answer_is(text) == answer_is
 
 
-def test_extractors_table_and_none():
-    assert set(EXTRACTORS) == {"gsm8k_strict", "last_number", "boxed", "answer_is"}
-    for fn in EXTRACTORS.values():
+def test_extractors_and_answer_kinds_take_none():
+    for fn in (extract_gsm8k_strict, extract_last_number, extract_boxed, extract_answer_is):
         assert fn(None) is None
+    assert list(ANSWER_KINDS) == ["numeric", "math"]
+    assert ANSWER_KINDS["numeric"].extract_all("#### 71\nActually 72") == {"strict": "71", "flexible": "72"}
+    assert ANSWER_KINDS["math"].extract("The answer is 3/4.") == "3/4"  # no box: "the answer is"
 
 
 @pytest.mark.parametrize("raw,canonical", [

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from underpar.data.byte_count import target_bytes
 from underpar.data.tokenizer import ByteLUTs, Tokenizer, build_byte_luts, train_tokenizer
-from underpar.errors import DataError
+from underpar.errors import ConfigError, DataError
 from underpar.eval.bpb import (
     BpbMeter,
     count_tokens,
     evaluate_bpb,
-    target_bytes,
     uniform_logits_fn,
     unigram_logits_fn,
 )

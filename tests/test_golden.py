@@ -27,8 +27,8 @@ def run_golden(data_dir: Path, runs: Path) -> dict:
         summary = pretrain.run(cfglib.resolve("pretrain", golden["preset"], sets))
     finally:
         torch.set_num_threads(threads)
-    losses = [r["train_loss"] for r in RunDir(summary["run_dir"]).metrics() if "train_loss" in r]
-    return {"losses": losses, "val_bpb_pre_quant": summary["val_bpb_pre_quant"], "val_bpb": summary["val_bpb"]}
+    losses = [r["train_loss"] for r in RunDir(summary.run_dir).metrics() if "train_loss" in r]
+    return {"losses": losses, "val_bpb_pre_quant": summary.val_bpb_pre_quant, "val_bpb": summary.val_bpb}
 
 
 def test_tiny_cpu_reproduces_the_golden_losses(builtin_data, tmp_path):

@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from underpar import config as cfglib
-from underpar.data import shards
-from underpar.data.prepare import DataConfig, prepare, split_files
-from underpar.errors import UnderparError
-from underpar.model.gpt import GPT, build
-from underpar.optim import build_optimizers
+from underpar import dist
+from underpar.data.dataset import PreparedData
+from underpar.data.prepare import DataConfig, prepare
+from underpar.errors import TrainingError, UnderparError
+from underpar.model.gpt import GPT
 from underpar.runs.rundir import RunDir
 from underpar.tracks import pretrain as track
 
 from test_prepare import write_corpus
 
 MICRO = [
-    "model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1", "model.vocab_size=400",
+    "model.num_layers=2", "model.model_dim=64", "model.attention.num_heads=2", "model.attention.num_kv_heads=1", "model.vocab_size=400",
     "data.source=text", "data.vocab_size=400", "data.val_docs=20",
     "train.seq_len=64", "train.tokens_per_step=1024", "train.micro_batch_tokens=512",
     "train.max_wallclock_seconds=0", "train.max_steps=6", "train.warmup_steps=2", "train.compile=false",
@@ -48,49 +48,37 @@ def micro_config(data_dir, runs, *extra):
 def test_run_directory_and_summary(data_dir, tmp_path):
     cfg = micro_config(data_dir, tmp_path)
     summary = track.run(cfg)
-    run_dir = RunDir(summary["run_dir"])
+    run_dir = RunDir(summary.run_dir)
     assert cfglib.load_json(run_dir.file("config.json")) == cfg
     rows = run_dir.metrics()
     assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "val_bpb" in r] == [3, 6, 6]
-    assert summary["steps"] == 6 and summary["training_tokens"] == 6 * 1024
-    assert summary["val_bpb"] == pytest.approx(summary["val_bpb_pre_quant"], abs=0.05)
-    sizes = summary["artifact_bytes"]
+    assert summary.steps == 6 and summary.training_tokens == 6 * 1024
+    assert summary.val_bpb == pytest.approx(summary.val_bpb_pre_quant, abs=0.05)
+    sizes = summary.artifact_bytes
     assert sizes["total"] == sizes["code"] + sizes["model"]
     assert sizes["model"] == os.path.getsize(run_dir.file("model.int8.ptz"))
     assert "model/gpt.py" in sizes["code_files"] and "tracks/pretrain.py" in sizes["code_files"]
     for name in ("train.log", "loss.png", "summary.json"):
         assert run_dir.file(name).stat().st_size > 0
-    assert json.loads(run_dir.file("summary.json").read_text())["val_bpb"] == summary["val_bpb"]
+    assert json.loads(run_dir.file("summary.json").read_text())["val_bpb"] == summary.val_bpb
     # the trained model beats the uniform distribution by a wide margin even after 6 steps
-    assert summary["val_loss"] < torch.log(torch.tensor(400.0)).item() - 0.3
+    assert summary.val_loss < torch.log(torch.tensor(400.0)).item() - 0.3
 
 
 def test_warmup_restore_leaves_a_fresh_init(data_dir):
     cfg = micro_config(data_dir, "unused")
-    torch.manual_seed(cfg.train.seed)
-    model = build(cfg.model)
-    fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizers = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
-    loader = shards.TokenLoader(split_files({"dir": str(data_dir / "prepared"), **json.loads((data_dir / "prepared" / "manifest.json").read_text())}, "train"))
-    start = loader.state_dict()
-
-    def step():
-        x, y = loader.next_batch(512, 64)
-        model(x, y).backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad()
-        return 0.0
-
-    track.warmup_and_restore(model, optimizers, loader, 3, step)
-    for name, value in model.state_dict().items():
+    trainer = track.Trainer(cfg, dist.setup("cpu"), PreparedData.open(cfg.data))
+    fresh = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    start = trainer.loader.state_dict()
+    trainer.warm_up()
+    for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, fresh[name]), name
-    assert all(not opt.state for opt in optimizers)
-    assert loader.state_dict() == start
+    assert all(not opt.state for opt in trainer.optimizers)
+    assert trainer.loader.state_dict() == start
     # and the warmup really trained: without the restore the weights would have moved
-    step()
-    assert not torch.equal(model.state_dict()["blocks.0.attn.proj.weight"], fresh["blocks.0.attn.proj.weight"])
+    trainer.step(1.0, 0.85)
+    assert not torch.equal(trainer.model.state_dict()["blocks.0.attn.proj.weight"], fresh["blocks.0.attn.proj.weight"])
 
 
 def final_losses(run_dir):
@@ -115,16 +103,39 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, mo
     (killed_dir,) = (tmp_path / "b").iterdir()
     assert not (killed_dir / "summary.json").exists()
     resumed = track.run(cfglib.load_json(killed_dir / "config.json"), resume=killed_dir)
-    assert resumed["steps"] == 6
-    assert final_losses(killed_dir) == final_losses(uninterrupted["run_dir"])
-    assert resumed["val_bpb"] == uninterrupted["val_bpb"]
+    assert resumed.steps == 6
+    assert final_losses(killed_dir) == final_losses(uninterrupted.run_dir)
+    assert resumed.val_bpb == uninterrupted.val_bpb
 
 
-def test_resume_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
-    cfg = micro_config(data_dir, tmp_path, "train.checkpoint_every_steps=0")
-    summary = track.run(cfg)
-    with pytest.raises(UnderparError, match="no checkpoint"):
-        track.run(cfg, resume=summary["run_dir"])
+def _files(run_dir):
+    return {f.name: f.read_bytes() for f in run_dir.iterdir()}
+
+
+def test_resume_refuses_a_finished_run_and_touches_nothing(data_dir, tmp_path):
+    summary = track.run(micro_config(data_dir, tmp_path))
+    run_dir = RunDir(summary.run_dir).path
+    before = _files(run_dir)
+    with pytest.raises(UnderparError, match="the run finished"):
+        track.run(cfglib.load_json(run_dir / "config.json"), resume=run_dir)
+    assert _files(run_dir) == before
+
+
+def test_resume_without_checkpoint_is_a_clear_error_and_touches_nothing(data_dir, tmp_path, monkeypatch):
+    def killed(self, **row):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(RunDir, "metric", killed)
+    with pytest.raises(KeyboardInterrupt):
+        track.run(micro_config(data_dir, tmp_path, "train.checkpoint_every_steps=0"))
+    monkeypatch.undo()
+    (run_dir,) = tmp_path.iterdir()
+    before = _files(run_dir)
+    with pytest.raises(UnderparError, match="no checkpoint-rank0.pt to resume from"):
+        track.run(cfglib.load_json(run_dir / "config.json"), resume=run_dir)
+    with pytest.raises(UnderparError, match="not a run directory"):
+        track.run(cfglib.load_json(run_dir / "config.json"), resume=tmp_path / "no-such-run")
+    assert _files(run_dir) == before and not (tmp_path / "no-such-run").exists()
 
 
 def test_artifact_over_the_limit_fails(data_dir, tmp_path):
@@ -143,7 +154,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path, monk
         return out * float("nan") if calls["n"] > 4 + 8 else out
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(UnderparError, match=r"training loss became nan at step 5.*step 4"):
+    with pytest.raises(TrainingError, match=r"training loss became nan at step 5.*step 4"):
         track.run(micro_config(data_dir, tmp_path))
     (run_dir,) = tmp_path.iterdir()
     assert torch.load(run_dir / "checkpoint-rank0.pt", weights_only=False)["step"] == 4
@@ -170,17 +181,17 @@ def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, compile):
     (two_dir,) = (tmp_path / "two").iterdir()
     two = json.loads((two_dir / "summary.json").read_text())
     assert two["world_size"] == 2 and two["steps"] == 4
-    assert final_losses(two_dir) == pytest.approx(final_losses(single["run_dir"]), rel=2e-3)
-    assert two["val_bpb"] == pytest.approx(single["val_bpb"], rel=2e-3)
+    assert final_losses(two_dir) == pytest.approx(final_losses(single.run_dir), rel=2e-3)
+    assert two["val_bpb"] == pytest.approx(single.val_bpb, rel=2e-3)
 
 
 @pytest.mark.slow
 def test_scaling_benchmark_runs_each_world_size_and_records_a_failed_one(data_dir, tmp_path):
-    """benchmarks/scaling.py on 1, 2 and 3 gloo processes: 3 cannot split the batch, so it is
-    recorded as failed and the table still has 1 and 2, which agree on val_bpb."""
+    """benchmarks/scaling.py on 1 and 3 gloo processes: 3 cannot split the batch, so it is
+    recorded as failed and the table still has 1. (That 2 processes match 1 is tested above.)"""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [sys.executable, os.path.join(root, "benchmarks", "scaling.py"), "pretrain", "--device", "cpu",
-            "--preset", "tiny-cpu", "--gpus", "1", "2", "3", "--steps", "3", "--out", str(tmp_path)]
+            "--preset", "tiny-cpu", "--gpus", "1", "3", "--steps", "3", "--out", str(tmp_path)]
     for s in MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}"]:
         if not s.startswith("train.max_steps"):
             args += ["--set", s]
@@ -188,10 +199,8 @@ def test_scaling_benchmark_runs_each_world_size_and_records_a_failed_one(data_di
                             env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "scaling_pretrain-cpu.json").read_text())["rows"]
-    assert [r["gpus"] for r in rows] == [1, 2, 3]
-    one, two, three = rows
-    assert one["efficiency"] == 1.0 and two["world_size"] == 2 and two["steps"] == 3
-    assert two["speedup"] == pytest.approx(two["tokens_per_second"] / one["tokens_per_second"])
-    assert two["val_bpb"] == pytest.approx(one["val_bpb"], rel=2e-3)
+    assert [r["gpus"] for r in rows] == [1, 3]
+    one, three = rows
+    assert one["efficiency"] == 1.0 and one["speedup"] == 1.0 and one["world_size"] == 1 and one["steps"] == 3
     assert "error" in three and "not divisible" in three["log_tail"]
     assert (tmp_path / "logs" / "pretrain-3.log").is_file()

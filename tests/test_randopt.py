@@ -114,7 +114,7 @@ class LengthMod3(Task):
     """A custom task (README example): the "answer" is the completion's length mod 3, so a
     random model scores about 1/3 and different perturbations score differently."""
 
-    name, kind, splits = "length_mod3", "numeric", ("train", "test")
+    name, answer_kind, splits = "length_mod3", "numeric", ("train", "test")
 
     def load(self, split, limit=None, seed=0, path=None):
         offset = 0 if split == "train" else 1000
@@ -128,7 +128,7 @@ class LengthMod3(Task):
 @pytest.fixture(scope="module")
 def custom_task():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(TASKS, "length_mod3", LengthMod3())
+        mp.setitem(TASKS._entries, "length_mod3", LengthMod3())  # registered for this module's tests only
         yield
 
 
@@ -278,7 +278,7 @@ def test_config_errors_name_the_problem(model_dir, tmp_path):
         config(model_dir, tmp_path, "sigmas=[]")
     with pytest.raises(ConfigError, match="top_ratios"):
         config(model_dir, tmp_path, "top_ratios=[0.0]")
-    with pytest.raises(ConfigError, match="unknown task"):
+    with pytest.raises(ConfigError, match="unknown task|is not valid"):
         config(model_dir, tmp_path, tests='["nope"]')
     with pytest.raises(ConfigError, match="task=path"):
         config(model_dir, tmp_path, 'task_paths=["gsm8k"]')

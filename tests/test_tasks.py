@@ -13,7 +13,7 @@ from underpar.data.sft import (
 )
 from underpar.data.tasks import TASKS, Example, Generated, get_task
 from underpar.errors import ConfigError, DataError, UnderparError
-from underpar.eval.answers import extract_gsm8k_strict, normalize_number
+from underpar.data.answers import extract_gsm8k_strict, normalize_number
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -39,8 +39,9 @@ GSM_RECORDS = [
 def test_registry_and_unknown_task():
     assert set(TASKS) == {"gsm8k", "math500", "s1k", "chat", "gsm_symbolic", "basic_arithmetic",
                           "chain_sum", "asdiv"}
-    assert get_task("gsm8k").kind == "numeric" and get_task("math500").kind == "math"
-    with pytest.raises(ConfigError, match="valid tasks: asdiv, basic_arithmetic"):
+    assert get_task("gsm8k").answer_kind == "numeric" and get_task("math500").answer_kind == "math"
+    assert get_task("chat").answer_kind is None
+    with pytest.raises(ConfigError, match="unknown task 'gsm9k'; valid: gsm8k, math500"):
         get_task("gsm9k")
 
 
@@ -150,7 +151,7 @@ def test_chat_local_file(tmp_path):
 
 # ---------------------------------------------------------------- generated and ASDiv
 
-@pytest.mark.parametrize("name", ["gsm_symbolic", "basic_arithmetic", "chain_sum"])
+@pytest.mark.parametrize("name", [name for name, task in TASKS.items() if isinstance(task, Generated)])
 def test_generated_splits_are_disjoint_and_deterministic(name):
     task = get_task(name)
     train = task.load("train", limit=300)

@@ -96,13 +96,13 @@ def pretrain(
     else:
         cfg = cfglib.resolve("pretrain", preset, sets or [])
     summary = track.run(cfg, resume=resume)
-    sizes = summary["artifact_bytes"]
+    sizes = summary.artifact_bytes
     if sizes is not None:  # rank 0
         typer.echo(
-            f"\nval_bpb {summary['val_bpb']:.4f} after the int8+zlib round trip "
-            f"({summary['val_bpb_pre_quant']:.4f} before), {summary['steps']} steps in {summary['training_seconds']:.0f} s\n"
+            f"\nval_bpb {summary.val_bpb:.4f} after the {cfg.quant.scheme}+{cfg.quant.compressor} round trip "
+            f"({summary.val_bpb_pre_quant:.4f} before), {summary.steps} steps in {summary.training_seconds:.0f} s\n"
             f"artifact {sizes['total']:,} bytes = code {sizes['code']:,} + model {sizes['model']:,} (limit {sizes['limit']:,})\n"
-            f"run directory {summary['run_dir']} (summary.json, metrics.jsonl, loss.png)"
+            f"run directory {summary.run_dir} (summary.json, metrics.jsonl, loss.png)"
         )
 
 

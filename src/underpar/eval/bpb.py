@@ -11,17 +11,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from underpar.data.byte_count import target_bytes
 from underpar.data.tokenizer import ByteLUTs
-from underpar.errors import DataError
+from underpar.errors import ConfigError, DataError
 
 LogitsFn = Callable[[Tensor], Tensor]  # x_bt (int64) -> logits_btv
-
-
-def target_bytes(prev_ids: Tensor, tgt_ids: Tensor, luts: ByteLUTs) -> Tensor:
-    """UTF-8 bytes each target token adds: its piece's bytes, plus one for a leading space
-    unless the previous token is a boundary (BOS etc.), where the space is not in the text."""
-    space = luts.has_leading_space[tgt_ids] & ~luts.is_boundary[prev_ids]
-    return luts.bytes_per_token[tgt_ids].to(torch.int64) + space.to(torch.int64)
 
 
 class BpbMeter:
@@ -100,7 +94,7 @@ def evaluate_bpb(
     does not fill a window is dropped. Returns the meter summed over all ranks.
     """
     if seq_len <= 0 or batch_seqs <= 0:
-        raise ValueError(f"seq_len and batch_seqs must be positive, got {seq_len} and {batch_seqs}")
+        raise ConfigError(f"seq_len and batch_seqs must be positive, got {seq_len} and {batch_seqs}")
     if val_tokens.dim() != 1:
         raise DataError(f"validation tokens must be 1-D, got shape {tuple(val_tokens.shape)}")
     total_seqs = (val_tokens.numel() - 1) // seq_len

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from underpar.eval.answers import vote_key
+from underpar.data.answers import vote_key
 
 # ---------------------------------------------------------------- majority vote
 

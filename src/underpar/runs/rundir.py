@@ -1,4 +1,6 @@
-"""A run directory: resolved config, metrics.jsonl, train.log, summary.json, plots, artifacts."""
+"""A run directory: resolved config, metrics.jsonl, train.log, summary.json, plots, artifacts;
+how a run starts (a new directory, or a stopped run's own one to resume) and the summary
+every track's typed summary extends."""
 
 from __future__ import annotations
 
@@ -15,6 +17,29 @@ from typing import Any
 import torch
 
 from underpar import config as cfglib
+from underpar import dist
+from underpar.errors import UnderparError
+
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Summary:
+    """What every track's summary carries: the run's name and directory, and where it ran
+    (filled in from `environment()` when not given)."""
+
+    name: str
+    run_dir: str
+    device: str = ""
+    torch: str = ""
+    python: str = ""
+    git_commit: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.device:
+            for key, value in environment().items():
+                setattr(self, key, value)
 
 
 class RunDir:
@@ -27,16 +52,42 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def create(cls, root: str | Path, name: str, writer: bool = True) -> "RunDir":
+    def start(cls, root: str | Path, name: str, env: dist.Env) -> RunDir:
+        """A new directory under `root`, named by rank 0 (never an existing one, so a new run
+        cannot append to an older run's files) and shared with every rank."""
+        path = None
+        if env.is_main:
+            path = base = Path(root) / f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+            n = 2
+            while path.exists():
+                path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        return cls(dist.broadcast_object(env, path), writer=env.is_main)
+
+    @classmethod
+    def create(cls, root: str | Path, name: str, writer: bool = True) -> RunDir:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return cls(Path(root) / f"{stamp}-{name}", writer)
+
+    @classmethod
+    def resume(cls, path: str | Path, env: dist.Env, needs: str) -> RunDir:
+        """A stopped run's directory, checked before anything is written to it: it exists, has
+        its config, has not finished, and holds `needs` (the file the track resumes from)."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise UnderparError(f"cannot resume {path}: it is not a run directory (no {CONFIG})")
+        if (path / SUMMARY).is_file():
+            raise UnderparError(f"cannot resume {path}: the run finished ({SUMMARY} exists); resuming would "
+                                "overwrite its results, so start a new run instead")
+        if not (path / needs).is_file():
+            raise UnderparError(f"cannot resume {path}: it has no {needs} to resume from")
+        return cls(path, writer=env.is_main)
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     def save_config(self, cfg: Any) -> None:
         if self.writer:
-            cfglib.save_json(cfg, self.file("config.json"))
+            cfglib.save_json(cfg, self.file(CONFIG))
 
     def log(self, message: str) -> None:
         """A line to train.log and the console."""
@@ -67,9 +118,9 @@ class RunDir:
         """summary.json from a track's summary dataclass (or a dict), written atomically."""
         if self.writer:
             data = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(summary)
-            tmp = self.file("summary.json.tmp")
+            tmp = self.file(SUMMARY + ".tmp")
             tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
-            os.replace(tmp, self.file("summary.json"))
+            os.replace(tmp, self.file(SUMMARY))
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The pretraining track (Parameter Golf): train a GPT under a wallclock cap, export it as a
 compressed quantized artifact, and score val_bpb after the round trip.
 
-build -> compile -> untimed warmup (then state restored) -> timed loop -> final validation ->
-export -> reload + dequantize -> round-trip val_bpb (the score) -> summary.
+data -> run directory -> model, optimizers, compile -> untimed warmup (then state restored) ->
+timed loop -> final validation -> export -> reload + dequantize -> round-trip val_bpb (the
+score) -> summary.
 """
 
 from __future__ import annotations
@@ -14,28 +15,27 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 import underpar
 from underpar import config as cfglib
 from underpar import dist
 from underpar.config import bounded, choice, nested
-from underpar.data import shards
-from underpar.data.prepare import TOKENIZER, DataConfig, load_manifest, prepare, split_files
-from underpar.data.tokenizer import Tokenizer, build_byte_luts
-from underpar.errors import ConfigError, UnderparError
-from underpar.eval.bpb import evaluate_bpb
-from underpar.model.gpt import GPTConfig, build, num_params
+from underpar.data.dataset import PreparedData
+from underpar.data.prepare import DataConfig
+from underpar.errors import ConfigError, TrainingError
+from underpar.eval.bpb import BpbMeter, evaluate_bpb
+from underpar.model.config import GPTConfig
+from underpar.model.gpt import build, num_params
 from underpar.model.precision import CONTROL_PATTERNS, cast_for_bf16_training
-from underpar.optim import OptimConfig, build_optimizers, lr_schedule, muon_momentum_at, set_lr, set_muon_momentum
+from underpar.optim import OptimConfig, build_optimizers, muon_momentum_at, set_lr, set_muon_momentum
 from underpar.quant import artifact
-from underpar.quant.int8 import QuantConfig
+from underpar.quant.config import QuantConfig
 from underpar.runs import checkpoint, plots
-from underpar.runs.rundir import RunDir, environment
+from underpar.runs.rundir import RunDir, Summary
 
 
 @dataclasses.dataclass
@@ -85,6 +85,27 @@ class PretrainConfig:
             )
 
 
+@dataclasses.dataclass(kw_only=True)
+class PretrainSummary(Summary):
+    val_bpb: float  # after the quantization round trip: the score
+    val_loss: float
+    val_bpb_pre_quant: float
+    val_loss_pre_quant: float
+    artifact_bytes: dict[str, Any] | None  # code, model, total, limit, code_files (rank 0 only)
+    steps: int
+    training_seconds: float
+    median_ms_per_step: float | None
+    tokens_per_second: float | None
+    training_tokens: int
+    epochs: float  # passes over the training tokens
+    compile_seconds: float
+    eval_seconds: float
+    peak_memory_bytes: int | None
+    parameters: int
+    world_size: int
+    data: str
+
+
 class Clock:
     """Training time under the cap; paused around evaluation and checkpoints."""
 
@@ -116,7 +137,105 @@ class Clock:
         return min(1.0, max(by_time, by_steps))
 
 
-def run(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+class Trainer:
+    """The model, its optimizers and the compiled forward, with one training step and one
+    validation pass over them."""
+
+    def __init__(self, cfg: PretrainConfig, env: dist.Env, data: PreparedData):
+        train = cfg.train
+        self.cfg, self.env = cfg, env
+        self.micro_steps = train.tokens_per_step // (env.world_size * train.micro_batch_tokens)
+        if self.micro_steps * env.world_size * train.micro_batch_tokens != train.tokens_per_step:
+            raise ConfigError(
+                f"train.tokens_per_step = {train.tokens_per_step} is not divisible into "
+                f"{env.world_size} ranks x micro-batches of train.micro_batch_tokens = {train.micro_batch_tokens}"
+            )
+        self.luts = data.byte_luts(cfg.model.vocab_size, env.device)
+        self.val_tokens = data.val_tokens
+        self.loader = data.train_loader(env.rank, env.world_size)
+        torch.manual_seed(train.seed)
+        self.model = build(cfg.model).to(env.device)
+        use_bf16 = env.device.type == "cuda"
+        if use_bf16:
+            cast_for_bf16_training(self.model)
+        self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied)
+        # Compile the model, then wrap it, as the reference does: dynamo cannot trace DDP's own
+        # forward under fullgraph=True. The price: the gradient all-reduce (67 MB a step for the
+        # baseline) starts after the compiled backward instead of overlapping it.
+        self.forward = torch.compile(self.model, dynamic=False, fullgraph=True) if train.compile else self.model
+        if env.distributed:
+            device_ids = [env.local_rank] if use_bf16 else None
+            self.forward = DistributedDataParallel(self.forward, device_ids=device_ids, broadcast_buffers=False)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    def describe(self) -> str:
+        train, env = self.cfg.train, self.env
+        return (f"model {num_params(self.model):,} parameters | {env.world_size} process(es) on {env.device} | "
+                f"{self.micro_steps} micro-step(s) of {train.micro_batch_tokens:,} tokens per rank per step")
+
+    def step(self, lr_multiplier: float, momentum: float) -> float:
+        """One optimizer step over the global batch; the mean training loss of all ranks."""
+        train, env = self.cfg.train, self.env
+        set_lr(self.optimizers, lr_multiplier)
+        set_muon_momentum(self.optimizers, momentum)
+        total = torch.zeros((), device=env.device)
+        for micro in range(self.micro_steps):
+            x, y = (t.to(env.device, non_blocking=True) for t in self.loader.next_batch(train.micro_batch_tokens, train.seq_len))
+            sync = micro == self.micro_steps - 1
+            with (self.forward.no_sync() if env.distributed and not sync else nullcontext()), self.autocast():
+                loss = self.forward(x, y)
+            (loss / self.micro_steps).backward()
+            total += loss.detach()
+        if self.cfg.optim.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        total /= self.micro_steps
+        dist.all_reduce_(total)
+        return total.item() / env.world_size
+
+    def validate(self, max_tokens: int = 0) -> BpbMeter:
+        """val_bpb on the first `max_tokens` validation tokens (0: all of them), across ranks."""
+        train, env = self.cfg.train, self.env
+        tokens = self.val_tokens[: max_tokens + 1] if max_tokens else self.val_tokens
+        self.model.eval()
+        with self.autocast():
+            meter = evaluate_bpb(self.model.logits, tokens, self.luts, train.seq_len,
+                                 train.val_batch_tokens // train.seq_len, rank=env.rank, world_size=env.world_size)
+        self.model.train()
+        return meter
+
+    def warm_up(self) -> float:
+        """Real training steps that compile every graph the loop will use, after which model,
+        optimizer state, loader and RNG are put back exactly: the warmup trains nothing.
+        Returns its seconds."""
+        started = time.perf_counter()
+        if self.cfg.train.warmup_steps:
+            model_state = copy.deepcopy(self.model.state_dict())
+            optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+            loader_state = self.loader.state_dict()
+            rng = checkpoint.rng_state()
+            for _ in range(self.cfg.train.warmup_steps):
+                self.step(1.0, self.cfg.optim.muon_momentum_warmup_start)
+            self.model.load_state_dict(model_state)
+            for opt, state in zip(self.optimizers, optimizer_states):
+                opt.load_state_dict(state)
+            self.loader.load_state_dict(loader_state)
+            checkpoint.set_rng_state(rng)
+        return time.perf_counter() - started
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the timed loop stands: saved in checkpoints, restored on resume."""
+
+    step: int = 0
+    elapsed: float = 0.0  # training seconds
+    eval_seconds: float = 0.0
+
+
+def run(cfg: PretrainConfig, resume: str | Path | None = None) -> PretrainSummary:
     env = dist.setup(cfg.train.device)
     try:
         return _run(cfg, env, resume)
@@ -124,230 +243,129 @@ def run(cfg: PretrainConfig, resume: str | Path | None = None) -> dict[str, Any]
         dist.teardown()
 
 
-def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> dict[str, Any]:
+def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> PretrainSummary:
     cfglib.validate(cfg)
-    train = cfg.train
-    micro_steps = train.tokens_per_step // (env.world_size * train.micro_batch_tokens)
-    if micro_steps * env.world_size * train.micro_batch_tokens != train.tokens_per_step:
-        raise ConfigError(
-            f"train.tokens_per_step = {train.tokens_per_step} is not divisible into "
-            f"{env.world_size} ranks x micro-batches of train.micro_batch_tokens = {train.micro_batch_tokens}"
-        )
-
-    # ---- data: prepared once (rank 0), then read by every rank --------------------------
-    if env.is_main:
-        prepare(cfg.data)
-    _barrier(env)
-    manifest = load_manifest(cfg.data)
-    luts = build_byte_luts(Tokenizer.load(Path(manifest["dir"]) / TOKENIZER), cfg.model.vocab_size).to(env.device)
-    val_tokens = shards.load_tokens(split_files(manifest, "val"))
-    loader = shards.TokenLoader(split_files(manifest, "train"), env.rank, env.world_size)
-
-    # ---- run directory ------------------------------------------------------------------
-    if resume is not None:
-        run_dir = RunDir(resume, writer=env.is_main)
-    else:
-        run_dir = RunDir.create(train.runs_root, cfg.name, writer=env.is_main) if env.is_main else None
-        run_dir = RunDir(_broadcast_path(env, run_dir.path if run_dir else None), writer=env.is_main)
+    ckpt_name = checkpoint.checkpoint_path(Path(), env.rank).name
+    run_dir = RunDir.resume(resume, env, needs=ckpt_name) if resume else RunDir.start(cfg.train.runs_root, cfg.name, env)
+    data = PreparedData.ready(cfg.data, env)
+    trainer = Trainer(cfg, env, data)
     run_dir.save_config(cfg)
-
-    # ---- model and optimizers -----------------------------------------------------------
-    torch.manual_seed(train.seed)
-    model = build(cfg.model).to(env.device)
-    use_bf16 = env.device.type == "cuda"
-    if use_bf16:
-        cast_for_bf16_training(model)
-    optimizers = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
-    # Compile the model, then wrap it, as the reference does: dynamo cannot trace DDP's own
-    # forward under fullgraph=True. The price: the gradient all-reduce (67 MB a step for the
-    # baseline) starts after the compiled backward instead of overlapping it.
-    forward = torch.compile(model, dynamic=False, fullgraph=True) if train.compile else model
-    if env.distributed:
-        device_ids = [env.local_rank] if use_bf16 else None
-        forward = DistributedDataParallel(forward, device_ids=device_ids, broadcast_buffers=False)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    run_dir.log(
-        f"model {num_params(model):,} parameters | {env.world_size} process(es) on {env.device} | "
-        f"{micro_steps} micro-step(s) of {train.micro_batch_tokens:,} tokens per rank per step"
-    )
-
-    def train_step(lr_multiplier: float, momentum: float) -> float:
-        set_lr(optimizers, lr_multiplier)
-        set_muon_momentum(optimizers, momentum)
-        total = torch.zeros((), device=env.device)
-        for micro in range(micro_steps):
-            x, y = (t.to(env.device, non_blocking=True) for t in loader.next_batch(train.micro_batch_tokens, train.seq_len))
-            sync = micro == micro_steps - 1
-            with (forward.no_sync() if env.distributed and not sync else nullcontext()), autocast():
-                loss = forward(x, y)
-            (loss / micro_steps).backward()
-            total += loss.detach()
-        if cfg.optim.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        total /= micro_steps
-        dist.all_reduce_(total)
-        return total.item() / env.world_size
-
-    def validate(max_tokens: int = 0) -> Any:
-        tokens = val_tokens[: max_tokens + 1] if max_tokens else val_tokens
-        model.eval()
-        with autocast():
-            meter = evaluate_bpb(
-                model.logits, tokens, luts, train.seq_len, train.val_batch_tokens // train.seq_len,
-                rank=env.rank, world_size=env.world_size,
-            )
-        model.train()
-        return meter
-
-    # ---- compile warmup: real steps on real data, then everything is put back -----------
-    compile_started = time.perf_counter()
-    warmup_and_restore(model, optimizers, loader, train.warmup_steps, lambda: train_step(1.0, cfg.optim.muon_momentum_warmup_start))
-    compile_seconds = time.perf_counter() - compile_started
-
-    # ---- resume -------------------------------------------------------------------------
-    step, elapsed, eval_seconds = 0, 0.0, 0.0
-    ckpt_file = checkpoint.checkpoint_path(run_dir.path, env.rank)
+    run_dir.log(trainer.describe())
+    compile_seconds = trainer.warm_up()
+    state = Progress()
     if resume is not None:
-        saved = checkpoint.load(ckpt_file, model, optimizers, env.world_size)
-        loader.load_state_dict(saved["loader"])
+        saved = checkpoint.load(run_dir.file(ckpt_name), trainer.model, trainer.optimizers, env.world_size)
+        trainer.loader.load_state_dict(saved["loader"])
         checkpoint.set_rng_state(saved["rng"])
-        step, elapsed, eval_seconds = saved["step"], saved["elapsed"], saved["eval_seconds"]
-        run_dir.truncate_metrics(step)
-        run_dir.log(f"resumed at step {step} after {elapsed:.1f} s of training")
+        state = Progress(saved["step"], saved["elapsed"], saved["eval_seconds"])
+        run_dir.truncate_metrics(state.step)
+        run_dir.log(f"resumed at step {state.step} after {state.elapsed:.1f} s of training")
 
-    # ---- the timed loop -----------------------------------------------------------------
-    schedule = lr_schedule(cfg.optim)
-    clock = Clock(train, elapsed, env.device)
+    step_ms = train_loop(trainer, state, run_dir, run_dir.file(ckpt_name))
+
+    eval_started = time.perf_counter()
+    pre = trainer.validate()
+    byte_count, post = export_and_score(trainer, run_dir)
+    state.eval_seconds += time.perf_counter() - eval_started
+    summary = _summary(cfg, env, trainer, data, run_dir, state, step_ms, compile_seconds, pre, post, byte_count)
+    run_dir.metric(step=state.step, elapsed=round(state.elapsed, 3), val_bpb=pre.bpb, val_loss=pre.loss, final=True)
+    run_dir.save_summary(summary)
+    if env.is_main:
+        plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name}: round-trip val_bpb {post.bpb:.4f}")
+        run_dir.log(
+            f"done: {state.step} steps in {state.elapsed:.1f} s | val_bpb {pre.bpb:.4f} -> {post.bpb:.4f} after the round trip | "
+            f"artifact {byte_count.total:,} bytes (code {byte_count.code:,} + model {byte_count.model:,})"
+        )
+    return summary
+
+
+def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Path) -> list[float]:
+    """Steps until the budget is spent (every rank stops on the same step); evaluation and
+    checkpoints pause the clock. Returns each step's milliseconds."""
+    cfg, env, train = trainer.cfg, trainer.env, trainer.cfg.train
+    schedule = cfg.optim.schedule  # progress in [0, 1] -> LR multiplier
+    clock = Clock(train, state.elapsed, env.device)
     step_ms: list[float] = []
     last_good = None
     clock.start()
     while True:
-        progress = clock.progress(step)
-        if _agree_done(env, progress >= 1.0):
+        progress = clock.progress(state.step)
+        if dist.agree(env, progress >= 1.0):
             break
         started = time.perf_counter()
         lr = schedule(progress)
-        loss = train_step(lr, muon_momentum_at(cfg.optim, step))
-        step += 1
+        loss = trainer.step(lr, muon_momentum_at(cfg.optim, state.step))
+        state.step += 1
+        step = state.step
         if not math.isfinite(loss):
             clock.pause()
             where = f"the last good checkpoint is {ckpt_file} (step {last_good})" if last_good else "no checkpoint was saved"
-            raise UnderparError(f"training loss became {loss} at step {step}; stopping ({where}). Try a lower learning rate.")
+            raise TrainingError(f"training loss became {loss} at step {step}; stopping ({where}). Try a lower learning rate.")
         step_ms.append(1000 * (time.perf_counter() - started))
         row = dict(step=step, train_loss=loss, lr=lr, tokens=step * train.tokens_per_step, elapsed=round(clock.now(), 3))
-        paused = (train.val_every_steps and step % train.val_every_steps == 0) or (
-            train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0
-        )
-        if paused:
+        validate_now = train.val_every_steps and step % train.val_every_steps == 0
+        save_now = train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0
+        if validate_now or save_now:
             clock.pause()
-            if train.val_every_steps and step % train.val_every_steps == 0:
+            if validate_now:
                 eval_started = time.perf_counter()
-                meter = validate(train.val_max_tokens)
-                eval_seconds += time.perf_counter() - eval_started
+                meter = trainer.validate(train.val_max_tokens)
+                state.eval_seconds += time.perf_counter() - eval_started
                 row.update(val_bpb=meter.bpb, val_loss=meter.loss)
                 run_dir.log(f"step {step} | val_bpb {meter.bpb:.4f} | val_loss {meter.loss:.4f} | {clock.now():.1f} s")
-            if train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0:
-                checkpoint.save(
-                    ckpt_file, model, optimizers, loader.state_dict(), step=step, elapsed=clock.elapsed,
-                    eval_seconds=eval_seconds, world_size=env.world_size,
-                )
+            if save_now:
+                checkpoint.save(ckpt_file, trainer.model, trainer.optimizers, trainer.loader.state_dict(), step=step,
+                                elapsed=clock.elapsed, eval_seconds=state.eval_seconds, world_size=env.world_size)
                 last_good = step
             clock.start()
         run_dir.metric(**row)
         if step <= 10 or step % 50 == 0:
             run_dir.log(f"step {step} | loss {loss:.4f} | lr x{lr:.3f} | {step_ms[-1]:.0f} ms | {clock.now():.1f} s")
     clock.pause()
+    state.elapsed = clock.elapsed
+    return step_ms
 
-    # ---- final validation, export, round trip -------------------------------------------
-    eval_started = time.perf_counter()
-    pre = validate()
+
+def export_and_score(trainer: Trainer, run_dir: RunDir) -> tuple[artifact.ArtifactBytes | None, BpbMeter]:
+    """Rank 0 writes the artifact and counts its bytes; every rank loads it back into the model
+    and scores it: the round-trip val_bpb."""
+    cfg, env = trainer.cfg, trainer.env
     byte_count = None
     artifact_path = run_dir.file("model.int8.ptz")
     if env.is_main:
-        model_bytes = artifact.export_model(model.state_dict(), cfg.quant, artifact_path, CONTROL_PATTERNS)
-        byte_count = artifact.account(model_bytes, train.artifact_limit_bytes)
-    _barrier(env)
+        model_bytes = artifact.export_model(trainer.model.state_dict(), cfg.quant, artifact_path, CONTROL_PATTERNS)
+        byte_count = artifact.account(model_bytes, cfg.train.artifact_limit_bytes)
+    dist.barrier(env)
     restored = artifact.load_model(artifact_path, cfg.quant)
-    model.load_state_dict({k: v.to(env.device) for k, v in restored.items()})
-    post = validate()
-    eval_seconds += time.perf_counter() - eval_started
+    trainer.model.load_state_dict({k: v.to(env.device) for k, v in restored.items()})
+    return byte_count, trainer.validate()
 
-    tokens_trained = step * train.tokens_per_step
-    train_tokens_available = manifest["tokens"]["train"]
-    summary = {
-        "name": cfg.name,
-        "val_bpb": post.bpb,
-        "val_loss": post.loss,
-        "val_bpb_pre_quant": pre.bpb,
-        "val_loss_pre_quant": pre.loss,
-        "artifact_bytes": None if byte_count is None else {
+
+def _summary(cfg: PretrainConfig, env: dist.Env, trainer: Trainer, data: PreparedData, run_dir: RunDir,
+             state: Progress, step_ms: list[float], compile_seconds: float, pre: BpbMeter, post: BpbMeter,
+             byte_count: artifact.ArtifactBytes | None) -> PretrainSummary:
+    tokens_trained = state.step * cfg.train.tokens_per_step
+    return PretrainSummary(
+        name=cfg.name,
+        run_dir=str(run_dir.path),
+        val_bpb=post.bpb,
+        val_loss=post.loss,
+        val_bpb_pre_quant=pre.bpb,
+        val_loss_pre_quant=pre.loss,
+        artifact_bytes=None if byte_count is None else {
             "code": byte_count.code, "model": byte_count.model, "total": byte_count.total, "limit": byte_count.limit,
             "code_files": [str(p.relative_to(Path(underpar.__file__).parent)) for p in byte_count.files],
         },
-        "steps": step,
-        "training_seconds": round(clock.elapsed, 3),
-        "median_ms_per_step": statistics.median(step_ms) if step_ms else None,
-        "tokens_per_second": tokens_trained / clock.elapsed if clock.elapsed else None,
-        "training_tokens": tokens_trained,
-        "epochs": tokens_trained / train_tokens_available,
-        "compile_seconds": round(compile_seconds, 3),
-        "eval_seconds": round(eval_seconds, 3),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None,
-        "parameters": num_params(model),
-        "world_size": env.world_size,
-        "data": manifest["dir"],
-        "run_dir": str(run_dir.path),
-        **environment(),
-    }
-    run_dir.metric(step=step, elapsed=round(clock.elapsed, 3), val_bpb=pre.bpb, val_loss=pre.loss, final=True)
-    run_dir.save_summary(summary)
-    if env.is_main:
-        plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name}: round-trip val_bpb {post.bpb:.4f}")
-        run_dir.log(
-            f"done: {step} steps in {clock.elapsed:.1f} s | val_bpb {pre.bpb:.4f} -> {post.bpb:.4f} after the round trip | "
-            f"artifact {byte_count.total:,} bytes (code {byte_count.code:,} + model {byte_count.model:,})"
-        )
-    return summary
-
-
-def warmup_and_restore(model, optimizers, loader, steps: int, step_fn: Callable[[], float]) -> None:
-    """Run `steps` real training steps (compiling every graph the loop will use), then put the
-    model, optimizer state and loader back exactly as they were: the warmup trains nothing."""
-    if steps == 0:
-        return
-    model_state = copy.deepcopy(model.state_dict())
-    optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader_state = loader.state_dict()
-    rng = checkpoint.rng_state()
-    for _ in range(steps):
-        step_fn()
-    model.load_state_dict(model_state)
-    for opt, state in zip(optimizers, optimizer_states):
-        opt.load_state_dict(state)
-    loader.load_state_dict(loader_state)
-    checkpoint.set_rng_state(rng)
-
-
-def _barrier(env: dist.Env) -> None:
-    if env.distributed:
-        torch_dist.barrier()
-
-
-def _agree_done(env: dist.Env, done: bool) -> bool:
-    """Every rank stops on the same step: stop when any rank's clock says so."""
-    if not env.distributed:
-        return done
-    flag = torch.tensor(int(done), device=env.device)
-    dist.all_reduce_(flag, op="max")
-    return bool(flag.item())
-
-
-def _broadcast_path(env: dist.Env, path: Path | None) -> Path:
-    if not env.distributed:
-        return path
-    box = [str(path) if path else None]
-    torch_dist.broadcast_object_list(box, src=0)
-    return Path(box[0])
+        steps=state.step,
+        training_seconds=round(state.elapsed, 3),
+        median_ms_per_step=statistics.median(step_ms) if step_ms else None,
+        tokens_per_second=tokens_trained / state.elapsed if state.elapsed else None,
+        training_tokens=tokens_trained,
+        epochs=tokens_trained / data.train_token_count,
+        compile_seconds=round(compile_seconds, 3),
+        eval_seconds=round(state.eval_seconds, 3),
+        peak_memory_bytes=torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None,
+        parameters=num_params(trainer.model),
+        world_size=env.world_size,
+        data=str(data.dir),
+    )

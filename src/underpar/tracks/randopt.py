@@ -33,10 +33,10 @@ from underpar import dist
 from underpar.config import bounded, choice, items, nested
 from underpar.data import corpora
 from underpar.data.sft import prompt_ids
-from underpar.data.tasks import Example, Task, get_task
+from underpar.data.tasks import TASKS, Example, Task, get_task
 from underpar.errors import ConfigError, DataError
 from underpar.eval import ensemble
-from underpar.eval.answers import vote_key
+from underpar.data.answers import vote_key
 from underpar.eval.ensemble import mean
 from underpar.eval.generate import ENGINES, DecodeConfig, GenerationStats, generate
 from underpar.eval.stats import accuracy_ci
@@ -106,9 +106,9 @@ class RandOptConfig:
             raise ConfigError(f"test_tasks = {self.test_tasks} must name at least one task, each once")
         for name, split in [(self.task, "train"), *((t, "test") for t in self.test_tasks)]:
             task = get_task(name)
-            if task.kind not in ("numeric", "math"):
-                raise ConfigError(f"task {name!r} has no gold answers; randopt needs an answer-scored "
-                                  "task (gsm_symbolic, basic_arithmetic, chain_sum, asdiv, gsm8k, math500)")
+            if task.answer_kind is None:
+                scored = ", ".join(n for n, t in TASKS.items() if t.answer_kind is not None)
+                raise ConfigError(f"task {name!r} has no gold answers; randopt needs an answer-scored task ({scored})")
             if split not in task.splits:
                 raise ConfigError(f"task {name!r} has no {split!r} split (it has {list(task.splits)}); "
                                   f"choose another {'task' if split == 'train' else 'test task'}")
@@ -385,10 +385,10 @@ def _run(cfg: RandOptConfig, env: dist.Env, model, tokenizer, resume) -> dict[st
         member_answers = dict(zip(members, sharded(env, members, lambda i: answers_of(i, tests))))
         ensembles = []
         for t, s in enumerate(tests):
-            keys = {m: [vote_key(a, s.task.kind) for a in member_answers[m][t]] for m in members}
+            keys = {m: [vote_key(a, s.task.answer_kind) for a in member_answers[m][t]] for m in members}
             for ratio, k in ks.items():
                 voters = members[:k]
-                voted = ensemble.vote_all([member_answers[m][t] for m in voters], s.task.kind, [keys[m] for m in voters])
+                voted = ensemble.vote_all([member_answers[m][t] for m in voters], s.task.answer_kind, [keys[m] for m in voters])
                 acc = accuracy_ci(correct(s, voted))
                 singles = [mean(correct(s, member_answers[m][t])) for m in voters]
                 ensembles.append({"task": s.name, "ratio": ratio, "k": k, "accuracy": acc, "base": base["test"][s.name],

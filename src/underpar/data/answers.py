@@ -1,15 +1,17 @@
-"""Answer extraction from model outputs (GSM8K `#### n`, last number, `\\boxed{}`, "The answer
-is"), number/LaTeX normalization, equality checks and the keys majority voting groups by."""
+"""Answers: extraction from model outputs (GSM8K `#### n`, last number, `\\boxed{}`, "The answer
+is"), number/LaTeX normalization and equality, and the answer kinds (`ANSWER_KINDS`: numeric,
+math) that bundle them with the key majority voting groups by. A task names its kind."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections.abc import Callable
 from decimal import Decimal, localcontext
 from fractions import Fraction
 
-from underpar.errors import ConfigError
+from underpar.registry import Registry
 
 # ---------------------------------------------------------------- numbers
 
@@ -243,14 +245,43 @@ def math_equal(pred: str | None, gold: str | None) -> bool:
     return False
 
 
-# ---------------------------------------------------------------- voting
+# ---------------------------------------------------------------- answer kinds
 
-EXTRACTORS: dict[str, Callable[[str | None], str | None]] = {
-    "gsm8k_strict": extract_gsm8k_strict,
-    "last_number": extract_last_number,
-    "boxed": extract_boxed,
-    "answer_is": extract_answer_is,
-}
+Extractor = Callable[[str | None], str | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerKind:
+    """One kind of gold answer: how a completion states it, how to read it back, when two
+    answers are equal, and the key equal answers share in a majority vote.
+
+    `examples` are groups of answers: equal within a group, different across groups (the
+    first of each is canonical); the registry check holds every kind to them."""
+
+    strict: Extractor                       # the task format's extraction (lm-eval strict-match)
+    flexible: Extractor                     # the fallback (lm-eval flexible-extract)
+    equal: Callable[[str | None, str | None], bool]
+    key: Callable[[str], str]               # vote key of a non-empty answer
+    completion: Callable[[str], str]        # a canonical completion that states an answer
+    examples: tuple[tuple[str, ...], ...] = ()
+
+    def extract_all(self, text: str | None) -> dict[str, str | None]:
+        """Both extractions, as lm-eval reports them."""
+        return {"strict": self.strict(text), "flexible": self.flexible(text)}
+
+    def extract(self, text: str | None) -> str | None:
+        """The strict extraction, else the flexible one."""
+        strict = self.strict(text)
+        return strict if strict is not None else self.flexible(text)
+
+    def vote_key(self, answer: str | None) -> str | None:
+        """The key equivalent answers vote together under; None (no vote) for no answer."""
+        if answer is None or not str(answer).strip():
+            return None
+        return self.key(str(answer))
+
+
+ANSWER_KINDS: Registry[AnswerKind] = Registry("answer_kind")
 
 
 def _math_key(answer: str) -> str:
@@ -267,15 +298,23 @@ def _math_key(answer: str) -> str:
     return normalize_latex(answer)
 
 
+ANSWER_KINDS.register("numeric")(AnswerKind(
+    strict=extract_gsm8k_strict, flexible=extract_last_number, equal=numbers_equal,
+    key=lambda answer: normalize_number(answer) or answer.strip(),  # "1,000" and "1000.0" are one vote
+    completion=lambda answer: f"The result follows.\n#### {answer}",
+    examples=(("1000", "1,000", "1000.0", "$1,000"), ("-0.75", "-3/4", "-.75"), ("7", "7 apples")),
+))
+
+ANSWER_KINDS.register("math")(AnswerKind(
+    strict=extract_boxed, flexible=lambda text: extract_answer_is(text) or extract_last_number(text),
+    equal=math_equal,
+    key=_math_key,  # sympy's string of math_verify's parse (floats made rational), else normalize_latex
+    completion=lambda answer: f"So the answer is $\\boxed{{{answer}}}$.",
+    examples=(("\\frac{1}{2}", "0.5", "1/2", "\\dfrac12"), ("x^{2}", "x^2"), ("3", "3.0")),
+))
+
+
 def vote_key(answer: str | None, kind: str) -> str | None:
-    """The key majority voting groups answers by, so equivalent answers vote together:
-    "numeric" -> `normalize_number` (else the stripped text); "math" -> sympy's string of
-    math_verify's parse (floats made rational) when it parses, else `normalize_latex`."""
-    if answer is None or not str(answer).strip():
-        return None
-    answer = str(answer)
-    if kind == "numeric":
-        return normalize_number(answer) or answer.strip()
-    if kind == "math":
-        return _math_key(answer)
-    raise ConfigError(f"unknown answer kind {kind!r}; expected 'numeric' or 'math'")
+    """`ANSWER_KINDS[kind].vote_key(answer)`: the key majority voting groups answers by, so
+    "1/2", "0.5" and "\\frac{1}{2}" vote together (math), as do "1,000" and "1000" (numeric)."""
+    return ANSWER_KINDS[kind].vote_key(answer)
