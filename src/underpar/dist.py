@@ -1,13 +1,21 @@
-"""The torchrun environment: one process or many, same code. Init/teardown and rank-0 printing."""
+"""The torchrun environment: one process or many, same code. Init/teardown, rank-0 printing,
+and the collectives the tracks use (barrier, agreement, broadcast, a sharded map), each a
+no-op on one process."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,64 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-def print0(*args, **kwargs) -> None:
+def print0(*args: Any, **kwargs: Any) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def barrier(env: Env) -> None:
+    """Wait for every rank."""
+    if env.distributed:
+        torch_dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(env: Env) -> Iterator[None]:
+    """Rank 0 runs the block first (filling caches: downloads, converted models, generated
+    data), then the other ranks run it and only read what rank 0 left. Each rank passes one
+    barrier, before or after its turn."""
+    if not env.is_main:
+        barrier(env)
+    yield
+    if env.is_main:
+        barrier(env)
+
+
+def agree(env: Env, flag: bool) -> bool:
+    """True on every rank if it is True on any rank (e.g. stop when any rank's clock says so)."""
+    if not env.distributed:
+        return flag
+    tensor = torch.tensor(int(flag), device=env.device)
+    all_reduce_(tensor, op="max")
+    return bool(tensor.item())
+
+
+def broadcast_object(env: Env, obj: T, src: int = 0) -> T:
+    """Rank `src`'s `obj` (any picklable value) on every rank; other ranks may pass None."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def sharded_map(env: Env, items: Sequence[T], fn: Callable[[T], R],
+                on_round: Callable[[list[tuple[int, R]]], None] | None = None) -> list[R]:
+    """[fn(item) for item in items], with item i computed on rank i % world_size. Work goes in
+    rounds of world_size items; after each round every rank gathers that round's (index,
+    result) pairs, so all ranks return the whole list, and `on_round(pairs)` sees each round
+    as it completes (e.g. to append results to a file). The results must be picklable."""
+    results: list[Any] = [None] * len(items)
+    for start in range(0, len(items), env.world_size):
+        i = start + env.rank
+        mine = (i, fn(items[i])) if i < len(items) else None
+        gathered = [mine]
+        if env.distributed:
+            gathered = [None] * env.world_size
+            torch_dist.all_gather_object(gathered, mine)
+        done = [pair for pair in gathered if pair is not None]
+        for index, result in done:
+            results[index] = result
+        if on_round is not None:
+            on_round(done)
+    return results
