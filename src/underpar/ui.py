@@ -17,8 +17,9 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-def progress() -> Progress:
-    """A progress display; use `with progress() as p: task = p.add_task(...)`."""
+def progress(disable: bool = False) -> Progress:
+    """A progress display; use `with progress() as p: task = p.add_task(...)`. Shown on rank 0
+    only, unless `disable`."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -27,5 +28,5 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=int(os.environ.get("RANK", 0)) != 0,
+        disable=disable or int(os.environ.get("RANK", 0)) != 0,
     )

@@ -12,23 +12,37 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def loss_curve(rows: list[dict[str, Any]], path: Path, title: str = "", x: str = "elapsed") -> Path:
-    """Train loss (nats) and, where logged, val_bpb against training time (s) or step."""
+    """Train loss (nats) and, where logged, val_bpb against training time (s) or step. Periodic
+    val_bpb (often on a subset of the split) is a line; a row marked `final` (the whole split)
+    is its own marker, not joined to it."""
     train = [(r[x], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-    val = [(r[x], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
+    val, final = val_series(rows, x)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), color="tab:blue", lw=1, label="train loss (nats)")
     ax.set_xlabel("training time (s)" if x == "elapsed" else x)
     ax.set_ylabel("train loss (nats)", color="tab:blue")
-    if val:
+    if val or final:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "o-", color="tab:red", label="val_bpb")
+        if val:
+            ax2.plot(*zip(*val), "o-", color="tab:red", label="val_bpb (periodic)")
+        if final:
+            ax2.plot(*zip(*final), "*", color="darkred", markersize=12, label="val_bpb (final, whole split)")
         ax2.set_ylabel("val_bpb", color="tab:red")
+        ax2.legend(loc="upper right", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def val_series(rows: list[dict[str, Any]], x: str = "elapsed") -> tuple[list[tuple], list[tuple]]:
+    """(periodic, final) val_bpb points: the final row scores the whole split, so it is
+    never drawn as one more point of the periodic line."""
+    scored = [r for r in rows if r.get("val_bpb") is not None]
+    return ([(r[x], r["val_bpb"]) for r in scored if not r.get("final")],
+            [(r[x], r["val_bpb"]) for r in scored if r.get("final")])
 
 
 MODE_COLORS = {"dead": "#f0f0f0", "identity": "#bdbdbd", "attn": "#6baed6", "mlp": "#fd8d3c",
