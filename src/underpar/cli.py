@@ -79,7 +79,8 @@ def eval_bpb(
 
 @app.command("pretrain")
 def pretrain(
-    preset: str = typer.Option("golf-baseline", help="A pretrain preset (see `underpar config presets`)."),
+    preset: Optional[str] = typer.Option(
+        None, help="A pretrain preset (see `underpar config presets`); default: golf-baseline on a GPU, tiny-cpu without one."),
     sets: Optional[list[str]] = SetOption,
     resume: Optional[str] = typer.Option(None, help="Continue a stopped run from its run directory."),
 ) -> None:
@@ -94,6 +95,12 @@ def pretrain(
             cfg = cfglib.override(cfg, assignment)
         cfglib.validate(cfg)
     else:
+        if preset is None:
+            import torch
+
+            preset = "golf-baseline" if torch.cuda.is_available() else "tiny-cpu"
+            typer.echo(f"no --preset given: {preset}" + ("" if preset == "golf-baseline" else
+                       " (no GPU here; golf-baseline, the 17M-parameter challenge baseline, is a GPU job)"), err=True)
         cfg = cfglib.resolve("pretrain", preset, sets or [])
     summary = track.run(cfg, resume=resume)
     sizes = summary.artifact_bytes
