@@ -19,6 +19,7 @@ per global seed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -62,7 +63,7 @@ def main() -> None:
               "load_seconds": load_seconds, "runs": [], **environment()}
     path = out / f"randopt_search-{device_tag()}.json"
     for seed in args.global_seeds:
-        summary = randopt.run(config(seed), model, tokenizer)
+        summary = dataclasses.asdict(randopt.run(config(seed), model, tokenizer))
         record["runs"].append({"global_seed": seed, **{k: summary[k] for k in (
             "base", "population", "search", "ensembles", "diagnostics", "timing", "decoder_rows", "run_dir")}})
         record["seconds"] = time.time() - started

@@ -149,9 +149,9 @@ def test_fp32_delta_is_exactly_sigma():
 def test_backend_choice():
     t = torch.zeros(4)
     assert P.resolve_backend("auto", t) == "torch"
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ConfigError, match="unknown backend"):
         P.resolve_backend("cuda", t)
-    with pytest.raises((RuntimeError, ValueError)):  # no Triton here, or a CPU tensor
+    with pytest.raises(ConfigError, match="backend 'triton' needs"):  # no Triton here, or a CPU tensor
         P.perturb_triton(t, torch.empty_like(t), 0, 1.0, 0)
 
 

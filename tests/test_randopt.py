@@ -1,15 +1,13 @@
 """RandOpt: the population draw, K, majority voting, and the track end to end on a tiny random
 Llama with SmolLM2's chat tokenizer (population.jsonl, kill and resume, base weights restored,
-two torchrun processes against one)."""
+two torchrun processes launched by benchmarks/scaling.py against one)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,11 +18,11 @@ transformers = pytest.importorskip("transformers")
 from underpar import config as cfglib  # noqa: E402
 from underpar.data.tasks import TASKS, Example, Task  # noqa: E402
 from underpar.errors import ConfigError  # noqa: E402
-from underpar.eval.ensemble import (  # noqa: E402
-    bits_per_byte, encode_documents, ensemble_logprobs, majority_vote, vote_all,
-)
+from underpar.eval.ensemble import majority_vote, vote_all  # noqa: E402
 from underpar.model import hf  # noqa: E402
 from underpar.tracks import randopt  # noqa: E402
+from underpar.tracks import randopt_search as search  # noqa: E402
+from underpar.tracks.randopt_diagnostics import bits_per_byte, encode_documents, ensemble_logprobs  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,30 +37,30 @@ def one_thread():
 
 def test_population_is_drawn_without_replacement_and_reproducibly():
     sigmas = [5e-4, 1e-3, 2e-3]
-    pop = randopt.draw_population(5000, sigmas, seed=7)
+    pop = search.draw_population(5000, sigmas, seed=7)
     seeds = [s for s, _ in pop]
     assert len(set(seeds)) == 5000 and all(0 <= s < 2**31 for s in seeds)
-    assert pop == randopt.draw_population(5000, sigmas, seed=7)
-    assert randopt.draw_population(5000, sigmas, seed=8) != pop
+    assert pop == search.draw_population(5000, sigmas, seed=7)
+    assert search.draw_population(5000, sigmas, seed=8) != pop
     counts = {sigma: sum(1 for _, g in pop if g == sigma) for sigma in sigmas}
     assert set(counts) == set(sigmas) and min(counts.values()) > 1500  # each sigma ~1/3
 
 
 def test_top_k_and_ranking():
-    assert [randopt.top_k(r, 128) for r in (0.02, 0.05)] == [2, 6]
-    assert randopt.top_k(0.02, 10) == 1 and randopt.top_k(1.0, 7) == 7
-    assert randopt.top_k(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
+    assert [search.top_k(r, 128) for r in (0.02, 0.05)] == [2, 6]
+    assert search.top_k(0.02, 10) == 1 and search.top_k(1.0, 7) == 7
+    assert search.top_k(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
     rows = [{"reward": r} for r in (0.5, 0.75, 0.5, 1.0, 0.75)]
-    assert randopt.rank(rows) == [3, 1, 4, 0, 2]  # ties keep draw order
+    assert search.rank(rows) == [3, 1, 4, 0, 2]  # ties keep draw order
 
 
 def test_k1_indices_take_the_top_then_a_seeded_sample():
     ranked = list(range(20))
-    assert randopt.k1_indices(-1, ranked, 3, 0) == ranked
-    assert randopt.k1_indices(0, ranked, 3, 0) == []
-    chosen = randopt.k1_indices(8, ranked, 3, 0)
+    assert search.k1_indices(-1, ranked, 3, 0) == ranked
+    assert search.k1_indices(0, ranked, 3, 0) == []
+    chosen = search.k1_indices(8, ranked, 3, 0)
     assert chosen[:3] == [0, 1, 2] and len(set(chosen)) == 8 and chosen == sorted(chosen)
-    assert chosen == randopt.k1_indices(8, ranked, 3, 0) != randopt.k1_indices(8, ranked, 3, 1)
+    assert chosen == search.k1_indices(8, ranked, 3, 0) != search.k1_indices(8, ranked, 3, 1)
 
 
 # ---------------------------------------------------------------- majority vote
@@ -164,12 +162,13 @@ def config(model_dir, root, *sets, task="length_mod3", tests='["length_mod3", "b
 
 
 def table(summary):
-    """What a run concludes, without timings and paths."""
-    return {k: summary[k] for k in ("base", "population", "ensembles", "diagnostics")}
+    """What a run concludes, without timings and paths (from a summary or its summary.json)."""
+    data = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else summary
+    return {k: data[k] for k in ("base", "population", "ensembles", "diagnostics")}
 
 
 def population_rows(run_dir):
-    lines = (run_dir / randopt.POPULATION_FILE).read_text().splitlines()
+    lines = (run_dir / search.POPULATION_FILE).read_text().splitlines()
     return [{k: r[k] for k in ("index", "seed", "sigma", "reward", "digest")} for r in map(json.loads, lines)]
 
 
@@ -199,35 +198,37 @@ def test_run_end_to_end(full_run, loaded):
     model, _ = loaded
     # one static decoder for the whole run: train (8 prompts) and test sets (5, padded to 8)
     # of different prompt lengths all fit the one the warm-up built
-    assert len(built) == 1 and built[0][0] == 8 == summary["decoder_rows"]
-    run_dir = Path(summary["run_dir"])
+    assert len(built) == 1 and built[0][0] == 8 == summary.decoder_rows
+    run_dir = Path(summary.run_dir)
     # one line per candidate, in the drawn population, scores that differ between candidates
     rows = population_rows(run_dir)
-    population = randopt.draw_population(6, [0.01, 0.03], 0)
+    population = search.draw_population(6, [0.01, 0.03], 0)
     assert sorted(r["index"] for r in rows) == list(range(6))
     assert [(r["seed"], r["sigma"]) for r in sorted(rows, key=lambda r: r["index"])] == population
     assert len({r["digest"] for r in rows}) == 6 and len({r["reward"] for r in rows}) > 1
     # selection and ensembles: K per ratio, one row per test set and K
-    ranked = randopt.rank(sorted(rows, key=lambda r: r["index"]))
-    assert [e["k"] for e in summary["ensembles"]] == [1, 3, 1, 3]
-    assert summary["test_examples"] == {"length_mod3": 5, "basic_arithmetic": 5}
-    assert [e["task"] for e in summary["ensembles"]] == ["length_mod3"] * 2 + ["basic_arithmetic"] * 2
-    assert summary["population"]["top"][0]["index"] == ranked[0]
+    ranked = search.rank(sorted(rows, key=lambda r: r["index"]))
+    assert [e.k for e in summary.ensembles] == [1, 3, 1, 3]
+    assert summary.test_examples == {"length_mod3": 5, "basic_arithmetic": 5}
+    assert [e.task for e in summary.ensembles] == ["length_mod3"] * 2 + ["basic_arithmetic"] * 2
+    assert summary.population["top"][0]["index"] == ranked[0]
     # K=1 ensemble = the top seed alone = the K=1 diagnostic's train-selected seed
-    k1 = summary["diagnostics"]["k1"]
+    k1 = summary.diagnostics.k1
     assert k1["seeds"] == 6 and k1["train_selected_index"] == ranked[0]
-    assert summary["ensembles"][0]["accuracy"]["mean"] == k1["train_selected"]
+    assert summary.ensembles[0].accuracy["mean"] == k1["train_selected"]
     assert k1["oracle_best"] == max(p["test_accuracy"] for p in k1["points"])
-    assert summary["ensembles"][1]["members_mean_accuracy"] == pytest.approx(
+    assert summary.ensembles[1].members_mean_accuracy == pytest.approx(
         sum(p["test_accuracy"] for p in k1["points"][:3]) / 3)
-    merges = summary["diagnostics"]["merges"]
+    merges = summary.diagnostics.merges
     assert len(merges["pairs"]) == 2 and all(set(p) >= {"average", "sum", "parents"} for p in merges["pairs"])
     assert all({p["a"], p["b"]} <= set(ranked[:3]) for p in merges["pairs"])
-    bpb = summary["diagnostics"]["bpb"]
+    bpb = summary.diagnostics.bpb
     assert bpb["documents"] == 2 and bpb["bytes"] > 0 and 0 < bpb["base"] < 40
     assert [e["k"] for e in bpb["ensembles"]] == [1, 3]
-    assert summary["search"]["scored"] == 6 and summary["search"]["seeds_per_second"] > 0
-    assert (run_dir / "summary.json").is_file() and (run_dir / "k1_transfer.png").is_file()
+    assert summary.search.scored == 6 and summary.search.seeds_per_second > 0
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(summary)))
+    assert (run_dir / "k1_transfer.png").is_file()
+    assert f"{summary.ensembles[0].accuracy['mean']:.3f}" in randopt.report(summary)
     assert cfglib.load_json(run_dir / "config.json") == cfg
     # the model is the base again, bit for bit
     after = model.state_dict()
@@ -252,23 +253,23 @@ def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tm
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored on failure
     (run_dir,) = tmp_path.iterdir()
     assert len(population_rows(run_dir)) == 3
-    with open(run_dir / randopt.POPULATION_FILE, "a") as f:
+    with open(run_dir / search.POPULATION_FILE, "a") as f:
         f.write('{"index": 3, "seed": ')  # torn by the kill: dropped and rescored
 
     calls.clear()
     monkeypatch.setattr(randopt, "score_candidate", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
     resumed = randopt.run(None, model, tokenizer, resume=run_dir)
-    population = randopt.draw_population(6, [0.01, 0.03], 0)
+    population = search.draw_population(6, [0.01, 0.03], 0)
     assert calls == [s for s, _ in population[3:]]
-    assert resumed["search"]["scored"] == 3 and resumed["search"]["resumed"] == 3
-    assert population_rows(run_dir) == population_rows(Path(summary_full["run_dir"]))
+    assert resumed.search.scored == 3 and resumed.search.resumed == 3
+    assert population_rows(run_dir) == population_rows(Path(summary_full.run_dir))
     assert table(resumed) == table(summary_full)
 
 
 def test_resume_refuses_a_different_search(full_run, model_dir, tmp_path):
     cfg, summary, _, _ = full_run
     with pytest.raises(ConfigError, match="seed"):
-        randopt.run(config(model_dir, tmp_path, "seed=1"), resume=summary["run_dir"])
+        randopt.run(config(model_dir, tmp_path, "seed=1"), resume=summary.run_dir)
 
 
 def test_config_errors_name_the_problem(model_dir, tmp_path):
@@ -284,43 +285,38 @@ def test_config_errors_name_the_problem(model_dir, tmp_path):
         config(model_dir, tmp_path, 'task_paths=["gsm8k"]')
 
 
+def _scaling_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+    spec = importlib.util.spec_from_file_location("scaling_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun"))
-                    and shutil.which("torchrun") is None, reason="torchrun missing")
 def test_two_processes_score_like_one(model_dir, loaded, tmp_path):
+    """Two gloo ranks, launched as benchmarks/scaling.py launches them (torchrun, the CLI, NVLink
+    multicast off), score the same population and reach the same conclusions as one in-process
+    run; the benchmark's rows for the pair (rewards equal to one process, speedup, efficiency,
+    the per-round bound from one process's candidate times) come out of those two summaries."""
+    scaling = _scaling_benchmark()
+    preset = scaling.PRESETS["randopt"]
     sets = [s for s in SMALL if not s.startswith("diagnostics.merge")] + [
-        "diagnostics.merge_pairs=1", "test_tasks=[\"basic_arithmetic\"]", "test_examples=4"]
+        f"model={model_dir}", "task=basic_arithmetic", "diagnostics.merge_pairs=1",
+        "test_tasks=[\"basic_arithmetic\"]", "test_examples=4"]
     model, tokenizer = loaded
-    one = randopt.run(cfglib.resolve("randopt", None, [f"model={model_dir}", "task=basic_arithmetic", *sets,
-                                                        f"runs_root={tmp_path / 'one'}"]), model, tokenizer)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2", "-m",
-            "underpar", "randopt", "--model", str(model_dir), "--task", "basic_arithmetic"]
-    for s in sets + [f"runs_root={tmp_path / 'two'}"]:
-        args += ["--set", s]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    (two_dir,) = (tmp_path / "two").iterdir()
-    two = json.loads((two_dir / "summary.json").read_text())
+    one = randopt.run(cfglib.resolve("randopt", preset, [*sets, f"runs_root={tmp_path / 'one'}"]), model, tokenizer)
+    two = scaling.launch(2, "randopt", preset, sets, tmp_path / "two", tmp_path / "randopt-2.log")
+    assert "error" not in two, two.get("log_tail")
     assert two["world_size"] == 2
     key = lambda r: r["index"]  # noqa: E731
-    assert sorted(population_rows(two_dir), key=key) == sorted(population_rows(Path(one["run_dir"])), key=key)
+    assert sorted(population_rows(Path(two["run_dir"])), key=key) == sorted(population_rows(Path(one.run_dir)), key=key)
     assert table(two) == json.loads(json.dumps(table(one)))
-
-
-@pytest.mark.slow
-def test_scaling_benchmark_scores_the_same_population_on_two_processes(model_dir, tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    args = [sys.executable, str(root / "benchmarks" / "scaling.py"), "randopt", "--device", "cpu", "--gpus", "1", "2",
-            "--population", "4", "--out", str(tmp_path), "--set", f"model={model_dir}", "--set", "task=basic_arithmetic",
-            "--set", "train_examples=4", "--set", "test_examples=2", "--set", "test_tasks=[\"basic_arithmetic\"]",
-            "--set", "decode.max_new_tokens=8", "--set", "decode.batch_size=4"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(root / "src")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = json.loads((tmp_path / "scaling_randopt-cpu.json").read_text())["rows"]
-    assert (one["gpus"], two["gpus"], two["world_size"]) == (1, 2, 2)
-    assert len(two["rewards"]) == 4 and two["rewards_equal_to_1"] == 4
-    assert two["seeds_per_second"] > 0 and two["efficiency"] == pytest.approx(two["speedup"] / 2)
-    assert len(one["candidate_seconds"]) == 4 and all(0 < b <= 1 for b in one["round_bound"].values())
+    # the benchmark's rows, from the two runs' summary.json
+    base = scaling.randopt_row(1, {**json.loads((Path(one.run_dir) / "summary.json").read_text()), "wall_seconds": 1.0}, None)
+    row = scaling.randopt_row(2, two, base)
+    assert (row["gpus"], row["world_size"], row["scored"], row["rewards_equal_to_1"]) == (2, 2, 6, 6)
+    assert row["seeds_per_second"] > 0 and row["efficiency"] == pytest.approx(row["speedup"] / 2)
+    assert len(base["candidate_seconds"]) == 6 and all(0 < b <= 1 for b in base["round_bound"].values())
+    lines = scaling.table("randopt", [base, row]).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 1 |") and lines[3].startswith("| 2 |") and lines[3].endswith("| 6 |")

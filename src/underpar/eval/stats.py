@@ -18,6 +18,11 @@ def _z(confidence: float) -> float:
     return float(norm.ppf(0.5 + confidence / 2))
 
 
+def mean(values: Sequence[float]) -> float:
+    """The arithmetic mean; nan for no values."""
+    return sum(values) / len(values) if values else math.nan
+
+
 def accuracy_ci(correct: Sequence[bool | float], confidence: float = 0.95) -> dict:
     """Mean and Wilson score interval of 0/1 outcomes (fractional scores use their mean as
     the proportion): {mean, lo, hi, n}. No data gives mean nan and the interval [0, 1]."""

@@ -233,11 +233,11 @@ def _launch(b: Tensor, o: Tensor, start_index: int, prepared: tuple) -> None:
 
 def _triton_terms(base: Tensor, out: Tensor, terms: Terms, start_index: int) -> None:
     if triton is None:
-        raise RuntimeError("Triton is not installed; use backend='torch'")
+        raise ConfigError("backend 'triton' needs Triton, which is not installed; use backend=torch or auto")
     prepared = _prepare(terms)
     b, o = _flat_pair(base, out)
     if not b.is_cuda or not b.is_contiguous():
-        raise ValueError("the Triton path needs contiguous CUDA tensors")
+        raise ConfigError("backend 'triton' needs the model on a CUDA device; use backend=torch or auto")
     _check_range(start_index, b.numel())
     _launch(b, o, start_index, prepared)
 
@@ -256,7 +256,7 @@ def perturb2_triton(base: Tensor, out: Tensor, seed_a: int, sigma_a: float, seed
 def resolve_backend(backend: str, tensor: Tensor, num_terms: int = 1) -> str:
     """'auto' = Triton for CUDA tensors when it is installed (and <= 2 seeds), else torch."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         return "triton" if triton is not None and tensor.is_cuda and num_terms <= 2 else "torch"
     return backend

@@ -1,0 +1,177 @@
+"""RandOpt's population and its scoring: the seeded draw, selection by train reward, the
+population.jsonl a stopped search resumes from, prompt sets tokenized once, and one fixed-shape
+greedy answerer that every candidate and diagnostic shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from underpar.data.sft import prompt_ids
+from underpar.data.tasks import Example, Task, get_task
+from underpar.errors import ConfigError, DataError
+from underpar.eval.generate import DecodeConfig, GenerationStats, generate
+from underpar.eval.stats import mean
+from underpar.kernels.perturb import PerturbSpace
+
+POPULATION_FILE = "population.jsonl"
+MERGE_OPS = {"average": 0.5, "sum": 1.0}  # a merge of a and b is W0 + h * (sigma_a R_a + sigma_b R_b)
+
+# ---------------------------------------------------------------- population and selection
+
+
+def draw_population(size: int, sigmas: Sequence[float], seed: int) -> list[tuple[int, float]]:
+    """`size` distinct seeds from [0, 2**31), drawn without replacement by random.Random(seed),
+    then one sigma per seed drawn from the grid by the same generator: [(seed, sigma), ...]."""
+    rng = random.Random(seed)
+    seeds = rng.sample(range(2**31), size)
+    return [(s, rng.choice(list(sigmas))) for s in seeds]
+
+
+def top_k(ratio: float, population: int) -> int:
+    """K = max(1, int(ratio * N)); the 1e-9 keeps products like 0.29 * 100 = 28.999... at 29."""
+    return max(1, int(ratio * population + 1e-9))
+
+
+def rank(rows: Sequence[dict]) -> list[int]:
+    """Candidate indices by train reward, best first; ties keep draw order (a stable sort)."""
+    return sorted(range(len(rows)), key=lambda i: -rows[i]["reward"])
+
+
+def k1_indices(k1_seeds: int, ranked: Sequence[int], kmax: int, seed: int) -> list[int]:
+    """Candidates for the K=1 diagnostic, in rank order: all (-1), none (0), or the top max-K
+    (already answered for the ensembles) plus a seeded uniform sample of the rest, n in all."""
+    if k1_seeds < 0 or k1_seeds >= len(ranked):
+        return list(ranked)
+    top = list(ranked[:min(kmax, k1_seeds)])
+    sample = set(random.Random(f"randopt-k1-{seed}").sample(ranked[len(top):], k1_seeds - len(top)))
+    return top + [i for i in ranked[len(top):] if i in sample]
+
+
+def merge_pairs(members: Sequence[int], count: int, seed: int) -> list[tuple[int, int]]:
+    """`count` distinct pairs of ensemble members (all pairs if there are fewer), seeded."""
+    pairs = list(itertools.combinations(members, 2))
+    return random.Random(f"randopt-merges-{seed}").sample(pairs, min(count, len(pairs)))
+
+
+def read_population(path: Path, population: Sequence[tuple[int, float]], writer: bool) -> dict[int, dict]:
+    """Rows of a stopped search, by candidate index. A torn last line (killed mid-write) is
+    dropped (and the file rewritten without it by the writer); a row that is not this
+    config's candidate is a ConfigError."""
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows: dict[int, dict] = {}
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                if writer:
+                    path.write_text("".join(line + "\n" for line in lines[:-1]))
+                break
+            raise DataError(f"{path} line {n + 1} is not JSON; delete the line to rescore it") from None
+        i = row.get("index", -1)
+        if not 0 <= i < len(population) or (row["seed"], row["sigma"]) != population[i]:
+            raise ConfigError(f"{path} line {n + 1} (candidate {i}, seed {row.get('seed')}) is not a "
+                              "candidate of this config's population; resume with the run's own config")
+        rows[i] = row
+    return rows
+
+
+# ---------------------------------------------------------------- the candidates' weights
+
+
+@dataclasses.dataclass
+class Candidates:
+    """The drawn population on one model: candidate i is W0 + sigma_i * R(seed_i), rebuilt in
+    place from the perturbation space's resident base copy."""
+
+    space: PerturbSpace
+    drawn: list[tuple[int, float]]  # (seed, sigma) by candidate index
+    backend: str
+
+    def apply(self, i: int | None) -> None:
+        """Candidate i's weights; None = the base model."""
+        if i is None:
+            self.space.restore()
+        else:
+            self.space.apply(*self.drawn[i], self.backend)
+
+    def apply_merge(self, a: int, b: int, op: str) -> None:
+        """W0 + h * (sigma_a R_a + sigma_b R_b), h by `MERGE_OPS[op]`."""
+        (seed_a, sigma_a), (seed_b, sigma_b) = self.drawn[a], self.drawn[b]
+        h = MERGE_OPS[op]
+        self.space.apply_combination([(seed_a, h * sigma_a), (seed_b, h * sigma_b)], self.backend)
+
+
+# ---------------------------------------------------------------- prompts, answers, scores
+
+
+@dataclasses.dataclass
+class PromptSet:
+    """One task's examples and their chat-templated prompt token ids (tokenized once)."""
+
+    name: str
+    task: Task
+    examples: list[Example]
+    ids: list[list[int]]
+
+
+def load_prompts(tokenizer: Any, name: str, split: str, limit: int, seed: int = 0,
+                 path: str | None = None) -> PromptSet:
+    """The first `limit` examples of task `name`'s split (generated ones drawn by `seed`, or
+    read from the local file `path`), tokenized once."""
+    task = get_task(name)
+    examples = task.load(split, limit=limit, seed=seed, path=path)
+    if not examples:
+        raise DataError(f"task {name!r} gave no {split} examples; check task_paths or the data")
+    return PromptSet(name, task, examples, [prompt_ids(tokenizer, task.prompt_messages(e)) for e in examples])
+
+
+@dataclasses.dataclass
+class Answerer:
+    """Greedy completions of prompt sets. A set smaller than `rows` is padded with copies of
+    its first prompt (dropped afterwards), so every call has the same batch shape and the one
+    static decoder built by `warm_up` serves all of them: no rebuild, no recompilation."""
+
+    model: Any
+    tokenizer: Any
+    decode: DecodeConfig
+    rows: int
+
+    def warm_up(self, sets: Sequence[PromptSet]) -> None:
+        """Build (and compile) the decoder for the longest prompt of all sets; later calls fit."""
+        longest = max((ids for s in sets for ids in s.ids), key=len)
+        generate(self.model, self.tokenizer, [longest] * self.rows, self.decode)
+
+    def texts(self, prompts: PromptSet, stats: GenerationStats | None = None) -> list[str]:
+        ids = prompts.ids + [prompts.ids[0]] * (self.rows - len(prompts.ids))
+        return [c.text for c in generate(self.model, self.tokenizer, ids, self.decode, stats)][:len(prompts.ids)]
+
+    def answers(self, prompts: PromptSet) -> list[str | None]:
+        """The extracted answer to each question (None where there is none)."""
+        return [prompts.task.extract(text) for text in self.texts(prompts)]
+
+
+def correct(prompts: PromptSet, answers: Sequence[str | None]) -> list[bool]:
+    return [prompts.task.is_correct(a, e.answer) for a, e in zip(answers, prompts.examples, strict=True)]
+
+
+def score_candidate(answerer: Answerer, space: PerturbSpace, prompts: PromptSet, seed: int, sigma: float,
+                    backend: str = "auto") -> dict[str, Any]:
+    """Train reward of W0 + sigma * R(seed): the mean task reward of its greedy completions,
+    with the decoded tokens (padded rows included), seconds and a digest of the completions."""
+    space.apply(seed, sigma, backend)
+    stats = GenerationStats()
+    texts = answerer.texts(prompts, stats)
+    rewards = [prompts.task.reward(text, e) for text, e in zip(texts, prompts.examples)]
+    digest = hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
+    return {"reward": mean(rewards), "tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4),
+            "digest": digest}
