@@ -176,10 +176,13 @@ def eval_task(
     from underpar.eval.generate import DecodeConfig
     from underpar.model import hf
 
-    lm, tokenizer = hf.load_model(model)
+    # Task, split, examples and decoding are checked before the (slow) model load.
     chosen = get_task(task)
     examples = chosen.load(split, limit=limit, path=path)
-    result = evaluate_task(lm, tokenizer, chosen, examples, DecodeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
+    decode = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cfglib.validate(decode)
+    lm, tokenizer = hf.load_model(model)
+    result = evaluate_task(lm, tokenizer, chosen, examples, decode)
     typer.echo(json.dumps(result, indent=2))
 
 
