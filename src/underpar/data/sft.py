@@ -22,10 +22,14 @@ examples attend to each other: pass the 4D mask or None.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from underpar.errors import DataError
+
+if TYPE_CHECKING:
+    from underpar.data.tasks import Example, Task
 
 IGNORE_INDEX = -100  # the label Hugging Face's causal-LM loss skips
 
@@ -42,12 +46,12 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of a chat prompt ending in the assistant's generation prompt."""
     return _token_ids(tokenizer, _render(tokenizer, messages, True))
 
 
-def response_span(tokenizer, prompt_messages: list[dict], response: str) -> tuple[list[int], int, int, bool]:
+def response_span(tokenizer: Any, prompt_messages: list[dict], response: str) -> tuple[list[int], int, int, bool]:
     """Token ids of the whole conversation and the [start, end) span to train on: from the
     first token after the generation prompt through the last special token of the reply (the
     end-of-turn token, e.g. <|im_end|>; a newline the template puts after it is not trained).
@@ -73,7 +77,7 @@ def response_span(tokenizer, prompt_messages: list[dict], response: str) -> tupl
     return full_ids, start, end, exact
 
 
-def encode_sft(tokenizer, example, task, max_length: int) -> dict | None:
+def encode_sft(tokenizer: Any, example: Example, task: Task, max_length: int) -> dict | None:
     """`input_ids` of the chat-formatted prompt + response and `labels` that are -100 on every
     prompt/template token, the response tokens (and the end-of-turn token) elsewhere. Cut to
     `max_length`; None when no response token survives the cut."""
@@ -86,7 +90,7 @@ def encode_sft(tokenizer, example, task, max_length: int) -> dict | None:
     return {"input_ids": ids, "labels": labels}
 
 
-def encode_sft_examples(tokenizer, examples: Sequence, task, max_length: int) -> tuple[list[dict], int]:
+def encode_sft_examples(tokenizer: Any, examples: Sequence[Example], task: Task, max_length: int) -> tuple[list[dict], int]:
     """`encode_sft` over examples; returns the encoded ones and how many were dropped because
     their prompt filled `max_length`."""
     encoded = [encode_sft(tokenizer, example, task, max_length) for example in examples]

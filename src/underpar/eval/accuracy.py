@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+import torch
 
 from underpar.data.sft import prompt_ids
 from underpar.data.tasks import Example, Task
@@ -10,7 +13,7 @@ from underpar.eval.generate import DecodeConfig, GenerationStats, generate
 from underpar.eval.stats import accuracy_ci
 
 
-def answer(model, tokenizer, task: Task, examples: Sequence[Example], decode: DecodeConfig,
+def answer(model: torch.nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], decode: DecodeConfig,
            stats: GenerationStats | None = None) -> list[str]:
     """The model's greedy completion of each example's chat prompt."""
     prompts = [prompt_ids(tokenizer, task.prompt_messages(e)) for e in examples]
@@ -32,7 +35,7 @@ def score(task: Task, examples: Sequence[Example], completions: Sequence[str]) -
     return out
 
 
-def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example], decode: DecodeConfig,
+def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: Task, examples: Sequence[Example], decode: DecodeConfig,
                   samples: int = 3) -> dict[str, Any]:
     """Generate, extract and score; with throughput and a few sample completions."""
     was_training = model.training

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,7 +72,7 @@ class GenerationStats:
 StepFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-def eos_ids_of(model, tokenizer) -> list[int]:
+def eos_ids_of(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """The tokenizer's EOS id plus every EOS id of the model's generation config."""
     ids = [tokenizer.eos_token_id]
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -86,8 +87,8 @@ def _pick(logits_bv: Tensor, finished_b: Tensor, eos_t: Tensor, pad_id: int):
 
 
 def generate(
-    model,
-    tokenizer,
+    model: torch.nn.Module,
+    tokenizer: Any,
     prompts: Sequence[Sequence[int]] | Sequence[str],
     cfg: DecodeConfig | None = None,
     stats: GenerationStats | None = None,

@@ -123,7 +123,7 @@ def _check_range(start_index: int, numel: int) -> None:
         raise ValueError(f"index range [{start_index}, {start_index}+{numel}) is outside [0, 2**62)")
 
 
-def signs_torch(seed: int, start_index: int, numel: int, device="cpu",
+def signs_torch(seed: int, start_index: int, numel: int, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> Tensor:
     """R(seed, i) for i in [start_index, start_index + numel) as +-1 in `dtype` (chunked)."""
     _check_range(start_index, numel)
