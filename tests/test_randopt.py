@@ -63,6 +63,20 @@ def test_k1_indices_take_the_top_then_a_seeded_sample():
     assert chosen == search.k1_indices(8, ranked, 3, 0) != search.k1_indices(8, ranked, 3, 1)
 
 
+def test_dist_helpers_on_one_process():
+    from underpar import dist
+
+    env = dist.Env(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    rounds = []
+    assert dist.sharded_map(env, [3, 1, 2], lambda x: x * 10, on_round=rounds.append) == [30, 10, 20]
+    assert rounds == [[(0, 30)], [(1, 10)], [(2, 20)]]  # one round per item, as it completes
+    assert dist.sharded_map(env, [], lambda x: x) == []
+    assert dist.agree(env, True) is True and dist.agree(env, False) is False
+    assert dist.broadcast_object(env, {"path": "runs/x"}) == {"path": "runs/x"}
+    with dist.main_first(env):
+        dist.barrier(env)
+
+
 # ---------------------------------------------------------------- majority vote
 
 def test_majority_vote_hand_table():
