@@ -18,9 +18,9 @@ from underpar.optim import (
     Muon,
     OptimConfig,
     build_optimizers,
+    Cosine,
+    Warmdown,
     describe_param_table,
-    lr_multiplier,
-    lr_schedule,
     muon_momentum,
     muon_momentum_at,
     newton_schulz,
@@ -212,7 +212,7 @@ def test_muon_reduces_a_regression_loss(ns: str) -> None:
     start, steps = loss_fn().item(), 100
     for step in range(steps):
         # Muon's step has a fixed spectral size, so it needs the warmdown to settle.
-        set_lr([opt], lr_multiplier(step / steps, warmdown_fraction=0.5))
+        set_lr([opt], Warmdown(warmdown_fraction=0.5)(step / steps))
         opt.zero_grad()
         loss_fn().backward()
         opt.step()
@@ -314,44 +314,61 @@ def test_optim_config() -> None:
         validate(override(cfg, "ns_coefficients=nope"))
     with pytest.raises(ConfigError, match="muon_backend_steps = 5"):
         validate(override(override(cfg, "ns_coefficients=polar_express"), "muon_backend_steps=4"))
-    with pytest.raises(ConfigError, match="warmdown"):
-        validate(override(cfg, "schedule=cosine"))
+    with pytest.raises(ConfigError, match="choose one of: warmdown, cosine"):
+        override(cfg, "schedule=tidal")
     with pytest.raises(ConfigError, match="must not exceed 1"):
-        validate(override(override(cfg, "warmup_fraction=0.5"), "warmdown_fraction=0.6"))
-    with pytest.raises(ConfigError, match="out of range"):
-        validate(override(cfg, "warmdown_fraction=1.5"))
+        validate(override(override(cfg, "schedule.warmup_fraction=0.5"), "schedule.warmdown_fraction=0.6"))
+    with pytest.raises(ConfigError, match="optim.schedule.warmdown_fraction = 1.5 is out of range"):
+        validate(override(cfg, "schedule.warmdown_fraction=1.5"), prefix="optim")
+    with pytest.raises(ConfigError, match="unknown config key 'schedule.min_lr_ratio'"):
+        override(cfg, "schedule.min_lr_ratio=0.1")  # a field of cosine, not of warmdown
+    cosine = override(override(cfg, "schedule=cosine"), "schedule.min_lr_ratio=0.1")
+    validate(cosine)
+    assert cosine.schedule == Cosine(min_lr_ratio=0.1)
 
 
 # ---------------------------------------------------------------------------------------
 # schedules
 
 
-def test_lr_multiplier_warmdown() -> None:
-    wd = 0.2
-    assert lr_multiplier(0.0, wd) == 1.0
-    assert lr_multiplier(0.8, wd) == pytest.approx(1.0)
-    assert lr_multiplier(0.9, wd) == pytest.approx(0.5)
-    assert lr_multiplier(0.95, wd) == pytest.approx(0.25)
-    assert lr_multiplier(1.0, wd) == 0.0
-    assert lr_multiplier(0.5, 0.0) == 1.0 and lr_multiplier(1.0, 0.0) == 1.0  # no warmdown
+def test_warmdown_schedule() -> None:
+    sched = Warmdown(warmdown_fraction=0.2)
+    assert sched(0.0) == 1.0
+    assert sched(0.8) == pytest.approx(1.0)
+    assert sched(0.9) == pytest.approx(0.5)
+    assert sched(0.95) == pytest.approx(0.25)
+    assert sched(1.0) == 0.0
+    flat = Warmdown(warmdown_fraction=0.0)
+    assert flat(0.5) == 1.0 and flat(1.0) == 1.0  # no warmdown
     grid = [i / 200 for i in range(201)]
-    values = [lr_multiplier(p, wd) for p in grid]
+    values = [sched(p) for p in grid]
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def test_lr_multiplier_warmup() -> None:
-    assert lr_multiplier(0.0, 0.2, 0.1) == 0.0
-    assert lr_multiplier(0.05, 0.2, 0.1) == pytest.approx(0.5)
-    assert lr_multiplier(0.1, 0.2, 0.1) == pytest.approx(1.0)
-    assert lr_multiplier(0.5, 0.2, 0.1) == 1.0
-    values = [lr_multiplier(i / 200, 0.2, 0.1) for i in range(201)]
+def test_warmdown_schedule_with_warmup() -> None:
+    sched = Warmdown(warmdown_fraction=0.2, warmup_fraction=0.1)
+    assert sched(0.0) == 0.0
+    assert sched(0.05) == pytest.approx(0.5)
+    assert sched(0.1) == pytest.approx(1.0)
+    assert sched(0.5) == 1.0
+    values = [sched(i / 200) for i in range(201)]
     peak = values.index(1.0)
     assert all(a <= b for a, b in zip(values[:peak], values[1 : peak + 1]))
     assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :]))
 
 
-def test_lr_schedule_from_config() -> None:
-    sched = lr_schedule(OptimConfig(warmdown_fraction=0.5))
+def test_cosine_schedule() -> None:
+    sched = Cosine(warmup_fraction=0.1, min_lr_ratio=0.2)
+    assert sched(0.0) == 0.0 and sched(0.05) == pytest.approx(0.5) and sched(0.1) == 1.0
+    assert sched(0.55) == pytest.approx(0.6)  # halfway down the cosine: (1 + 0.2) / 2
+    assert sched(1.0) == pytest.approx(0.2) and sched(2.0) == sched(1.0) and sched(-1.0) == 0.0
+    values = [sched(i / 200) for i in range(20, 201)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert Cosine(warmup_fraction=0.0)(0.0) == 1.0 and Cosine(warmup_fraction=1.0)(1.0) == 0.0
+
+
+def test_schedule_from_config() -> None:
+    sched = override(OptimConfig(), "schedule.warmdown_fraction=0.5").schedule
     assert sched(0.0) == 1.0 and sched(0.75) == pytest.approx(0.5) and sched(1.0) == 0.0
 
 

@@ -1,23 +1,22 @@
 """OptimConfig and the optimizers it builds: Muon for block matrices, Adam for the rest,
 one param group per learning-rate field, each group carrying its `base_lr`.
 
-Per step the trainer calls set_lr(opts, lr_schedule(cfg)(progress)) and
+Per step the trainer calls set_lr(opts, cfg.schedule(progress)) and
 set_muon_momentum(opts, muon_momentum_at(cfg, step)).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from underpar.config import bounded, choice
+from underpar.config import bounded, choice, variant
 from underpar.errors import ConfigError
 from underpar.optim.groups import assign_params
 from underpar.optim.muon import NS_COEFFICIENTS, Muon
-from underpar.optim.schedule import SCHEDULES, muon_momentum
+from underpar.optim.schedule import SCHEDULES, Schedule, muon_momentum
 
 
 @dataclass
@@ -39,19 +38,11 @@ class OptimConfig:
     beta1: float = bounded(0.9, 0.0, 1.0)
     beta2: float = bounded(0.95, 0.0, 1.0)
     adam_eps: float = bounded(1e-8, 0.0)
-    # LR schedule over progress in [0, 1]. The baseline warms down over its last 1,200 of
-    # 13,780 steps on 8xH100, about 8.7% of the run.
-    schedule: str = choice("warmdown", SCHEDULES)
-    warmdown_fraction: float = bounded(0.087, 0.0, 1.0)
-    warmup_fraction: float = bounded(0.0, 0.0, 1.0)
+    # LR multiplier over progress in [0, 1], with its own parameters ([optim.schedule])
+    schedule: Schedule = variant(SCHEDULES, "warmdown")
     grad_clip_norm: float = bounded(0.0, 0.0)  # 0 = off
 
     def check(self) -> None:
-        if self.warmup_fraction + self.warmdown_fraction > 1.0:
-            raise ConfigError(
-                f"optim.warmup_fraction ({self.warmup_fraction}) + optim.warmdown_fraction "
-                f"({self.warmdown_fraction}) must not exceed 1"
-            )
         abc = NS_COEFFICIENTS[self.ns_coefficients].abc
         if len(abc) > 1 and self.muon_backend_steps != len(abc):
             raise ConfigError(
@@ -115,12 +106,6 @@ def set_muon_momentum(optimizers: list[torch.optim.Optimizer], value: float) -> 
         if isinstance(opt, Muon):
             for group in opt.param_groups:
                 group["momentum"] = value
-
-
-def lr_schedule(cfg: OptimConfig) -> Callable[[float], float]:
-    """progress in [0, 1] -> LR multiplier, for the configured schedule."""
-    fn = SCHEDULES[cfg.schedule]
-    return lambda progress: fn(progress, cfg.warmdown_fraction, cfg.warmup_fraction)
 
 
 def muon_momentum_at(cfg: OptimConfig, step: int) -> float:

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from underpar.registry import Registry
+
 Coefficients = tuple[float, float, float]
 
 
@@ -46,11 +48,17 @@ class NSCoefficients:
         return self.abc
 
 
+# Named recipes; `OptimConfig.ns_coefficients` picks one. A new recipe is one registration
+# (tests/test_registries.py checks that it orthogonalizes).
+NS_COEFFICIENTS: Registry[NSCoefficients] = Registry("ns_coefficients")
+
 # The baseline's quintic iteration (3.4445, -4.7750, 2.0315), repeated each step.
-BASELINE_NS = NSCoefficients(abc=((3.4445, -4.7750, 2.0315),), norm_margin=0.0, eps=1e-7)
+BASELINE_NS = NS_COEFFICIENTS.register("baseline")(
+    NSCoefficients(abc=((3.4445, -4.7750, 2.0315),), norm_margin=0.0, eps=1e-7)
+)
 
 # Polar Express: one tuple per iteration; the 2% margin keeps the top singular value < 1.
-POLAR_EXPRESS_NS = NSCoefficients(
+POLAR_EXPRESS_NS = NS_COEFFICIENTS.register("polar_express")(NSCoefficients(
     abc=(
         (8.156554524902461, -22.48329292557795, 15.878769915207462),
         (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -60,12 +68,7 @@ POLAR_EXPRESS_NS = NSCoefficients(
     ),
     norm_margin=2e-2,
     eps=1e-6,
-)
-
-NS_COEFFICIENTS: dict[str, NSCoefficients] = {
-    "baseline": BASELINE_NS,
-    "polar_express": POLAR_EXPRESS_NS,
-}
+))
 
 
 def newton_schulz(
@@ -121,7 +124,7 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then Newton-Schulz orthogonalization, for 2-D parameters.
 
     Group values: lr, momentum (set by the trainer each step during the warmup), nesterov,
-    backend_steps (Newton-Schulz iterations), ns (a key of NS_COEFFICIENTS).
+    backend_steps (Newton-Schulz iterations), ns (a name in NS_COEFFICIENTS).
     compile: run the iteration under torch.compile; None = when the parameters are on CUDA.
     """
 
