@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from underpar import config as cfglib  # noqa: E402
 from underpar.data.tasks import TASKS, Example, Task  # noqa: E402
-from underpar.errors import ConfigError  # noqa: E402
+from underpar.errors import ConfigError, UnderparError  # noqa: E402
 from underpar.eval.ensemble import majority_vote, vote_all  # noqa: E402
 from underpar.model import hf  # noqa: E402
 from underpar.tracks import randopt  # noqa: E402
@@ -280,10 +280,13 @@ def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tm
     assert table(resumed) == table(summary_full)
 
 
-def test_resume_refuses_a_different_search(full_run, model_dir, tmp_path):
+def test_resume_refuses_a_different_search_and_a_finished_run(full_run, model_dir, tmp_path, monkeypatch):
     cfg, summary, _, _ = full_run
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
     with pytest.raises(ConfigError, match="seed"):
         randopt.run(config(model_dir, tmp_path, "seed=1"), resume=summary.run_dir)
+    with pytest.raises(UnderparError, match="the run finished"):
+        randopt.run(None, resume=summary.run_dir)
 
 
 def test_config_errors_name_the_problem(model_dir, tmp_path):

@@ -159,7 +159,9 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         timing[name] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
 
-    # ---- 1. model, prompt sets, perturbation space, run directory ---------------------------
+    # ---- 1. run directory (a finished run is refused before anything loads), model, prompt sets
+    run_dir = RunDir.resume(resume, env, needs=CONFIG) if resume is not None else RunDir.start(cfg.runs_root, cfg.name, env)
+    run_dir.save_config(cfg)
     with dist.main_first(env):  # rank 0 fills the caches (converted model, generated task data) first
         if model is None:
             model, tokenizer = hf.load_model(cfg.model, device=env.device, dtype=None if cfg.dtype == "auto" else cfg.dtype)
@@ -167,8 +169,6 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         tests = [load_prompts(tokenizer, name, "test", cfg.test_examples, cfg.data_seed, cfg.task_path(name))
                  for name in cfg.test_tasks]
     space = PerturbSpace(model, cfg.include, cfg.exclude)
-    run_dir = RunDir.resume(resume, env, needs=CONFIG) if resume is not None else RunDir.start(cfg.runs_root, cfg.name, env)
-    run_dir.save_config(cfg)
     rows_per_batch = min(cfg.decode.batch_size, max(len(s.ids) for s in [train, *tests]))
     answerer = Answerer(model, tokenizer, DecodeConfig(**dataclasses.asdict(cfg.decode)), rows_per_batch)
     N = cfg.population
