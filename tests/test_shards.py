@@ -188,3 +188,19 @@ def test_loader_errors(tmp_path):
     write_shard(tmp_path / "empty.bin", [])
     with pytest.raises(DataError, match="empty"):
         TokenLoader([tmp_path / "empty.bin"])
+
+
+def test_ids_outside_the_vocabulary_name_the_file(tmp_path):
+    """A damaged shard (bytes overwritten with 0xFF) is caught when loaded with a vocabulary."""
+    paths = _make_shards(tmp_path, [50, 50])
+    raw = bytearray(paths[1].read_bytes())
+    raw[HEADER_BYTES + 20 : HEADER_BYTES + 24] = b"\xff" * 4  # tokens 10 and 11 become 65535
+    paths[1].write_bytes(bytes(raw))
+    assert len(load_tokens(paths)) == 100  # without a vocabulary nothing is checked
+    message = rf"{paths[1]}: token id 65535 at position 10 is outside the vocabulary of 1024 ids"
+    with pytest.raises(DataError, match=message):
+        load_tokens(paths, vocab_size=1024)
+    loader = TokenLoader(paths, vocab_size=1024)
+    loader.next_batch(40, 8)  # the first file is fine
+    with pytest.raises(DataError, match=message):
+        loader.next_batch(40, 8)

@@ -96,6 +96,17 @@ def read_shard(path: PathLike) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
+def check_ids(path: PathLike, tokens: np.ndarray, vocab_size: int) -> None:
+    """Every id of a shard's `tokens` lies below `vocab_size`, else a DataError naming the file
+    (a damaged shard, or one made with another tokenizer). One max over the shard: cheap."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        index = int(np.argmax(tokens >= vocab_size))
+        raise DataError(
+            f"{path}: token id {int(tokens[index])} at position {index} is outside the vocabulary of "
+            f"{vocab_size} ids; the shard is damaged or was made with another tokenizer: prepare it again"
+        )
+
+
 def find_shards(pattern: str) -> list[Path]:
     """Sorted files matching a glob such as "DIR/fineweb_train_*.bin"."""
     files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern)))
@@ -113,8 +124,9 @@ def _as_files(files: PathLike | Sequence[PathLike]) -> list[Path]:
     return paths
 
 
-def load_tokens(files: PathLike | Sequence[PathLike]) -> torch.Tensor:
-    """All tokens of the shards (a glob or a list, in order) as one 1-D torch.int32 tensor.
+def load_tokens(files: PathLike | Sequence[PathLike], vocab_size: int | None = None) -> torch.Tensor:
+    """All tokens of the shards (a glob or a list, in order) as one 1-D torch.int32 tensor;
+    with `vocab_size`, every id is checked to lie below it.
 
     int32 holds every uint16 id, halves the memory of int64 and supports the indexing and
     arithmetic torch's uint16 lacks; cast slices with .long() where embeddings need it.
@@ -124,7 +136,10 @@ def load_tokens(files: PathLike | Sequence[PathLike]) -> torch.Tensor:
     out = np.empty(sum(lengths), dtype=np.int32)
     start = 0
     for path, n in zip(paths, lengths):
-        out[start : start + n] = read_shard(path)
+        tokens = read_shard(path)
+        if vocab_size is not None:
+            check_ids(path, tokens, vocab_size)
+        out[start : start + n] = tokens
         start += n
     return torch.from_numpy(out)
 
@@ -137,11 +152,13 @@ class TokenLoader:
     world_size=2 get from one call: gradient accumulation equals data parallelism.
     """
 
-    def __init__(self, files: PathLike | Sequence[PathLike], rank: int = 0, world_size: int = 1):
+    def __init__(self, files: PathLike | Sequence[PathLike], rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"TokenLoader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.files = _as_files(files)
         self.rank, self.world_size = rank, world_size
+        self.vocab_size = vocab_size  # when set, each file's ids are checked as it is opened
         self._lengths = [read_header(p) for p in self.files]  # headers only; bodies load lazily
         if sum(self._lengths) == 0:
             raise DataError(f"all {len(self.files)} shards are empty (first: {self.files[0]}); nothing to train on")
@@ -152,6 +169,8 @@ class TokenLoader:
     def _tokens(self) -> np.ndarray:
         if self._open_index != self._file_index:  # one file open at a time
             self._open_tokens = read_shard(self.files[self._file_index])
+            if self.vocab_size is not None:
+                check_ids(self.files[self._file_index], self._open_tokens, self.vocab_size)
             self._open_index = self._file_index
         assert self._open_tokens is not None
         return self._open_tokens
