@@ -88,6 +88,18 @@ def test_split_needs_more_docs_than_val():
     assert len(split_documents(["a"] * 6, val_docs=5)[0]) == 1
 
 
+def test_default_validation_share():
+    """val_docs=0: a tenth of the documents, at most 1,500, at least 1; the built-in corpus's
+    18,201 documents give exactly the 1,500 of the reference split."""
+    count = corpora.validation_count
+    assert [count(0, n) for n in (2, 19, 40, 1000, 18201, 10**6)] == [1, 1, 4, 100, 1500, 1500]
+    assert count(20, 120) == 20  # an explicit count is kept
+    with pytest.raises(DataError, match=r"has 1 document\(s\) and needs at least 2"):
+        count(0, 1)
+    train, val = split_documents([f"d{i}" for i in range(40)])
+    assert (len(train), len(val)) == (36, 4)
+
+
 # ---------------------------------------------------------------- text and jsonl
 
 def test_text_folder_is_read_recursively_in_sorted_order(tmp_path):
@@ -131,12 +143,16 @@ def test_load_documents_errors(tmp_path):
         load_documents("csv", str(tmp_path))
     with pytest.raises(DataError, match="needs a path"):
         load_documents("jsonl", None)
+    with pytest.raises(DataError, match=r"no .jsonl files under .* \(it is empty\)"):
+        load_documents("jsonl", str(tmp_path))
     (tmp_path / "blank.txt").write_text("  \n", encoding="utf-8")
-    with pytest.raises(DataError, match="has no documents"):
+    with pytest.raises(DataError, match=r"no .jsonl files under .* \(it holds 1 other file\(s\): .txt\)"):
+        load_documents("jsonl", str(tmp_path))
+    with pytest.raises(DataError, match=r"has no documents \(non-blank ones\)"):
         load_documents("text", str(tmp_path))
     (tmp_path / "short.txt").write_text("tiny", encoding="utf-8")
     assert load_documents("text", str(tmp_path)) == ["tiny"]
-    with pytest.raises(DataError, match="has no documents"):
+    with pytest.raises(DataError, match="has no documents \\(at least 10-character ones\\)"):
         load_documents("text", str(tmp_path), min_chars=10)
 
 

