@@ -4,13 +4,14 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from underpar import config as cfglib
 from underpar.data import shards
 from underpar.data.prepare import DataConfig, load_manifest, prepare, split_files
-from underpar.data.tokenizer import Tokenizer
+from underpar.data.tokenizer import Tokenizer, split_sentences
 from underpar.errors import ConfigError, DataError
 
 WORDS = (
@@ -54,20 +55,133 @@ def test_prepare_writes_shards_and_manifest(tmp_path):
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
-def test_second_run_does_no_work(tmp_path, monkeypatch):
+def folder_state(folder):
+    """Every file of a folder with its bytes: what must stay untouched."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_run_does_no_work(tmp_path, monkeypatch, capsys):
     write_corpus(tmp_path / "corpus")
     cfg = text_config(tmp_path)
     first = prepare(cfg)
     monkeypatch.setattr("underpar.data.prepare.train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
     again = prepare(cfg)
     assert again["reused"] is True and again["shards"] == first["shards"]
-    # a changed input is noticed, and a damaged shard is rebuilt
+    # a moved corpus (same files) is still the same data
+    (tmp_path / "corpus").rename(tmp_path / "moved")
+    assert prepare(text_config(tmp_path, path=str(tmp_path / "moved")))["reused"] is True
+    (tmp_path / "moved").rename(tmp_path / "corpus")
+    # a damaged shard is rebuilt from the same settings, and a line says so
     monkeypatch.undo()
+    capsys.readouterr()
     (tmp_path / "out" / first["shards"][0]["file"]).write_bytes(b"junk")
     assert prepare(cfg)["reused"] is False
+    said = capsys.readouterr().err
+    assert f"{tmp_path / 'out' / first['shards'][0]['file']} fails its sha256 check" in said
+    assert f"rebuilding {tmp_path / 'out'} with the same settings" in said
+
+
+def test_changed_corpus_is_refused_until_forced(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus")
+    cfg = text_config(tmp_path)
+    prepare(cfg)
+    before = folder_state(tmp_path / "out")
     (tmp_path / "corpus" / "extra.txt").write_text("A new document about the river city. " * 20)
-    rebuilt = prepare(cfg)
+    with pytest.raises(DataError, match=r"files under .*corpus changed since it was prepared.*--force$"):
+        prepare(cfg)
+    assert folder_state(tmp_path / "out") == before
+    rebuilt = prepare(cfg, force=True)
     assert rebuilt["reused"] is False and rebuilt["documents"]["train"] == 101
+    assert "replacing" in capsys.readouterr().err
+
+
+def test_other_data_is_never_deleted(tmp_path):
+    """Issue 10, found 1: a folder prepared from a text corpus, asked for as the built-in
+    corpus (or another vocabulary), is refused with what differs, and left as it is."""
+    write_corpus(tmp_path / "corpus")
+    prepare(text_config(tmp_path))
+    before = folder_state(tmp_path / "out")
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(source="builtin", vocab_size=400, out=out))
+    message = str(err.value)
+    assert "source = 'text' there, 'builtin' asked" in message and "it is left as is" in message
+    assert message.endswith(f"underpar data prepare --source builtin --vocab 400 --out {out} --force")
+    with pytest.raises(DataError, match="vocab_size = 400 there, 300 asked; validation documents = 20 there, 12 asked"):
+        prepare(text_config(tmp_path, vocab_size=300, val_docs=0))
+    assert folder_state(tmp_path / "out") == before
+
+
+def test_a_folder_that_is_not_prepared_data_is_never_replaced(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("years of work")
+    for force in (False, True):
+        with pytest.raises(DataError, match=r"out is not empty and holds no prepared data \(no manifest.json\)"):
+            prepare(text_config(tmp_path), force=force)
+    assert folder_state(tmp_path / "out") == {Path("thesis.tex"): b"years of work"}
+    (tmp_path / "out" / "thesis.tex").unlink()  # an empty folder is used
+    assert prepare(text_config(tmp_path))["documents"] == {"train": 100, "val": 20}
+    (tmp_path / "out" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json cannot be read.*left as is.*--force$"):
+        prepare(text_config(tmp_path))
+    assert prepare(text_config(tmp_path), force=True)["reused"] is False
+
+
+def test_corrupt_shard_is_named_when_loaded(tmp_path):
+    """Issue 10, found 4: 400 bytes of 0xFF in a validation shard give an error naming the file."""
+    write_corpus(tmp_path / "corpus")
+    cfg = text_config(tmp_path)
+    prepare(cfg)
+    shard = tmp_path / "out" / "val_000000.bin"
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 400] = b"\xff" * 400
+    shard.write_bytes(bytes(data))
+    manifest = load_manifest(cfg)
+    with pytest.raises(DataError, match=f"{shard} fails its sha256 check.*prepare it again: underpar data prepare"):
+        split_files(manifest, "val")
+    assert len(split_files(manifest, "train")) == 1  # the other split is fine
+    (tmp_path / "out" / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="tokenizer.model fails its sha256 check"):
+        load_manifest(cfg)
+
+
+def test_long_documents_train_the_tokenizer(tmp_path, capsys):
+    """Issue 10, found 5: documents over SentencePiece's 4,192-byte sentence limit are split for
+    tokenizer training (not skipped), and a small folder holds out a tenth for validation."""
+    rng = random.Random(1)
+    (tmp_path / "corpus").mkdir()
+    for i in range(12):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(120)]
+        text = "\n".join(lines) if i % 3 else " ".join(lines)  # every third: one 20 kB line
+        (tmp_path / "corpus" / f"long{i:02d}.txt").write_text(text, encoding="utf-8")
+    assert min(p.stat().st_size for p in (tmp_path / "corpus").iterdir()) > 4192 * 3
+    manifest = prepare(text_config(tmp_path, val_docs=0, vocab_size=300))
+    assert manifest["documents"] == {"train": 11, "val": 1}
+    said = capsys.readouterr().err
+    assert "11 to train on, 1 to validate (val_docs=0: a tenth, at most 1,500)" in said
+    assert "from 11 documents (11 longer than 4,192 bytes split at line breaks and spaces)" in said
+    assert "trained the tokenizer in" in said
+    # the text is all in the shards: every scored byte of the documents, and one BOS each
+    assert sum(manifest["scored_bytes"].values()) > 0.99 * sum(manifest["text_bytes"].values())
+
+
+def test_split_sentences_respects_the_limit():
+    text = "short line\n" + "wörd " * 300 + "\n" + "é" * 200 + "\n\nlast"
+    chunks = list(split_sentences(text, 64))
+    assert all(len(c.encode("utf-8")) <= 64 for c in chunks)
+    assert "".join("".join(chunks).split()) == "".join(text.split())  # nothing lost but spaces
+    assert chunks[0] == "short line" and chunks[-1].endswith("é\nlast")
+    assert list(split_sentences("fits", 64)) == ["fits"]
+    assert list(split_sentences("one\n\ntwo\nthree", 12)) == ["one\ntwo", "three"]  # lines packed, blanks dropped
+
+
+def test_small_corpus_needs_two_documents(tmp_path):
+    write_corpus(tmp_path / "corpus", documents=1)
+    with pytest.raises(DataError, match=r"has 1 document\(s\) and needs at least 2"):
+        prepare(text_config(tmp_path, val_docs=0))
+    assert_no_output(tmp_path)
 
 
 def assert_no_output(tmp_path):
@@ -83,7 +197,7 @@ def test_missing_path(tmp_path):
 
 def test_empty_corpus(tmp_path):
     (tmp_path / "corpus").mkdir()
-    with pytest.raises(DataError, match="no documents"):
+    with pytest.raises(DataError, match="no .txt/.md files under .*corpus \\(it is empty\\)"):
         prepare(text_config(tmp_path))
     assert_no_output(tmp_path)
 

@@ -27,23 +27,27 @@ app.add_typer(config_app, name="config")
 SetOption = typer.Option(None, "--set", help="Override a config field: section.key=value (repeatable).")
 
 
-def _data_config(source: str, vocab: int, out: Optional[str], path: Optional[str], sets: list[str]):
+def _data_config(source: str, vocab: str, out: Optional[str], path: Optional[str], sets: list[str], scoring: bool = False):
+    import dataclasses
+
     from underpar.data.prepare import DataConfig
 
-    cfg = DataConfig(source=source, vocab_size=vocab, out=out or "", path=path or "")
-    for assignment in sets or []:
+    # --source and --vocab are shorthands for config fields, so they are parsed and checked as --set is.
+    cfg = DataConfig(out=out or "", path=path or "")
+    for assignment in [f"source={source}", f"vocab_size={vocab}", *(sets or [])]:
         cfg = cfglib.override(cfg, assignment)
-    cfglib.validate(cfg)
+    # Scoring reads a prepared folder, never the corpus: a text source needs no data.path there.
+    cfglib.validate(dataclasses.replace(cfg, path=cfg.path or "-") if scoring else cfg)
     return cfg
 
 
 @data_app.command("prepare")
 def data_prepare(
     source: str = typer.Option("builtin", help="builtin | text | jsonl | fineweb"),
-    vocab: int = typer.Option(1024, help="Tokenizer vocabulary size."),
+    vocab: str = typer.Option("1024", metavar="INTEGER", help="Tokenizer vocabulary size (260-65536)."),
     out: Optional[str] = typer.Option(None, help="Output folder (default: $UNDERPAR_CACHE/datasets/<source>_sp<vocab>)."),
     path: Optional[str] = typer.Option(None, help="Input file or folder (text, jsonl; fineweb: a local hub mirror)."),
-    force: bool = typer.Option(False, help="Rebuild even if the output is up to date."),
+    force: bool = typer.Option(False, help="Rebuild even if up to date; replace a folder that holds other prepared data (never any other folder)."),
     sets: Optional[list[str]] = SetOption,
 ) -> None:
     """Build a tokenizer and train/val token shards, with a manifest.json."""
@@ -65,15 +69,19 @@ def data_prepare(
 def eval_bpb(
     model: str = typer.Option("unigram", help="uniform | unigram (a sanity baseline fitted on the train shards)."),
     source: str = typer.Option("builtin", help="Which prepared data (see `data prepare`)."),
-    vocab: int = typer.Option(1024),
+    vocab: str = typer.Option("1024", metavar="INTEGER", help="With --source: which prepared data (ignored with --data)."),
     data: Optional[str] = typer.Option(None, help="A prepared data folder (default: the one for source/vocab)."),
-    seq_len: int = typer.Option(1024),
+    seq_len: str = typer.Option("1024", metavar="INTEGER", help="Tokens per scored window."),
 ) -> None:
     """Score a baseline model's exact val_bpb on prepared validation shards."""
     from underpar.eval.baselines import score_baseline
 
-    cfg = _data_config(source, vocab, data, None, [])
-    result = score_baseline(cfg, model, seq_len=seq_len)
+    cfg = _data_config(source, vocab, data, None, [], scoring=True)
+    try:
+        length = int(seq_len)
+    except ValueError:
+        raise UnderparError(f"--seq-len: expected an integer, got {seq_len!r}") from None
+    result = score_baseline(cfg, model, seq_len=length)
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -1,7 +1,9 @@
 """`underpar data prepare`: corpus -> tokenizer -> train/val token shards + manifest.json.
 
 The output folder is built under a temporary name and renamed into place, so a failed run
-leaves nothing that looks complete; a second run on unchanged input does no work.
+leaves nothing behind; a second run on unchanged input does no work. An existing folder is
+replaced only when it holds the same data with a damaged file (said in a line), or with
+`--force` when it holds other prepared data; anything else is refused and left as it is.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from underpar import __version__
+from underpar import config as cfglib
 from underpar.config import bounded, choice
 from underpar.data import corpora, shards
 from underpar.data.byte_count import target_bytes
@@ -30,6 +34,17 @@ from underpar.ui import console, progress
 SOURCES = ("builtin", "text", "jsonl", "fineweb")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+# The settings each source's data depends on (the others are ignored for it). A text or
+# jsonl corpus is compared by its files' names, sizes and times, wherever it now lies.
+DATA_FIELDS = {
+    "builtin": ("vocab_size", "val_docs", "min_chars", "seed", "shard_tokens"),
+    "text": ("vocab_size", "val_docs", "seed", "shard_tokens"),
+    "jsonl": ("field", "vocab_size", "val_docs", "seed", "shard_tokens"),
+    "fineweb": ("path", "vocab_size", "fineweb_variant", "fineweb_train_shards"),
+}
+# How text and jsonl corpora are prepared; recipe 1 (no "recipe" in the manifest) let the
+# tokenizer trainer skip documents over 4,192 bytes and held out 1,500 documents by default.
+RECIPE = 2
 
 
 @dataclasses.dataclass
@@ -40,17 +55,18 @@ class DataConfig:
     path: str = ""  # input file or folder for text / jsonl; a local hub mirror for fineweb
     field: str = "text"  # the jsonl field holding the document
     vocab_size: int = bounded(1024, 260, 65536)  # 256 byte-fallback pieces + 4 control ids
-    val_docs: int = bounded(1500, 1)
+    # Documents held out for validation; 0 = a tenth of them, at most 1,500 (builtin: 1,500).
+    val_docs: int = bounded(0, 0)
     min_chars: int = bounded(200, 0)  # builtin: drop passages shorter than this
     seed: int = 1337  # document shuffle before the train/val split
-    shard_tokens: int = bounded(100_000_000, 1)
+    shard_tokens: int = bounded(100_000_000, 1, 2**31 - 1)
     fineweb_variant: str = "sp1024"
     fineweb_train_shards: int = bounded(1, 1)
     out: str = ""  # "" = $UNDERPAR_CACHE/datasets/<source>_sp<vocab>
 
     def check(self) -> None:
         if self.source in ("text", "jsonl") and not self.path:
-            raise ConfigError(f"data.source = {self.source} needs data.path (a file or folder)")
+            raise ConfigError(f"data.source = {self.source} needs data.path (data prepare: --path), a file or folder")
 
     @property
     def out_dir(self) -> Path:
@@ -59,57 +75,186 @@ class DataConfig:
         return corpora.cache_dir() / "datasets" / f"{self.source}_sp{self.vocab_size}"
 
 
-def _input_identity(cfg: DataConfig) -> list[Any]:
-    """What the output depends on, cheap to compute: settings and the input files' stats."""
-    settings = dataclasses.asdict(cfg)
-    settings.pop("out")
+def _say(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def prepare_command(cfg: DataConfig, force: bool = False) -> str:
+    """The `underpar data prepare` line that builds `cfg`'s folder."""
+    parts = ["underpar data prepare", f"--source {cfg.source}", f"--vocab {cfg.vocab_size}"]
+    if cfg.path or cfg.source in ("text", "jsonl"):
+        parts.append(f"--path {shlex.quote(cfg.path) if cfg.path else 'CORPUS'}")
+    parts.append(f"--out {shlex.quote(str(cfg.out_dir))}")
+    defaults = DataConfig()
+    for key in DATA_FIELDS[cfg.source]:
+        if key not in ("path", "vocab_size") and getattr(cfg, key) != getattr(defaults, key):
+            parts.append(f"--set {shlex.quote(f'{key}={getattr(cfg, key)}')}")
+    return " ".join(parts + (["--force"] if force else []))
+
+
+# ---------------------------------------------------------------- what a folder holds
+
+def _file_stats(path: str) -> list[Any]:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [(str(p.relative_to(root) if p != root else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def _fingerprint(settings: dict[str, Any], path: str) -> str:
+    """What the output depends on, cheap to compute: the settings and the input files' stats
+    (files are read from `path`, so a moved corpus keeps its fingerprint)."""
+    settings = {k: v for k, v in settings.items() if k != "out"}
     identity: list[Any] = [settings]
-    if cfg.source in ("text", "jsonl"):
-        root = Path(cfg.path).expanduser()
-        if not root.exists():
-            raise DataError(f"data path {root} does not exist")
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        identity += [(str(p.relative_to(root) if p != root else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return identity
+    if settings.get("source") in ("text", "jsonl"):
+        identity += _file_stats(path)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _fingerprint(cfg: DataConfig) -> str:
-    text = json.dumps(_input_identity(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _is_complete(out: Path, fingerprint: str) -> dict[str, Any] | None:
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A prepared folder's manifest, checked for the fields every reader uses."""
+    path = folder / MANIFEST
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("fingerprint") != fingerprint:
-        return None
-    for entry in manifest["shards"] + [manifest["tokenizer"]]:
-        path = out / entry["file"]
-        if not path.is_file() or corpora.sha256_file(path) != entry["sha256"]:
-            return None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} cannot be read ({e})") from None
+    entries = manifest.get("shards") if isinstance(manifest, dict) else None
+    tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+    if not (isinstance(entries, list) and all(isinstance(e, dict) and {"file", "split", "sha256"} <= e.keys() for e in entries)
+            and isinstance(tokenizer, dict) and {"file", "sha256", "vocab_size"} <= tokenizer.keys()):
+        raise DataError(f"{path} is not a manifest written by `underpar data prepare` (fields are missing)")
     return manifest
 
 
-def prepare(cfg: DataConfig, force: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the prepared data folder; returns its manifest plus "dir" and "reused"."""
-    out = cfg.out_dir
-    fingerprint = _fingerprint(cfg)
-    if not force and (manifest := _is_complete(out, fingerprint)) is not None:
-        return {**manifest, "dir": str(out), "reused": True}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+def _existing(out: Path) -> dict[str, Any] | str | None:
+    """None (nothing at `out`, or an empty folder), a prepared folder's manifest, or why its
+    manifest cannot be read. Anything else is refused: it is not ours to replace."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DataError(f"{out} is a file, not a data folder; choose another data.out (data prepare: --out)")
+    if not (out / MANIFEST).exists():
+        if next(out.iterdir(), None) is None:
+            return None
+        raise DataError(f"{out} is not empty and holds no prepared data (no {MANIFEST}); it is left as is: "
+                        "choose another data.out (data prepare: --out)")
     try:
-        started = time.time()
-        if cfg.source == "fineweb":
-            stats = _fetch_fineweb(cfg, work)
+        return read_manifest(out)
+    except DataError as e:
+        return str(e)
+
+
+def _differences(manifest: dict[str, Any], cfg: DataConfig) -> list[str]:
+    """How the data in a prepared folder differs from what `cfg` asks for ([] = the same)."""
+    recorded = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    there = recorded.get("source", manifest.get("source"))
+    if there != cfg.source:
+        return [f"source = {there!r} there, {cfg.source!r} asked"]
+    defaults = dataclasses.asdict(DataConfig())
+    diffs = []
+    for key in DATA_FIELDS[cfg.source]:
+        old, new = recorded.get(key, defaults[key]), getattr(cfg, key)
+        if key == "val_docs":  # compared by count: 0 (a tenth) and 1500 agree on the builtin corpus
+            docs = manifest.get("documents") or {}
+            old = docs.get("val")
+            try:
+                new = corpora.validation_count(new, docs.get("train", 0) + docs.get("val", 0))
+            except DataError:
+                pass
+            key = "validation documents"
+        elif key == "path" and _same_path(old, new):
+            continue
+        if old != new:
+            diffs.append(f"{key} = {old!r} there, {new!r} asked")
+    if cfg.source in ("text", "jsonl"):
+        if manifest.get("recipe", 1) != RECIPE:
+            diffs.append(f"it was made by underpar {manifest.get('underpar_version', '?')}, whose text recipe "
+                         "differs (long documents, default val_docs)")
+        elif _fingerprint(recorded, cfg.path) != manifest.get("fingerprint"):
+            moved = not _same_path(recorded.get("path", ""), cfg.path)
+            diffs.append(f"the files under {cfg.path} differ from those under {recorded.get('path')} it was prepared from"
+                         if moved else f"the files under {cfg.path} changed since it was prepared (added, removed or modified)")
+    return diffs
+
+
+def _same_path(a: str, b: str) -> bool:
+    return a == b or bool(a and b and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}  # verified files of this process, by stat
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file, computed once per process for an unchanged file (a run checks its
+    shards when preparing and again when loading them)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = corpora.sha256_file(path)
+    return _SHA256[key]
+
+
+def _check_file(path: Path, sha256: str) -> str | None:
+    """Why `path` is not the file the manifest lists, or None."""
+    if not path.is_file():
+        return f"{path} is missing"
+    if _sha256(path) != sha256:
+        return f"{path} fails its sha256 check against {MANIFEST} (damaged or modified since it was prepared)"
+    return None
+
+
+def _damage(out: Path, manifest: dict[str, Any]) -> str | None:
+    """The first file of a prepared folder that does not match its manifest, or None."""
+    entries = [*manifest["shards"], manifest["tokenizer"]]
+    size = sum((out / e["file"]).stat().st_size for e in entries if (out / e["file"]).is_file())
+    with progress(disable=size < 2**30) as bar:  # hashing runs at ~1 GB/s: show it past a second
+        task = bar.add_task(f"checking {out.name}", total=len(entries), info="")
+        for entry in entries:
+            if (why := _check_file(out / entry["file"], entry["sha256"])) is not None:
+                return why
+            bar.update(task, advance=1)
+    return None
+
+
+# ---------------------------------------------------------------- prepare
+
+def prepare(cfg: DataConfig, force: bool = False) -> dict[str, Any]:
+    """Build (or reuse) the prepared data folder; returns its manifest plus "dir" and "reused".
+    `force` rebuilds it even when up to date and replaces a folder that holds other prepared
+    data; a folder that holds anything else is never replaced."""
+    out = cfg.out_dir
+    fingerprint = _fingerprint(dataclasses.asdict(cfg), cfg.path)  # checks that the input path exists
+    existing = _existing(out)
+    if isinstance(existing, str):
+        if not force:
+            raise DataError(f"{existing}; the folder is left as is: choose another data.out, or replace it: "
+                            f"{prepare_command(cfg, force=True)}")
+        _say(f"replacing {out} (--force): {existing}")
+    elif existing is not None:
+        differs = _differences(existing, cfg)
+        if differs and not force:
+            raise DataError(f"{out} holds other prepared data ({'; '.join(differs)}); it is left as is: "
+                            f"choose another data.out, or replace it: {prepare_command(cfg, force=True)}")
+        damage = None if differs else _damage(out, existing)
+        if not differs and damage is None and not force:
+            return {**existing, "dir": str(out), "reused": True}
+        if differs:
+            _say(f"replacing {out} (--force): {'; '.join(differs)}")
         else:
-            stats = _tokenize_corpus(cfg, work)
+            _say(f"{damage}: rebuilding {out} with the same settings" if damage else f"rebuilding {out} (--force)")
+
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    work = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        started = time.time()
+        stats = _fetch_fineweb(cfg, work) if cfg.source == "fineweb" else _tokenize_corpus(cfg, work)
         manifest = {
             "source": cfg.source,
             "fingerprint": fingerprint,
+            "recipe": RECIPE,
             "config": dataclasses.asdict(cfg),
             "underpar_version": __version__,
             "seconds": round(time.time() - started, 1),
@@ -117,23 +262,46 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict[str, Any]:
         }
         _add_token_stats(work, manifest)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        _replace(work, out)
+    except BaseException as e:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        for folder in made:  # the parents this run created, deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError) and not isinstance(e, DataError):
+            where = f" ({e.filename})" if e.filename else ""
+            raise DataError(f"cannot prepare {out}: {e.strerror or e}{where}; choose a folder you can write") from None
         raise
     return {**manifest, "dir": str(out), "reused": False}
 
 
+def _replace(work: Path, out: Path) -> None:
+    """Move the finished folder into place; the one it replaces goes only once it is there."""
+    if not out.exists():
+        os.replace(work, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "data")
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _tokenize_corpus(cfg: DataConfig, work: Path) -> dict[str, Any]:
+    started = time.perf_counter()
     with console.status(f"reading the {cfg.source} corpus"):
         documents = corpora.load_documents(
             cfg.source, cfg.path or None, field=cfg.field, min_chars=cfg.min_chars if cfg.source == "builtin" else None
         )
-        train_docs, val_docs = corpora.split_documents(documents, val_docs=cfg.val_docs, seed=cfg.seed)
-    with console.status(f"training a {cfg.vocab_size}-piece BPE tokenizer on {len(train_docs):,} documents"):
-        train_tokenizer(train_docs, cfg.vocab_size, work / TOKENIZER)
+    train_docs, val_docs = corpora.split_documents(documents, val_docs=cfg.val_docs, seed=cfg.seed)
+    rule = "" if cfg.val_docs else f" (val_docs=0: a tenth, at most {corpora.AUTO_VAL_DOCS:,})"
+    _say(f"read {len(documents):,} documents in {time.perf_counter() - started:.1f} s: "
+         f"{len(train_docs):,} to train on, {len(val_docs):,} to validate{rule}")
+    # The built-in corpus keeps the reference's recipe (the trainer skips documents over its
+    # sentence limit); a user's long documents are split so that every one trains it.
+    train_tokenizer(train_docs, cfg.vocab_size, work / TOKENIZER, split_long_documents=cfg.source != "builtin", log=_say)
     tokenizer = Tokenizer.load(work / TOKENIZER)
     shard_list = []
     with progress() as bar:
@@ -178,6 +346,10 @@ def _fetch_fineweb(cfg: DataConfig, work: Path) -> dict[str, Any]:
             entries.append({"file": str(path.relative_to(work)), "split": split, "sha256": corpora.sha256_file(path)})
     tokenizer = Path(files["tokenizer"])
     shutil.copyfile(tokenizer, work / TOKENIZER)
+    pieces = Tokenizer.load(work / TOKENIZER).vocab_size
+    if pieces != cfg.vocab_size:
+        raise DataError(f"the FineWeb {cfg.fineweb_variant} tokenizer has {pieces} pieces, not vocab_size = "
+                        f"{cfg.vocab_size}; pass --vocab {pieces}")
     return {
         "tokenizer": {"file": TOKENIZER, "sha256": corpora.sha256_file(work / TOKENIZER), "vocab_size": cfg.vocab_size},
         "shards": entries,
@@ -185,36 +357,65 @@ def _fetch_fineweb(cfg: DataConfig, work: Path) -> dict[str, Any]:
 
 
 def _add_token_stats(work: Path, manifest: dict[str, Any]) -> None:
-    """Tokens and scored bytes per split, counted from the shards with the bpb byte rules."""
-    luts = build_byte_luts(Tokenizer.load(work / TOKENIZER), manifest["tokenizer"]["vocab_size"])
+    """Tokens and scored bytes per split, counted from the shards with the bpb byte rules
+    (each shard's ids are checked against the vocabulary first)."""
+    vocab_size = manifest["tokenizer"]["vocab_size"]
+    luts = build_byte_luts(Tokenizer.load(work / TOKENIZER), vocab_size)
     tokens: dict[str, int] = {}
     scored: dict[str, int] = {}
     last: dict[str, torch.Tensor] = {}  # each split is one stream across its shards
-    for entry in manifest["shards"]:
-        split = entry["split"]
-        ids = torch.from_numpy(shards.read_shard(work / entry["file"]).astype(np.int64))
-        entry["tokens"] = len(ids)
-        tokens[split] = tokens.get(split, 0) + len(ids)
-        stream = torch.cat([last.get(split, ids[:0]), ids])
-        scored[split] = scored.get(split, 0) + int(target_bytes(stream[:-1], stream[1:], luts).sum())
-        last[split] = ids[-1:]
+    total = sum(shards.read_header(work / e["file"]) for e in manifest["shards"])
+    with progress(disable=total < 50_000_000) as bar:
+        task = bar.add_task("counting bytes", total=total, info="")
+        for entry in manifest["shards"]:
+            split = entry["split"]
+            raw = shards.read_shard(work / entry["file"])
+            shards.check_ids(work / entry["file"], raw, vocab_size)
+            ids = torch.from_numpy(raw.astype(np.int64))
+            entry["tokens"] = len(ids)
+            tokens[split] = tokens.get(split, 0) + len(ids)
+            stream = torch.cat([last.get(split, ids[:0]), ids])
+            scored[split] = scored.get(split, 0) + int(target_bytes(stream[:-1], stream[1:], luts).sum())
+            last[split] = ids[-1:]
+            bar.update(task, advance=len(ids))
     manifest["tokens"] = tokens
     manifest["scored_bytes"] = scored  # the bpb denominator: every token after the first is a target
     manifest["bytes_per_token"] = {s: round(scored[s] / max(1, tokens[s] - 1), 4) for s in tokens}
 
 
+# ---------------------------------------------------------------- reading a prepared folder
+
+def _rebuild_hint(manifest: dict[str, Any]) -> str:
+    """How to rebuild a damaged folder: prepare it again with the settings it was made with."""
+    recorded = manifest.get("config")
+    try:
+        fields = {f.name for f in dataclasses.fields(DataConfig)}
+        cfg = cfglib.from_dict(DataConfig, {k: v for k, v in recorded.items() if k in fields} | {"out": manifest["dir"]})
+        return f"prepare it again: {prepare_command(cfg)}"
+    except (AttributeError, TypeError, ConfigError):
+        return f"prepare it again with the settings in its {MANIFEST}"
+
+
 def load_manifest(cfg: DataConfig) -> dict[str, Any]:
-    """The manifest of an already prepared folder, with absolute shard paths by split."""
+    """The manifest of an already prepared folder, with "dir" added; its tokenizer is checked
+    against the manifest's sha256."""
     out = cfg.out_dir
-    path = out / MANIFEST
-    if not path.is_file():
-        raise DataError(f"no prepared data at {out}; run `underpar data prepare --source {cfg.source} --vocab {cfg.vocab_size}` first")
-    manifest = json.loads(path.read_text())
-    return {**manifest, "dir": str(out)}
+    if not (out / MANIFEST).is_file():
+        why = "does not exist" if not out.exists() else f"has no {MANIFEST}"
+        raise DataError(f"no prepared data at {out} (the folder {why}); prepare it: {prepare_command(cfg)}")
+    manifest = {**read_manifest(out), "dir": str(out)}
+    if (why := _check_file(out / manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"])) is not None:
+        raise DataError(f"{why}; {_rebuild_hint(manifest)}")
+    return manifest
 
 
 def split_files(manifest: dict[str, Any], split: str) -> list[Path]:
-    files = [Path(manifest["dir"]) / e["file"] for e in manifest["shards"] if e["split"] == split]
+    """The shards of one split, each checked against the manifest's sha256 (once per process)."""
+    out = Path(manifest["dir"])
+    files = [out / e["file"] for e in manifest["shards"] if e["split"] == split]
     if not files:
-        raise DataError(f"prepared data at {manifest['dir']} has no {split} shards")
+        raise DataError(f"prepared data at {out} has no {split} shards")
+    for entry in (e for e in manifest["shards"] if e["split"] == split):
+        if (why := _check_file(out / entry["file"], entry["sha256"])) is not None:
+            raise DataError(f"{why}; {_rebuild_hint(manifest)}")
     return files
