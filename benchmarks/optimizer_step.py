@@ -59,7 +59,7 @@ def main() -> None:
     cast_for_bf16_training(model)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    muon, adam = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
+    muon, adam = build_optimizers(model, cfg.optim, cfg.model.embeddings.tied)
     shapes = sorted({tuple(p.shape) for g in muon.param_groups for p in g["params"]})
 
     def batched(compiled: bool):

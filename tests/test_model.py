@@ -1,5 +1,6 @@
 """The baseline GPT: exact parameter count and names, init behaviour, softcap, causality,
-the activation table, config errors, a tiny model that learns, and fullgraph compile."""
+the activations, the U-Net residual, config errors, a tiny model that learns, and fullgraph
+compile."""
 
 import math
 import shutil
@@ -9,16 +10,23 @@ import torch
 
 from underpar.config import from_dict, override, validate
 from underpar.errors import ConfigError
-from underpar.model.gpt import GPT, GPTConfig, build, num_params
-from underpar.model.layers import ACTIVATIONS, CastedLinear, Rotary
+from underpar.model.config import GPTConfig
+from underpar.model.gpt import GPT, build, num_params
+from underpar.model.linear import CastedLinear
+from underpar.model.mlp import ACTIVATIONS
+from underpar.model.rope import Rotary
 from underpar.model.precision import CONTROL_PATTERNS, cast_for_bf16_training, is_control
 
-TINY = dict(vocab_size=128, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
+TINY = {"vocab_size": 128, "num_layers": 2, "model_dim": 64, "attention": {"num_heads": 4, "num_kv_heads": 2}}
 
 
-def tiny(**changes) -> GPT:
+def tiny(*sets: str) -> GPT:
+    """The tiny model with `section.key=value` overrides, e.g. tiny("mlp.mult=1.5")."""
+    cfg = from_dict(GPTConfig, TINY)
+    for assignment in sets:
+        cfg = override(cfg, assignment)
     torch.manual_seed(0)
-    return build(GPTConfig(**{**TINY, **changes}))
+    return build(cfg)
 
 
 def random_batch(vocab: int, batch: int = 2, seq_len: int = 32, seed: int = 1) -> tuple:
@@ -42,7 +50,7 @@ def test_baseline_has_the_published_parameter_count(baseline):
 
 
 def test_untied_head_adds_vocab_by_dim(baseline):
-    untied = build(GPTConfig(tie_embeddings=False))
+    untied = build(from_dict(GPTConfig, {"embeddings": {"tied": False}}))
     assert num_params(untied) - num_params(baseline) == 1024 * 512
 
 
@@ -81,7 +89,7 @@ def test_loss_at_init_is_about_log_vocab(baseline):
 
 
 def test_untied_loss_at_init_is_exactly_log_vocab():
-    model = tiny(tie_embeddings=False)  # zero-init head -> uniform logits
+    model = tiny("embeddings.tied=false")  # zero-init head -> uniform logits
     inputs, targets = random_batch(128)
     with torch.no_grad():
         assert model(inputs, targets).item() == pytest.approx(math.log(128), abs=1e-5)
@@ -104,7 +112,7 @@ def test_forward_shapes_and_views_agree():
 
 
 def test_logits_are_softcapped():
-    model = tiny(logit_softcap=2.0)
+    model = tiny("embeddings.logit_softcap=2.0")
     with torch.no_grad():
         model.tok_emb.weight.mul_(1000.0)  # raw logits in the thousands
         logits = model(random_batch(128)[0])
@@ -113,7 +121,7 @@ def test_logits_are_softcapped():
 
 
 def test_softcap_zero_disables_the_cap():
-    model = tiny(logit_softcap=0.0)
+    model = tiny("embeddings.logit_softcap=0.0")
     with torch.no_grad():
         model.tok_emb.weight.mul_(1000.0)
         assert model(random_batch(128)[0]).abs().max().item() > 30.0
@@ -138,7 +146,7 @@ def perturbed(model: GPT) -> GPT:
 
 
 def test_causality_earlier_positions_ignore_later_tokens():
-    model = perturbed(tiny(num_layers=3))
+    model = perturbed(tiny("num_layers=3"))
     inputs, _ = random_batch(128, batch=1, seq_len=24)
     changed = inputs.clone()
     t = 13
@@ -149,9 +157,41 @@ def test_causality_earlier_positions_ignore_later_tokens():
     assert (after[:, t:] - before[:, t:]).abs().amax(dim=-1).min() > 1e-4
 
 
+def unet_by_hand(model: GPT, inputs: torch.Tensor) -> torch.Tensor:
+    """The baseline's U-Net written out for 4 blocks: 2 encoder outputs added back in reverse."""
+    x = x0 = torch.nn.functional.rms_norm(model.tok_emb(inputs), (model.cfg.model_dim,))
+    b, w = model.blocks, model.skip_weights
+    e0 = b[0](x, x0)
+    e1 = b[1](e0, x0)
+    x = b[2](e1 + w[0] * e1, x0)
+    x = b[3](x + w[1] * e0, x0)
+    return torch.nn.functional.rms_norm(x, (model.cfg.model_dim,))
+
+
+def test_unet_adds_encoder_outputs_back_in_reverse_order():
+    model = perturbed(tiny("num_layers=4"))
+    with torch.no_grad():
+        model.skip_weights.uniform_(0.5, 1.5)
+        inputs = random_batch(128, seq_len=8)[0]
+        torch.testing.assert_close(model.hidden(inputs), unet_by_hand(model, inputs), rtol=0, atol=0)
+    assert (model.num_encoder_layers, model.num_decoder_layers, model.num_skips) == (2, 2, 2)
+
+
+def test_without_unet_skips_the_blocks_are_a_plain_stack():
+    model = perturbed(tiny("num_layers=3", "residual.unet_skips=false"))
+    assert model.skip_weights.shape == (0, 64)
+    assert num_params(tiny("num_layers=3")) - num_params(model) == 1 * 64
+    inputs = random_batch(128, seq_len=8)[0]
+    with torch.no_grad():
+        x = x0 = torch.nn.functional.rms_norm(model.tok_emb(inputs), (64,))
+        for block in model.blocks:
+            x = block(x, x0)
+        torch.testing.assert_close(model.hidden(inputs), torch.nn.functional.rms_norm(x, (64,)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_every_activation_runs(name):
-    model = perturbed(tiny(mlp_activation=name))
+    model = perturbed(tiny(f"mlp.activation={name}"))
     inputs, targets = random_batch(128, seq_len=8)
     loss = model(inputs, targets)
     loss.backward()
@@ -166,7 +206,7 @@ def test_leaky_relu2_squares_a_half_slope_leak():
 
 
 def test_fractional_mlp_mult_sets_hidden_width():
-    model = tiny(mlp_mult=1.5)
+    model = tiny("mlp.mult=1.5")
     assert model.blocks[0].mlp.fc.weight.shape == (96, 64)
 
 
@@ -192,30 +232,30 @@ def test_bfloat16_rope_reproduces_the_reference_rounding_of_positions():
 
 
 def test_unknown_activation_lists_the_valid_ones():
-    cfg = from_dict(GPTConfig, {"mlp_activation": "swish9"})
+    cfg = from_dict(GPTConfig, {"mlp": {"activation": "swish9"}})
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     message = str(err.value)
-    assert "mlp_activation" in message and "swish9" in message
+    assert "mlp.activation" in message and "swish9" in message
     for name in ACTIVATIONS:
         assert name in message
 
 
 def test_build_validates_the_config():
-    with pytest.raises(ConfigError, match="mlp_activation"):
-        build(GPTConfig(mlp_activation="nope"))
+    with pytest.raises(ConfigError, match="mlp.activation"):
+        build(override(GPTConfig(), "mlp.activation=nope"))
 
 
 @pytest.mark.parametrize(
     "changes, key",
     [
-        ({"model_dim": 500, "num_heads": 8}, "num_heads"),
-        ({"num_heads": 8, "num_kv_heads": 3}, "num_kv_heads"),
-        ({"model_dim": 24, "num_heads": 8, "num_kv_heads": 4}, "head dim"),
-        ({"mlp_mult": 1.001}, "mlp_mult"),
+        ({"model_dim": 500, "attention": {"num_heads": 8}}, "attention.num_heads"),
+        ({"attention": {"num_heads": 8, "num_kv_heads": 3}}, "attention.num_kv_heads"),
+        ({"model_dim": 24, "attention": {"num_heads": 8, "num_kv_heads": 4}}, "head dim"),
+        ({"mlp": {"mult": 1.001}}, "mlp.mult"),
         ({"num_layers": 0}, "num_layers"),
-        ({"logit_softcap": -1.0}, "logit_softcap"),
-        ({"rope_dtype": "float16"}, "rope_dtype"),
+        ({"embeddings": {"logit_softcap": -1.0}}, "embeddings.logit_softcap"),
+        ({"attention": {"rope_dtype": "float16"}}, "attention.rope_dtype"),
     ],
 )
 def test_bad_shapes_are_config_errors_naming_the_key(changes, key):
@@ -225,10 +265,17 @@ def test_bad_shapes_are_config_errors_naming_the_key(changes, key):
 
 
 def test_overrides_reach_the_model_config():
-    cfg = override(GPTConfig(), "mlp_activation=leaky_relu2")
-    cfg = override(cfg, "mlp_mult=4")
+    cfg = override(GPTConfig(), "mlp.activation=leaky_relu2")
+    cfg = override(cfg, "mlp.mult=4")
+    cfg = override(cfg, "attention.num_kv_heads=2")
     validate(cfg)
-    assert cfg.mlp_activation == "leaky_relu2" and cfg.mlp_mult == 4.0
+    assert cfg.mlp.activation == "leaky_relu2" and cfg.mlp.mult == 4.0
+    assert cfg.attention.num_kv_heads == 2
+
+
+def test_old_flat_keys_are_errors_that_list_the_sections():
+    with pytest.raises(ConfigError, match="valid keys here: .*attention.*mlp"):
+        override(GPTConfig(), "num_heads=4")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The Parameter Golf baseline GPT, built from a validated `GPTConfig`.
+"""The Parameter Golf baseline GPT, built from a validated `GPTConfig` (model/config.py).
 
 Defaults reproduce the reference `train_gpt.py` exactly (17,059,912 parameters); parameter
 names match its state-dict keys, and modules are created in its order so a seed gives the
@@ -7,98 +7,46 @@ same initial weights.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from underpar.config import bounded, choice, validate
-from underpar.errors import ConfigError
-from underpar.model.layers import ACTIVATIONS, ROPE_DTYPES, Block, CastedLinear, rms_norm
-
-
-@dataclasses.dataclass
-class GPTConfig:
-    vocab_size: int = bounded(1024, 2)
-    num_layers: int = bounded(9, 1)
-    model_dim: int = bounded(512, 2)
-    num_heads: int = bounded(8, 1)
-    num_kv_heads: int = bounded(4, 1)
-    # MLP hidden width = mlp_mult * model_dim (must come out a whole number).
-    mlp_mult: float = bounded(2.0, 0.0)
-    mlp_activation: str = choice("relu2", ACTIVATIONS)
-    tie_embeddings: bool = True
-    # Init std of the (tied) token embedding; an untied embedding keeps PyTorch's N(0, 1).
-    tied_embed_init_std: float = bounded(0.005, 0.0)
-    rope_base: float = bounded(10000.0, 1.0)
-    # float32: exact rotary phases. bfloat16: the reference script's rounded phases.
-    rope_dtype: str = choice("float32", ROPE_DTYPES)
-    # logits = softcap * tanh(logits / softcap); 0 disables the cap.
-    logit_softcap: float = bounded(30.0, 0.0)
-    qk_gain_init: float = 1.5
-
-    def check(self) -> None:
-        if self.model_dim % self.num_heads != 0:
-            raise ConfigError(
-                f"model_dim = {self.model_dim} must be divisible by num_heads = {self.num_heads}"
-            )
-        if self.num_heads % self.num_kv_heads != 0:
-            raise ConfigError(
-                f"num_heads = {self.num_heads} must be divisible by "
-                f"num_kv_heads = {self.num_kv_heads}"
-            )
-        head_dim = self.model_dim // self.num_heads
-        if head_dim % 2 != 0:
-            raise ConfigError(
-                f"model_dim / num_heads = {head_dim} (the head dim) must be even "
-                f"for rotary embeddings"
-            )
-        hidden = self.mlp_mult * self.model_dim
-        if hidden < 1 or hidden != int(hidden):
-            raise ConfigError(
-                f"mlp_mult = {self.mlp_mult} gives an MLP width of {hidden} "
-                f"(mlp_mult * model_dim); it must be a positive whole number"
-            )
+from underpar.config import validate
+from underpar.model.block import Block
+from underpar.model.config import GPTConfig
+from underpar.model.embeddings import softcap
+from underpar.model.linear import CastedLinear, rms_norm
+from underpar.model.residual import run_unet, unet_layout
 
 
 class GPT(nn.Module):
-    """Token embedding -> U-Net of blocks -> final RMS norm -> (tied) head -> softcap.
-
-    The first num_layers // 2 blocks are the encoder: each output is saved. The rest are
-    the decoder: before each of the first len(saved) decoder blocks, the most recently
-    saved output is added back, scaled per dim by a learned row of `skip_weights`.
-    """
+    """Token embedding -> U-Net of blocks (model/residual.py) -> final RMS norm -> (tied)
+    head -> softcap."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         validate(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
-        self.num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.layout = unet_layout(cfg.num_layers, cfg.residual)
+        self.num_encoder_layers = self.layout.num_encoder_layers
+        self.num_decoder_layers = self.layout.num_decoder_layers
+        self.num_skips = self.layout.num_skips
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg.model_dim, cfg.attention, cfg.mlp) for _ in range(cfg.num_layers)
+        )
         self.lm_head = None
-        if not cfg.tie_embeddings:
+        if not cfg.embeddings.tied:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
         # Last, after every other random init, as in the reference (same RNG order).
-        if cfg.tie_embeddings:
-            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
+        if cfg.embeddings.tied:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.embeddings.tied_init_std)
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         """Final normed hidden states [B, T, model_dim]."""
         x = rms_norm(self.tok_emb(input_ids))
-        x0 = x
-        saved: list[Tensor] = []
-        for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
-            saved.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
-            if i < self.num_skips:
-                x = x + self.skip_weights[i].to(x.dtype)[None, None, :] * saved.pop()
-            x = block(x, x0)
+        x = run_unet(self.blocks, self.skip_weights, self.layout, x, x0=x)
         return rms_norm(x)
 
     def capped_logits(self, hidden: Tensor) -> Tensor:
@@ -107,10 +55,7 @@ class GPT(nn.Module):
             logits = F.linear(hidden, self.tok_emb.weight)
         else:
             logits = self.lm_head(hidden)
-        cap = self.cfg.logit_softcap
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return softcap(logits, self.cfg.embeddings.logit_softcap)
 
     def logits(self, input_ids: Tensor) -> Tensor:
         """Next-token logits [B, T, vocab], float32."""
@@ -138,6 +83,7 @@ def build(cfg: GPTConfig) -> GPT:
 
 
 def num_params(model: nn.Module) -> int:
+    """All parameters of `model`, counted once each."""
     return sum(p.numel() for p in model.parameters())
 
 

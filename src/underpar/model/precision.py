@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from underpar.model.layers import CastedLinear
+from underpar.model.linear import CastedLinear
 
 # Substrings of parameter names that are control tensors: kept fp32 in training and in the
 # exported artifact, and optimized with Adam rather than Muon even when they are 2-D.

@@ -1,0 +1,58 @@
+"""The GPT's config: the shape fields every part shares (vocab, depth, width) plus one section
+per part, each defined beside its part's code, and the checks that span sections.
+
+    [model]                 vocab_size, num_layers, model_dim
+    [model.embeddings]      tied, tied_init_std, logit_softcap        (model/embeddings.py)
+    [model.attention]       num_heads, num_kv_heads, rope_base, rope_dtype, qk_gain_init
+    [model.mlp]             mult, activation                          (model/mlp.py)
+    [model.residual]        unet_skips                                (model/residual.py)
+
+Defaults are the Parameter Golf baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from underpar.config import bounded, nested
+from underpar.errors import ConfigError
+from underpar.model.attention import AttentionConfig
+from underpar.model.embeddings import EmbeddingsConfig
+from underpar.model.mlp import MLPConfig
+from underpar.model.residual import ResidualConfig
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = bounded(1024, 2)
+    num_layers: int = bounded(9, 1)
+    model_dim: int = bounded(512, 2)
+    embeddings: EmbeddingsConfig = nested(EmbeddingsConfig)
+    attention: AttentionConfig = nested(AttentionConfig)
+    mlp: MLPConfig = nested(MLPConfig)
+    residual: ResidualConfig = nested(ResidualConfig)
+
+    def check(self) -> None:
+        heads, kv_heads = self.attention.num_heads, self.attention.num_kv_heads
+        if self.model_dim % heads != 0:
+            raise ConfigError(
+                f"model.model_dim = {self.model_dim} must be divisible by "
+                f"model.attention.num_heads = {heads}"
+            )
+        if heads % kv_heads != 0:
+            raise ConfigError(
+                f"model.attention.num_heads = {heads} must be divisible by "
+                f"model.attention.num_kv_heads = {kv_heads}"
+            )
+        head_dim = self.model_dim // heads
+        if head_dim % 2 != 0:
+            raise ConfigError(
+                f"model.model_dim / model.attention.num_heads = {head_dim} (the head dim) must "
+                f"be even for rotary embeddings"
+            )
+        hidden = self.mlp.mult * self.model_dim
+        if hidden < 1 or hidden != int(hidden):
+            raise ConfigError(
+                f"model.mlp.mult = {self.mlp.mult} gives an MLP width of {hidden} "
+                f"(mult * model_dim); it must be a positive whole number"
+            )

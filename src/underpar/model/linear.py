@@ -1,0 +1,34 @@
+"""The building blocks every part shares: the weightless RMS norm and the fp32-weight linear
+that computes in the input's dtype."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMS norm over the last dim with no learned weight (eps = the dtype's machine eps)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """Weightless RMS norm as a module, so blocks show where their norms sit."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear whose weight stays fp32 (optimizer quality) and is cast to the
+    input's dtype at matmul time (bf16 compute)."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        # Output projections start at zero so every block begins as the identity.
+        self.zero_init = zero_init
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
