@@ -13,5 +13,9 @@ class DataError(UnderparError):
     """Missing, empty, corrupt or unusable input data."""
 
 
+class ArtifactError(UnderparError):
+    """An artifact that cannot be written, read, or is over its byte limit."""
+
+
 class TrainingError(UnderparError):
     """Training that cannot go on, e.g. a loss that became NaN or infinite."""

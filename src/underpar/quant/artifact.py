@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 import underpar
-from underpar.quant.int8 import COMPRESSORS, QUANTIZERS, ArtifactError, QuantConfig
+from underpar.errors import ArtifactError
+from underpar.quant.base import COMPRESSORS, QUANTIZERS
+from underpar.quant.config import QuantConfig
 
 LIMIT_BYTES = 16_000_000
 
@@ -22,15 +24,24 @@ LIMIT_BYTES = 16_000_000
 # submission's single train_gpt.py would have to contain, so what the code bytes count.
 CODE_GLOBS = (
     "model/__init__.py",
+    "model/attention.py",
+    "model/block.py",
+    "model/config.py",
+    "model/embeddings.py",
     "model/gpt.py",
-    "model/layers.py",
+    "model/linear.py",
+    "model/mlp.py",
     "model/precision.py",
+    "model/residual.py",
+    "model/rope.py",
     "optim/**/*.py",
     "quant/**/*.py",
     "data/shards.py",
     "eval/bpb.py",
     "tracks/pretrain.py",
     "config.py",
+    "registry.py",
+    "errors.py",
 )
 
 
@@ -42,8 +53,7 @@ def export_model(
 ) -> int:
     """Quantize, torch.save, compress and write `state_dict` to `path`; the compressed byte
     count. The file appears complete or not at all."""
-    quantize, _ = QUANTIZERS[cfg.scheme]
-    obj, _stats = quantize(
+    obj, _stats = QUANTIZERS[cfg.scheme].quantize(
         state_dict,
         control_patterns,
         clip_percentile=cfg.clip_percentile,
@@ -83,8 +93,7 @@ def load_model(path: str | os.PathLike[str], cfg: QuantConfig) -> dict[str, Tens
         ) from None
     # The object is dicts of tensors and strings only, so the safe loader suffices.
     obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    _, dequantize = QUANTIZERS[cfg.scheme]
-    return dequantize(obj)
+    return QUANTIZERS[cfg.scheme].dequantize(obj)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
-"""The parameter-golf baseline export: per-row int8 weights with fp16 scales, small tensors kept
-as floats; plus the name -> implementation tables (quantizers, compressors) that `QuantConfig`
-chooses from.
+"""The parameter-golf baseline export (`quant.scheme = "int8"`): per-row int8 weights with fp16
+scales, small tensors kept as floats.
 
 Format (a plain dict of dicts, loadable with `torch.load(weights_only=True)`):
   quantized[name]   int8 values; scales[name] fp16 per row (2-D) or an fp32 scalar (other shapes)
@@ -10,16 +9,14 @@ Format (a plain dict of dicts, loadable with `torch.load(weights_only=True)`):
 
 from __future__ import annotations
 
-import dataclasses
-import zlib
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from underpar.config import bounded, choice
-from underpar.errors import UnderparError
+from underpar.errors import ArtifactError
+from underpar.quant.base import QUANTIZERS
 
 FORMAT = "underpar-int8-v1"
 CLIP_PERCENTILE = 99.99984
@@ -29,9 +26,6 @@ QMAX = 127
 # their range needs; parameter-golf issue #775 discusses the same floor for int6). Kept for
 # fidelity; it also keeps every scale well inside fp16's normal range.
 MIN_ROW_SCALE = 1.0 / QMAX
-
-class ArtifactError(UnderparError):
-    """An artifact that cannot be written, read, or is over its byte limit."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -139,35 +133,9 @@ def dequantize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# technique tables: adding a scheme or compressor = one function pair + one entry
+@QUANTIZERS.register("int8")
+class Int8:
+    """Per-row int8 with fp16 scales; small and control tensors kept as floats."""
 
-
-class Quantizer(NamedTuple):
-    # quantize(state_dict, control_patterns, *, clip_percentile, keep_float_max_numel)
-    quantize: Callable[..., tuple[dict[str, Any], dict[str, int]]]
-    dequantize: Callable[[Mapping[str, Any]], dict[str, Tensor]]
-
-
-class Compressor(NamedTuple):
-    compress: Callable[[bytes], bytes]
-    decompress: Callable[[bytes], bytes]
-
-
-QUANTIZERS: dict[str, Quantizer] = {
-    "int8": Quantizer(quantize_state_dict, dequantize_state_dict),
-}
-
-COMPRESSORS: dict[str, Compressor] = {
-    "zlib": Compressor(lambda data: zlib.compress(data, 9), zlib.decompress),
-}
-
-
-@dataclasses.dataclass
-class QuantConfig:
-    """How the trained model becomes artifact bytes."""
-
-    scheme: str = choice("int8", QUANTIZERS)
-    clip_percentile: float = bounded(CLIP_PERCENTILE, 50.0, 100.0)
-    keep_float_max_numel: int = bounded(KEEP_FLOAT_MAX_NUMEL, 0)
-    compressor: str = choice("zlib", COMPRESSORS)
+    quantize = staticmethod(quantize_state_dict)
+    dequantize = staticmethod(dequantize_state_dict)
