@@ -26,7 +26,245 @@ def check(kind: str):
 
 # ---- model and quantization checks
 
+
+@check("activation")
+def check_activation(name: str, fn: Any) -> None:
+    """Elementwise on any shape, finite, deterministic, and passes gradients (negatives too)."""
+    import torch
+
+    x = torch.linspace(-4.0, 4.0, 96).reshape(2, 3, 16).requires_grad_()
+    y = fn(x)
+    assert y.shape == x.shape and y.dtype == x.dtype, name
+    assert torch.isfinite(y).all(), name
+    assert torch.equal(fn(x), y), f"{name} is not deterministic"
+    # Elementwise: a slice alone gives the same values (up to vectorized-kernel rounding).
+    part = fn(x.detach().reshape(-1)[:40])
+    torch.testing.assert_close(
+        part, y.detach().reshape(-1)[:40], rtol=1e-6, atol=1e-7, msg=f"{name} is not elementwise"
+    )
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all(), name
+    assert x.grad.abs().sum() > 0, f"{name} passes no gradient"
+
+
+@check("quantizer")
+def check_quantizer(name: str, quantizer: Any) -> None:
+    """A state dict survives quantize -> torch.save -> torch.load(weights_only) -> dequantize:
+    same names, shapes and dtypes, ints exact, floats within a bounded error."""
+    import io
+
+    import torch
+
+    from underpar.quant.config import QuantConfig
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "blocks.0.mlp.fc.weight": torch.randn(64, 80, generator=g),  # over the threshold below
+        "blocks.0.attn_scale": torch.rand(16, generator=g) + 0.5,  # control vector
+        "norm.weight": torch.randn(16, generator=g).to(torch.bfloat16),
+        "step": torch.tensor([3, 5, 7], dtype=torch.int64),
+    }
+    cfg = QuantConfig()
+    obj, stats = quantizer.quantize(
+        state, ("attn_scale",), clip_percentile=cfg.clip_percentile, keep_float_max_numel=1024
+    )
+    assert all(isinstance(v, int) for v in stats.values()), name
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    out = quantizer.dequantize(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert set(out) == set(state), name
+    for key, t in state.items():
+        assert out[key].shape == t.shape and out[key].dtype == t.dtype, f"{name}: {key}"
+    assert torch.equal(out["step"], state["step"]), name
+    w, w_hat = state["blocks.0.mlp.fc.weight"], out["blocks.0.mlp.fc.weight"]
+    assert torch.isfinite(w_hat).all() and not torch.equal(w_hat, torch.zeros_like(w)), name
+    assert (w_hat - w).norm() / w.norm() < 0.1, f"{name}: matrix error too large"
+    for key in ("blocks.0.attn_scale", "norm.weight"):
+        torch.testing.assert_close(out[key].float(), state[key].float(), rtol=1e-2, atol=1e-3)
+
+
+@check("compressor")
+def check_compressor(name: str, compressor: Any) -> None:
+    """Bytes come back exactly (empty, incompressible, repetitive); repetition compresses."""
+    import random
+
+    repetitive = b"underpar artifact " * 2000
+    noise = random.Random(0).randbytes(4096)
+    for data in (b"", noise, repetitive, noise + repetitive):
+        blob = compressor.compress(data)
+        assert isinstance(blob, bytes), name
+        assert compressor.decompress(blob) == data, f"{name} does not round-trip {len(data)} bytes"
+    assert len(compressor.compress(repetitive)) < len(repetitive) // 10, f"{name} does not compress"
+
 # ---- optimizer, schedule and finetune checks
+
+
+def _one_thread(check_fn: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """Run a check on one thread: tiny models only lose to thread contention."""
+
+    def run(name: str, entry: Any) -> None:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            check_fn(name, entry)
+        finally:
+            torch.set_num_threads(threads)
+
+    run.__doc__ = check_fn.__doc__
+    return run
+
+
+@check("ns_coefficients")
+@_one_thread
+def check_ns_coefficients(name: str, ns: Any) -> None:
+    """In bf16, as Muon runs it, the iteration maps random matrices (tall, wide, any scale, and
+    a batched stack) to near-orthogonal ones: every singular value in [0.5, 1.3] (the shipped
+    recipes measure about 0.7..1.15), deterministically, the stack equal to its matrices."""
+    import torch
+
+    from underpar.optim.muon import NSCoefficients, newton_schulz
+
+    assert isinstance(ns, NSCoefficients) and ns.abc and all(len(t) == 3 for t in ns.abc), name
+    steps = len(ns.abc) if len(ns.abc) > 1 else 5
+    g = torch.Generator().manual_seed(0)
+    # Singular values 0.1..1 (condition number 10): a square Gaussian has values near 0 that
+    # no handful of iterations lifts.
+    u, _ = torch.linalg.qr(torch.randn(48, 32, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    tall = u @ torch.diag(torch.logspace(-1, 0, 32)) @ v.T
+    for G in (tall * 30.0, tall.T * 0.01, torch.stack([tall, tall.flip(0)])):
+        X = newton_schulz(G, steps, ns)
+        assert X.shape == G.shape and X.dtype == torch.bfloat16 and torch.isfinite(X).all(), name
+        assert torch.equal(newton_schulz(G, steps, ns), X), f"{name} is not deterministic"
+        sv = torch.linalg.svdvals(X.double())
+        assert 0.5 < sv.min() and sv.max() < 1.3, (name, sv.min().item(), sv.max().item())
+    stack = newton_schulz(torch.stack([tall, tall.flip(0)]), steps, ns)
+    torch.testing.assert_close(stack[1].float(), newton_schulz(tall.flip(0), steps, ns).float(), atol=2e-2, rtol=0)
+
+
+@check("schedule")
+def check_schedule(name: str, cls: Any) -> None:
+    """The default parameters validate and survive a config round trip; the instance is a pure
+    function of progress: finite multipliers in [0, 1] (the configured learning rates are the
+    peak) over a grid, the same in any call order and on a copy, clamped outside [0, 1]."""
+    import copy
+    import dataclasses
+    import math
+
+    from underpar import config as cfglib
+
+    assert dataclasses.is_dataclass(cls), f"schedule {name} must be a parameter dataclass"
+    schedule = cls()
+    cfglib.validate(schedule)
+    assert cfglib.from_dict(cls, cfglib.to_dict(schedule)) == schedule, name
+    grid = [i / 200 for i in range(201)]
+    values = [schedule(p) for p in grid]
+    assert all(isinstance(v, float) and math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), (name, values)
+    assert max(values) > 0, f"{name} never trains"
+    assert [schedule(p) for p in reversed(grid)] == values[::-1], f"{name} keeps state between calls"
+    assert [copy.deepcopy(schedule)(p) for p in grid] == values, name
+    assert schedule(-0.5) == values[0] and schedule(1.5) == values[-1], f"{name} does not clamp progress"
+
+
+def _tiny_llama():
+    import torch
+
+    from underpar.model import hf
+
+    model = hf.random_model("tiny-llama", seed=0)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    return model, tokens
+
+
+def _snapshot(model: Any) -> list[tuple[str, Any, bool]]:
+    return [(n, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()]
+
+
+def _same(a: list[tuple[str, Any, bool]], b: list[tuple[str, Any, bool]]) -> bool:
+    import torch
+
+    return [(n, g) for n, _, g in a] == [(n, g) for n, _, g in b] and all(
+        torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a, b))
+
+
+@check("finetune_method")
+@_one_thread
+def check_finetune_method(name: str, cls: Any) -> None:
+    """On a tiny random Llama with default settings: a block begins at step 0 (its layout is
+    JSON), what trains gets finite gradients, the same step starts nothing new, and after
+    `end` the parameters (names, values, requires_grad), the layer list and the forward are
+    exactly as before."""
+    import json
+
+    import torch
+
+    from underpar import config as cfglib
+    from underpar.tracks.finetune_methods import Controller, MethodConfig
+
+    cfg = cls()
+    assert isinstance(cfg, MethodConfig), name
+    cfglib.validate(cfg)
+    model, x = _tiny_llama()
+    with torch.no_grad():
+        ref = model(x).logits
+    before, layers = _snapshot(model), list(model.model.layers)
+    controller = cfg.controller(model)
+    assert isinstance(controller, Controller), name
+    optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-3)
+    json.dumps(controller.begin(0, optimizer))
+    trainable = controller.trainable_parameters()
+    assert trainable and all(p.requires_grad for p in trainable), name
+    model(x, labels=x).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable), name
+    assert controller.begin(0, optimizer) is None, f"{name} started a second block on one step"
+    optimizer.zero_grad(set_to_none=True)
+    controller.end(optimizer)
+    assert _same(_snapshot(model), before), f"{name}: parameters not restored"
+    assert list(model.model.layers) == layers, name
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref), f"{name}: forward not restored"
+
+
+@check("chaos_strategy")
+@_one_thread
+def check_chaos_strategy(name: str, strategy: Any) -> None:
+    """On a tiny random Llama, over blocks that between them hold every layer mode: apply
+    changes the forward, the same plan applied again gives the same outputs, and undo brings
+    back the outputs, the parameters and the layer list exactly (undo with nothing applied
+    changes nothing)."""
+    import torch
+
+    from underpar.model import surgery
+    from underpar.tracks.chaos import ChaosConfig, ChaosScheduler
+    from underpar.tracks.chaos_strategies import Strategy
+
+    assert isinstance(strategy, Strategy), name
+    cfg = ChaosConfig(strategy=name, seed=1, sacred_layers=[0, -1], mlp_group_size=32, hidden_group_size=16)
+    model, x = _tiny_llama()
+    scheduler = ChaosScheduler(len(model.model.layers), cfg, dims=surgery.layer_dims(model))
+    with torch.no_grad():
+        ref = model(x).logits
+    before, layers = _snapshot(model), model.model.layers
+    strategy.undo(model)
+    seen: set[str] = set()
+    for block in range(40):
+        plan = scheduler.plan(block)
+        if set(plan.modes) <= seen:
+            continue
+        seen |= set(plan.modes)
+        with torch.no_grad():
+            strategy.apply(model, plan, cfg)
+            out = model(x).logits
+            strategy.undo(model)
+            assert torch.equal(model(x).logits, ref), f"{name}: undo did not restore block {block}"
+            strategy.apply(model, plan, cfg)
+            assert torch.equal(model(x).logits, out), f"{name} is not deterministic"
+            strategy.undo(model)
+        assert not torch.equal(out, ref), f"{name}: block {block} ({plan.modes}) changed nothing"
+        assert model.model.layers is layers and _same(_snapshot(model), before), name
+    assert {"dead", "attn", "mlp"} <= seen, seen
 
 # ---- task, answer and randopt checks
 
