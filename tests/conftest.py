@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from underpar.data.prepare import DataConfig, prepare
+from underpar.data.config import DataConfig
+from underpar.data.prepare import prepare
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from underpar import cli
-from underpar.data.prepare import DataConfig, prepare
+from underpar.data.config import DataConfig
+from underpar.data.prepare import prepare
 
 from test_prepare import folder_state, write_corpus
 

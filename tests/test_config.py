@@ -6,7 +6,7 @@ import pytest
 
 from underpar import config as cfglib
 from underpar.config import bounded, choice, items, nested
-from underpar.data.prepare import DataConfig
+from underpar.data.config import DataConfig
 from underpar.errors import ConfigError
 
 

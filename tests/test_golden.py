@@ -42,7 +42,8 @@ def test_tiny_cpu_reproduces_the_golden_losses(builtin_data, tmp_path):
 if __name__ == "__main__":  # regenerate: python tests/test_golden.py [data folder]
     import tempfile
 
-    from underpar.data.prepare import DataConfig, prepare
+    from underpar.data.config import DataConfig
+    from underpar.data.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tmp) / "data"

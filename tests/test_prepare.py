@@ -10,7 +10,9 @@ import pytest
 
 from underpar import config as cfglib
 from underpar.data import shards
-from underpar.data.prepare import DataConfig, load_manifest, prepare, split_files
+from underpar.data.config import DataConfig
+from underpar.data.manifest import load_manifest, split_files
+from underpar.data.prepare import prepare
 from underpar.data.tokenizer import Tokenizer, split_sentences
 from underpar.errors import ConfigError, DataError
 

@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 # track name -> "module:RootConfigClass"; imported lazily so `underpar --help` stays fast.
 TRACKS = {
-    "prepare": "underpar.data.prepare:DataConfig",
+    "prepare": "underpar.data.config:DataConfig",
     "pretrain": "underpar.tracks.pretrain:PretrainConfig",
     "finetune": "underpar.tracks.finetune:FinetuneConfig",
     "randopt": "underpar.tracks.randopt:RandOptConfig",

@@ -11,7 +11,9 @@ import torch
 
 from underpar import dist
 from underpar.data import shards
-from underpar.data.prepare import TOKENIZER, DataConfig, load_manifest, prepare, split_files
+from underpar.data.config import DataConfig
+from underpar.data.manifest import TOKENIZER, load_manifest, split_files
+from underpar.data.prepare import prepare
 from underpar.data.tokenizer import ByteLUTs, Tokenizer, build_byte_luts
 
 
@@ -53,10 +55,10 @@ class PreparedData:
 
     @functools.cached_property
     def val_tokens(self) -> torch.Tensor:
-        return shards.load_tokens(split_files(self.manifest, "val"))
+        return shards.load_tokens(split_files(self.manifest, "val"), self.vocab_size)
 
     def train_tokens(self) -> torch.Tensor:
-        return shards.load_tokens(split_files(self.manifest, "train"))
+        return shards.load_tokens(split_files(self.manifest, "train"), self.vocab_size)
 
     def train_loader(self, rank: int = 0, world_size: int = 1) -> shards.TokenLoader:
-        return shards.TokenLoader(split_files(self.manifest, "train"), rank, world_size)
+        return shards.TokenLoader(split_files(self.manifest, "train"), rank, world_size, vocab_size=self.vocab_size)

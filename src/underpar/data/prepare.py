@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import tempfile
 import time
@@ -23,73 +22,17 @@ import numpy as np
 import torch
 
 from underpar import __version__
-from underpar import config as cfglib
-from underpar.config import bounded, choice
 from underpar.data import corpora, shards
 from underpar.data.byte_count import target_bytes
+from underpar.data.config import DATA_FIELDS, RECIPE, DataConfig, prepare_command
+from underpar.data.manifest import MANIFEST, TOKENIZER, check_file, read_manifest
 from underpar.data.tokenizer import Tokenizer, build_byte_luts, train_tokenizer
-from underpar.errors import ConfigError, DataError
+from underpar.errors import DataError
 from underpar.ui import console, progress
-
-SOURCES = ("builtin", "text", "jsonl", "fineweb")
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
-# The settings each source's data depends on (the others are ignored for it). A text or
-# jsonl corpus is compared by its files' names, sizes and times, wherever it now lies.
-DATA_FIELDS = {
-    "builtin": ("vocab_size", "val_docs", "min_chars", "seed", "shard_tokens"),
-    "text": ("vocab_size", "val_docs", "seed", "shard_tokens"),
-    "jsonl": ("field", "vocab_size", "val_docs", "seed", "shard_tokens"),
-    "fineweb": ("path", "vocab_size", "fineweb_variant", "fineweb_train_shards"),
-}
-# How text and jsonl corpora are prepared; recipe 1 (no "recipe" in the manifest) let the
-# tokenizer trainer skip documents over 4,192 bytes and held out 1,500 documents by default.
-RECIPE = 2
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Where tokens come from and where the prepared shards live."""
-
-    source: str = choice("builtin", SOURCES)
-    path: str = ""  # input file or folder for text / jsonl; a local hub mirror for fineweb
-    field: str = "text"  # the jsonl field holding the document
-    vocab_size: int = bounded(1024, 260, 65536)  # 256 byte-fallback pieces + 4 control ids
-    # Documents held out for validation; 0 = a tenth of them, at most 1,500 (builtin: 1,500).
-    val_docs: int = bounded(0, 0)
-    min_chars: int = bounded(200, 0)  # builtin: drop passages shorter than this
-    seed: int = 1337  # document shuffle before the train/val split
-    shard_tokens: int = bounded(100_000_000, 1, 2**31 - 1)
-    fineweb_variant: str = "sp1024"
-    fineweb_train_shards: int = bounded(1, 1)
-    out: str = ""  # "" = $UNDERPAR_CACHE/datasets/<source>_sp<vocab>
-
-    def check(self) -> None:
-        if self.source in ("text", "jsonl") and not self.path:
-            raise ConfigError(f"data.source = {self.source} needs data.path (data prepare: --path), a file or folder")
-
-    @property
-    def out_dir(self) -> Path:
-        if self.out:
-            return Path(self.out).expanduser()
-        return corpora.cache_dir() / "datasets" / f"{self.source}_sp{self.vocab_size}"
 
 
 def _say(line: str) -> None:
     console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def prepare_command(cfg: DataConfig, force: bool = False) -> str:
-    """The `underpar data prepare` line that builds `cfg`'s folder."""
-    parts = ["underpar data prepare", f"--source {cfg.source}", f"--vocab {cfg.vocab_size}"]
-    if cfg.path or cfg.source in ("text", "jsonl"):
-        parts.append(f"--path {shlex.quote(cfg.path) if cfg.path else 'CORPUS'}")
-    parts.append(f"--out {shlex.quote(str(cfg.out_dir))}")
-    defaults = DataConfig()
-    for key in DATA_FIELDS[cfg.source]:
-        if key not in ("path", "vocab_size") and getattr(cfg, key) != getattr(defaults, key):
-            parts.append(f"--set {shlex.quote(f'{key}={getattr(cfg, key)}')}")
-    return " ".join(parts + (["--force"] if force else []))
 
 
 # ---------------------------------------------------------------- what a folder holds
@@ -110,21 +53,6 @@ def _fingerprint(settings: dict[str, Any], path: str) -> str:
     if settings.get("source") in ("text", "jsonl"):
         identity += _file_stats(path)
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """A prepared folder's manifest, checked for the fields every reader uses."""
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} cannot be read ({e})") from None
-    entries = manifest.get("shards") if isinstance(manifest, dict) else None
-    tokenizer = manifest.get("tokenizer") if isinstance(manifest, dict) else None
-    if not (isinstance(entries, list) and all(isinstance(e, dict) and {"file", "split", "sha256"} <= e.keys() for e in entries)
-            and isinstance(tokenizer, dict) and {"file", "sha256", "vocab_size"} <= tokenizer.keys()):
-        raise DataError(f"{path} is not a manifest written by `underpar data prepare` (fields are missing)")
-    return manifest
 
 
 def _existing(out: Path) -> dict[str, Any] | str | None:
@@ -182,28 +110,6 @@ def _same_path(a: str, b: str) -> bool:
     return a == b or bool(a and b and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
 
 
-_SHA256: dict[tuple[str, int, int], str] = {}  # verified files of this process, by stat
-
-
-def _sha256(path: Path) -> str:
-    """sha256 of a file, computed once per process for an unchanged file (a run checks its
-    shards when preparing and again when loading them)."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256:
-        _SHA256[key] = corpora.sha256_file(path)
-    return _SHA256[key]
-
-
-def _check_file(path: Path, sha256: str) -> str | None:
-    """Why `path` is not the file the manifest lists, or None."""
-    if not path.is_file():
-        return f"{path} is missing"
-    if _sha256(path) != sha256:
-        return f"{path} fails its sha256 check against {MANIFEST} (damaged or modified since it was prepared)"
-    return None
-
-
 def _damage(out: Path, manifest: dict[str, Any]) -> str | None:
     """The first file of a prepared folder that does not match its manifest, or None."""
     entries = [*manifest["shards"], manifest["tokenizer"]]
@@ -211,7 +117,7 @@ def _damage(out: Path, manifest: dict[str, Any]) -> str | None:
     with progress(disable=size < 2**30) as bar:  # hashing runs at ~1 GB/s: show it past a second
         task = bar.add_task(f"checking {out.name}", total=len(entries), info="")
         for entry in entries:
-            if (why := _check_file(out / entry["file"], entry["sha256"])) is not None:
+            if (why := check_file(out / entry["file"], entry["sha256"])) is not None:
                 return why
             bar.update(task, advance=1)
     return None
@@ -383,39 +289,3 @@ def _add_token_stats(work: Path, manifest: dict[str, Any]) -> None:
     manifest["bytes_per_token"] = {s: round(scored[s] / max(1, tokens[s] - 1), 4) for s in tokens}
 
 
-# ---------------------------------------------------------------- reading a prepared folder
-
-def _rebuild_hint(manifest: dict[str, Any]) -> str:
-    """How to rebuild a damaged folder: prepare it again with the settings it was made with."""
-    recorded = manifest.get("config")
-    try:
-        fields = {f.name for f in dataclasses.fields(DataConfig)}
-        cfg = cfglib.from_dict(DataConfig, {k: v for k, v in recorded.items() if k in fields} | {"out": manifest["dir"]})
-        return f"prepare it again: {prepare_command(cfg)}"
-    except (AttributeError, TypeError, ConfigError):
-        return f"prepare it again with the settings in its {MANIFEST}"
-
-
-def load_manifest(cfg: DataConfig) -> dict[str, Any]:
-    """The manifest of an already prepared folder, with "dir" added; its tokenizer is checked
-    against the manifest's sha256."""
-    out = cfg.out_dir
-    if not (out / MANIFEST).is_file():
-        why = "does not exist" if not out.exists() else f"has no {MANIFEST}"
-        raise DataError(f"no prepared data at {out} (the folder {why}); prepare it: {prepare_command(cfg)}")
-    manifest = {**read_manifest(out), "dir": str(out)}
-    if (why := _check_file(out / manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"])) is not None:
-        raise DataError(f"{why}; {_rebuild_hint(manifest)}")
-    return manifest
-
-
-def split_files(manifest: dict[str, Any], split: str) -> list[Path]:
-    """The shards of one split, each checked against the manifest's sha256 (once per process)."""
-    out = Path(manifest["dir"])
-    files = [out / e["file"] for e in manifest["shards"] if e["split"] == split]
-    if not files:
-        raise DataError(f"prepared data at {out} has no {split} shards")
-    for entry in (e for e in manifest["shards"] if e["split"] == split):
-        if (why := _check_file(out / entry["file"], entry["sha256"])) is not None:
-            raise DataError(f"{why}; {_rebuild_hint(manifest)}")
-    return files

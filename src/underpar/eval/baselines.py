@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from underpar.data import shards
-from underpar.data.prepare import TOKENIZER, DataConfig, load_manifest, split_files
+from underpar.data.config import DataConfig
+from underpar.data.manifest import TOKENIZER, load_manifest, split_files
 from underpar.data.tokenizer import Tokenizer, build_byte_luts
 from underpar.errors import UnderparError
 from underpar.eval.bpb import count_tokens, evaluate_bpb, uniform_logits_fn, unigram_logits_fn
