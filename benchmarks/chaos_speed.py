@@ -22,12 +22,12 @@ from pathlib import Path
 RUNS = Path(tempfile.mkdtemp(prefix="chaos-speed-"))  # run directories; only the JSON goes to --out
 VARIANTS = {
     "full": ["method=full"],
-    "lisa": ["method=lisa", "lisa.interval=50"],
-    "chaos-mask": ["method=chaos", "chaos.strategy=mask"],
-    "chaos-hoist": ["method=chaos", "chaos.strategy=hoist"],
-    "chaos-hoist-identity": ["method=chaos", "chaos.strategy=hoist", "chaos.hoist_identity=true"],
-    "chaos-hoist-identity-offload": ["method=chaos", "chaos.strategy=hoist", "chaos.hoist_identity=true",
-                                     "chaos.optimizer_state=offload"],
+    "lisa": ["method=lisa", "method.interval=50"],
+    "chaos-mask": ["method=chaos", "method.strategy=mask"],
+    "chaos-hoist": ["method=chaos", "method.strategy=hoist"],
+    "chaos-hoist-identity": ["method=chaos", "method.strategy=hoist", "method.hoist_identity=true"],
+    "chaos-hoist-identity-offload": ["method=chaos", "method.strategy=hoist", "method.hoist_identity=true",
+                                     "method.optimizer_state=offload"],
 }
 
 

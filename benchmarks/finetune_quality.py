@@ -11,6 +11,7 @@ compiled decoder is reused across evaluations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -44,7 +45,8 @@ def main() -> None:
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def config(method: str, seed: int) -> finetune.FinetuneConfig:
-        sets = [f"method={method}", f"train.seed={seed}", f"chaos.seed={seed}", f"lisa.seed={seed}",
+        seeded = any(f.name == "seed" for f in dataclasses.fields(finetune.METHODS[method]))  # chaos, LISA
+        sets = [f"method={method}", f"train.seed={seed}", *([f"method.seed={seed}"] if seeded else []),
                 f"train.runs_root={tempfile.mkdtemp(prefix='finetune-quality-')}", f"eval.examples={args.eval_examples}", "train.save=false",
                 f"eval.tasks={json.dumps(list(EVAL_TASKS))}", *args.sets]
         return cfglib.resolve("finetune", "chaos-smollm2", sets)

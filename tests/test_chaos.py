@@ -32,13 +32,7 @@ SMALL_GROUPS = dict(mlp_group_size=32, hidden_group_size=16)  # 8 channel groups
 ARCHS = ["llama", "qwen2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add contention (several times slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only add contention
 
 
 def tiny(arch: str, seed: int = 0, **changes):
@@ -359,7 +353,8 @@ def test_hoist_equals_masking_with_everything_kept(arch):
         x = tokens(seed=step, seq_len=12)
         losses = []
         for model, ctl, opt in zip(models, ctls, opts):
-            plan = ctl.step(step, opt)
+            assert ctl.begin(step, opt) == ctl.plan.modes  # sticky_interval 1: a block per step
+            plan = ctl.plan
             loss = model(x, labels=x).loss
             loss.backward()
             opt.step()
@@ -387,7 +382,8 @@ def test_optimizer_state_reset_and_offload():
         opt.step()
         saved = {p: opt.state[p]["exp_avg"].clone() for p in model.parameters()}
         params = list(saved)
-        plan = ctl.step(0, opt)
+        ctl.begin(0, opt)
+        plan = ctl.plan
         frozen = [p for p in params if not p.requires_grad]
         assert frozen and plan.layers("dead") and len(list(model.parameters())) < len(params)
         for p in params:
@@ -410,7 +406,7 @@ def test_save_pretrained_restored_round_trip(arch, tmp_path):
     ctl = ChaosController(model, ChaosConfig(seed=2, sticky_interval=1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(3):
-        ctl.step(step, opt)
+        ctl.begin(step, opt)
         model(tokens(step), labels=tokens(step)).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -444,8 +440,8 @@ def test_lisa_trains_n_layers_and_the_ends():
     layers = surgery.original_layers(model)
     picks = []
     for step in range(0, 200, 20):
-        active = ctl.step(step)
-        assert ctl.step(step + 1) is None  # same block
+        active = ctl.begin(step)
+        assert ctl.begin(step + 1) is None  # same block
         trained = [i for i, layer in enumerate(layers) if all(p.requires_grad for p in layer.parameters())]
         frozen = [i for i, layer in enumerate(layers) if not any(p.requires_grad for p in layer.parameters())]
         assert trained == active and len(active) == 2 and len(frozen) == 8

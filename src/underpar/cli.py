@@ -123,7 +123,7 @@ def pretrain(
 
 @app.command("finetune")
 def finetune(
-    method: Optional[str] = typer.Option(None, help="full | lisa | chaos"),
+    method: Optional[str] = typer.Option(None, help="full | lisa | chaos: --set method=NAME (its settings: method.*)."),
     model: Optional[str] = typer.Option(None, help="smollm2-135m, a local folder, or a hub id."),
     task: Optional[str] = typer.Option(None, help="Training task, e.g. gsm_symbolic, gsm8k, s1k."),
     preset: Optional[str] = typer.Option(None, help="A finetune preset (see `underpar config presets`)."),

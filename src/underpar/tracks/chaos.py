@@ -28,6 +28,9 @@ Semantics, following the team's published code (JuiceB0xC0de/lucky-pick-schedule
   evaluate the full model inside `controller.restored()`.
 - stubs are seeded by (seed, original index of the run's first layer), so a run that starts at
   the same layer gets the same stub in every block, as in the published code.
+
+Registered as the fine-tuning method "chaos" (`--set method=chaos`, settings `method.*`); the
+strategies are apply / undo pairs registered in `underpar.tracks.chaos_strategies`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import dataclasses
 import math
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -46,9 +49,16 @@ from underpar.config import bounded, choice, items, validate
 from underpar.errors import ConfigError
 from underpar.model import surgery
 from underpar.model.surgery import LayerDims
+from underpar.tracks.chaos_strategies import CHAOS_STRATEGIES
+from underpar.tracks.finetune_methods import METHODS, Controller, MethodConfig
 
+if TYPE_CHECKING:
+    from underpar.runs.rundir import RunDir
+
+
+@METHODS.register("chaos")
 @dataclasses.dataclass
-class ChaosConfig:
+class ChaosConfig(MethodConfig):
     sticky_interval: int = bounded(50, 1)  # optimizer steps per block (>= grad accumulation)
     sacred_layers: list[int] = items([0, 1, -2, -1])  # negative = from the end
     active_fraction_min: float = bounded(0.3, 0.0, 1.0)  # of the victims, per block
@@ -59,7 +69,7 @@ class ChaosConfig:
     p_attn: float = bounded(0.25, 0.0, 1.0)
     p_mlp: float = bounded(0.25, 0.0, 1.0)
     p_identity: float = bounded(0.20, 0.0, 1.0)
-    strategy: str = choice("hoist", ["hoist", "mask"])
+    strategy: str = choice("hoist", CHAOS_STRATEGIES)
     kv_heads_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask: fraction of KV heads kept
     kv_heads_keep_max: float = bounded(0.7, 0.0, 1.0)
     mlp_channels_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask: MLP channel groups kept
@@ -84,8 +94,18 @@ class ChaosConfig:
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(f"p_both + p_attn + p_mlp + p_identity = {total:g}; they must sum to 1")
 
+    def check_with(self, train: Any) -> None:
+        if self.sticky_interval < train.grad_accum_steps:
+            raise ConfigError(
+                f"method.sticky_interval = {self.sticky_interval} must be >= "
+                f"train.grad_accum_steps = {train.grad_accum_steps}"
+            )
+
     def mode_probabilities(self) -> dict[str, float]:
         return {"both": self.p_both, "attn": self.p_attn, "mlp": self.p_mlp, "identity": self.p_identity}
+
+    def controller(self, model: nn.Module) -> ChaosController:
+        return ChaosController(model, self)
 
 
 @dataclasses.dataclass
@@ -165,7 +185,8 @@ class ChaosScheduler:
             self._plans.append(self._next(len(self._plans)))
         return self._plans[block]
 
-    def _rng(self, block: int, stream: str) -> random.Random:
+    def rng(self, block: int, stream: str) -> random.Random:
+        """Block `block`'s seeded draws of one kind ("layers"; a strategy uses its own stream)."""
         return random.Random(f"underpar.chaos/{self.cfg.seed}/{block}/{stream}")
 
     def _choose_active(self, rng: random.Random) -> set[int]:
@@ -184,7 +205,7 @@ class ChaosScheduler:
 
     def _next(self, block: int) -> BlockPlan:
         cfg = self.cfg
-        rng = self._rng(block, "layers")
+        rng = self.rng(block, "layers")
         active = self._choose_active(rng)
         names, probs = zip(*cfg.mode_probabilities().items())
         modes = ["sacred"] * self.num_layers
@@ -193,43 +214,31 @@ class ChaosScheduler:
             self._on[v], self._off[v] = (self._on[v] + 1, 0) if v in active else (0, self._off[v] + 1)
         plan = BlockPlan(block, modes, mlp_group_size=cfg.mlp_group_size,
                          hidden_group_size=cfg.hidden_group_size)
-        if cfg.strategy == "mask":
-            self._sample_masks(plan)
+        sample = CHAOS_STRATEGIES[cfg.strategy].sample
+        if sample is not None:
+            sample(self, plan)
         return plan
 
-    def _sample_masks(self, plan: BlockPlan) -> None:
-        if self.dims is None:
-            raise ConfigError("strategy 'mask' needs the model's layer dims (ChaosScheduler(..., dims=))")
-        cfg, d, rng = self.cfg, self.dims, self._rng(plan.block, "masks")
 
-        def keep(n: int, lo: float, hi: float) -> list[int]:
-            count = min(n, max(1, round(n * rng.uniform(lo, hi))))
-            return sorted(rng.sample(range(n), count))
-
-        mlp_groups = math.ceil(d.intermediate_size / cfg.mlp_group_size)
-        hidden_groups = math.ceil(d.hidden_size / cfg.hidden_group_size)
-        for i, mode in enumerate(plan.modes):
-            if mode in ("both", "attn"):
-                plan.kv_heads[i] = keep(d.num_kv_heads, cfg.kv_heads_keep_min, cfg.kv_heads_keep_max)
-                plan.attn_hidden_groups[i] = keep(hidden_groups, cfg.hidden_keep_min, cfg.hidden_keep_max)
-            if mode in ("both", "mlp"):
-                plan.mlp_groups[i] = keep(mlp_groups, cfg.mlp_channels_keep_min, cfg.mlp_channels_keep_max)
-                plan.mlp_hidden_groups[i] = keep(hidden_groups, cfg.hidden_keep_min, cfg.hidden_keep_max)
+# ---------------------------------------------------------------------------------- controller
 
 
-class ChaosController:
+class ChaosController(Controller):
     """Applies the scheduler's plans to a Hugging Face causal LM.
 
-    Loop: `plan = ctl.step(optimizer_step, optimizer)` before each optimizer step (it starts a
-    new block when the step crosses a block boundary, never mid gradient accumulation), train,
-    and `ctl.end(optimizer)` when done. Evaluate and save inside `with ctl.restored():` (or
-    `save_pretrained_restored`): the full model, with its original layer list and config."""
+    Loop: `ctl.begin(optimizer_step, optimizer)` before each optimizer step (it starts a new
+    block, `ctl.plan`, when the step crosses a block boundary, never mid gradient
+    accumulation), train, and `ctl.end(optimizer)` when done. Evaluate and save inside
+    `with ctl.restored():` (or `save_pretrained_restored`): the full model, with its original
+    layer list and config."""
 
     def __init__(self, model: nn.Module, cfg: ChaosConfig):
         validate(cfg)
         if surgery.is_hoisted(model):
             raise ValueError("ChaosController needs the full model; this one is hoisted")
-        self.model, self.cfg = model, cfg
+        super().__init__(model)
+        self.cfg = cfg
+        self.strategy = CHAOS_STRATEGIES[cfg.strategy]
         self.dims = surgery.layer_dims(model)
         self.scheduler = ChaosScheduler(self.dims.num_layers, cfg, dims=self.dims)
         self.plan: BlockPlan | None = None
@@ -240,16 +249,17 @@ class ChaosController:
     def block_of(self, step: int) -> int:
         return step // self.cfg.sticky_interval
 
-    def step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> BlockPlan | None:
-        """Start the block of optimizer step `step` if it is not the current one; returns the
-        new plan, or None when the block did not change."""
+    def begin(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> list[str] | None:
+        """Start the block of optimizer step `step` if it is not the current one (and sort out
+        the optimizer state of what sits out); returns the new block's layer modes, or None
+        when the block did not change."""
         block = self.block_of(step)
         if self.plan is not None and self.plan.block == block:
             return None
         plan = self.begin_block(block)
         if optimizer is not None:
-            self.on_block_change(optimizer, plan)
-        return plan
+            self.on_block_change(optimizer)
+        return plan.modes
 
     def begin_block(self, block: int) -> BlockPlan:
         """Undo the previous block's changes, apply block `block`'s plan (structure and
@@ -266,16 +276,10 @@ class ChaosController:
         return self.plan
 
     def _apply(self) -> None:
-        cfg = self.cfg
-        if cfg.strategy == "hoist":
-            surgery.hoist(self.model, self.plan, skip_identity=cfg.hoist_identity,
-                          stub_std=cfg.stub_std, seed=cfg.seed)
-        else:
-            surgery.apply_masks(self.model, self.plan, skip_identity=cfg.hoist_identity)
+        self.strategy.apply(self.model, self.plan, self.cfg)
 
     def _undo(self) -> None:
-        surgery.restore(self.model)
-        surgery.remove_masks(self.model)
+        self.strategy.undo(self.model)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[nn.Module]:
@@ -288,11 +292,11 @@ class ChaosController:
             if self.plan is not None:
                 self._apply()
 
-    def on_block_change(self, optimizer: torch.optim.Optimizer, plan: BlockPlan | None = None) -> None:
+    def on_block_change(self, optimizer: torch.optim.Optimizer) -> None:
         """AdamW state of parameters that sit out this block: "keep" leaves it; "reset" drops it
         (they restart from zero moments when they return; frees memory meanwhile); "offload"
         moves the moment tensors to (pinned) CPU memory and brings them back on return.
-        Call it right after `begin_block` (`step(..., optimizer)` does); `plan` is unused."""
+        Call it right after `begin_block` (`begin(..., optimizer)` does)."""
         mode = self.cfg.optimizer_state
         if mode == "keep":
             return
@@ -332,6 +336,14 @@ class ChaosController:
             for p in list(self._offloaded):
                 self._move_state(p, optimizer.state[p], to_cpu=False)
         self.plan = None
+
+    def report(self, layouts: list[list[str]], run_dir: RunDir) -> None:
+        """chaos_modes.png: which layer ran in which mode in each block."""
+        if not layouts:
+            return
+        from underpar.runs import plots  # matplotlib only when a run reports
+
+        plots.mode_heatmap(layouts, run_dir.file("chaos_modes.png"))
 
 
 def save_pretrained_restored(controller: ChaosController, model: nn.Module, path: str | Path,

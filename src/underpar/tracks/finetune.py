@@ -1,8 +1,10 @@
 """The fine-tuning track: full fine-tuning, LISA, or the Deep Chaos Scheduler on a Hugging Face
 causal LM, with an explicit loop (what trains, and what is in the graph, changes every block).
 
-load model -> encode the task's SFT data -> method controller -> AdamW loop (warmup + cosine,
-gradient accumulation, clipping) -> restore the full model -> evaluate -> save (HF format).
+load model -> encode the task's SFT data -> method controller -> AdamW loop (the LR schedule of
+progress, gradient accumulation, clipping) -> restore the full model -> evaluate -> save (HF
+format). Methods (tracks/finetune_methods.py: full; lisa.py; chaos.py) are registered
+controllers the loop drives the same way: `begin` a step (maybe a new block), `end`.
 """
 
 from __future__ import annotations
@@ -12,25 +14,28 @@ import math
 import random
 import statistics
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from underpar import config as cfglib
 from underpar import dist
-from underpar.config import bounded, choice, items, nested
+from underpar.config import bounded, choice, items, nested, variant
 from underpar.data.sft import collate, encode_sft_examples, pack, packed_attention_mask
 from underpar.data.tasks import get_task
-from underpar.errors import ConfigError, DataError
+from underpar.errors import ConfigError, DataError, TrainingError
 from underpar.eval.accuracy import evaluate_task
 from underpar.eval.generate import DecodeConfig
 from underpar.model import hf
+from underpar.optim.schedule import SCHEDULES, Schedule
 from underpar.runs import plots
 from underpar.runs.rundir import RunDir, environment
-from underpar.tracks.chaos import ChaosConfig, ChaosController
-from underpar.tracks.lisa import LisaConfig, LisaController
+from underpar.tracks import chaos, lisa  # noqa: F401  (register the methods "chaos" and "lisa")
+from underpar.tracks.finetune_methods import METHODS, MethodConfig
 
-METHODS = ("full", "lisa", "chaos")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclasses.dataclass
@@ -58,8 +63,8 @@ class FTOptimConfig:
     beta1: float = bounded(0.9, 0.0, 1.0)
     beta2: float = bounded(0.999, 0.0, 1.0)
     eps: float = bounded(1e-8, 0.0)
-    warmup_fraction: float = bounded(0.03, 0.0, 1.0)  # linear warmup, then cosine to min_lr_ratio
-    min_lr_ratio: float = bounded(0.0, 0.0, 1.0)
+    # LR multiplier over progress in [0, 1] ([optim.schedule]; cosine: warmup_fraction, min_lr_ratio)
+    schedule: Schedule = variant(SCHEDULES, "cosine")
     grad_clip_norm: float = bounded(1.0, 0.0)  # 0 = off
 
 
@@ -93,36 +98,26 @@ class FTEvalConfig:
 @dataclasses.dataclass
 class FinetuneConfig:
     name: str = "finetune"
-    method: str = choice("full", METHODS)
+    method: MethodConfig = variant(METHODS, "full")  # full | lisa | chaos, with its settings
     model: FTModelConfig = nested(FTModelConfig)
     data: FTDataConfig = nested(FTDataConfig)
     optim: FTOptimConfig = nested(FTOptimConfig)
     train: FTTrainConfig = nested(FTTrainConfig)
     eval: FTEvalConfig = nested(FTEvalConfig)
-    chaos: ChaosConfig = nested(ChaosConfig)
-    lisa: LisaConfig = nested(LisaConfig)
 
     def check(self) -> None:
-        if self.method == "chaos" and self.chaos.sticky_interval < self.train.grad_accum_steps:
-            raise ConfigError(
-                f"chaos.sticky_interval = {self.chaos.sticky_interval} must be >= "
-                f"train.grad_accum_steps = {self.train.grad_accum_steps}"
-            )
+        self.method.check_with(self.train)
         if self.train.steps == 0 and self.train.epochs == 0:
             raise ConfigError("train.steps and train.epochs are both 0; set one of them")
 
 
 def lr_at(cfg: FTOptimConfig, step: int, total: int) -> float:
-    """Linear warmup over warmup_fraction of the steps, then cosine to min_lr_ratio * lr."""
-    warmup = max(1, round(cfg.warmup_fraction * total)) if cfg.warmup_fraction > 0 else 0
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    """The learning rate of optimizer step `step` of `total`: the schedule at the middle of the
+    step, so a warmup does not start at 0 and a cosine to 0 does not end at 0."""
+    return cfg.lr * cfg.schedule((step + 0.5) / total)
 
 
-def load(cfg: FTModelConfig, device: torch.device, seed: int):
+def load(cfg: FTModelConfig, device: torch.device, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model, tokenizer); a random-init architecture has no tokenizer."""
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if cfg.architecture:
@@ -130,7 +125,7 @@ def load(cfg: FTModelConfig, device: torch.device, seed: int):
     return hf.load_model(cfg.name, device=device, dtype=dtype)
 
 
-def batches(encoded: list[dict], cfg: FinetuneConfig, pad_id: int, steps: int):
+def batches(encoded: list[dict], cfg: FinetuneConfig, pad_id: int, steps: int) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches for `steps` optimizer steps: shuffled each epoch with the run's seed."""
     rows = pack(encoded, cfg.data.max_length, pad_id) if cfg.data.packing else encoded
     rng = random.Random(cfg.train.seed)
@@ -145,7 +140,8 @@ def batches(encoded: list[dict], cfg: FinetuneConfig, pad_id: int, steps: int):
         yield collate([rows[i] for i in order[start : start + size]], pad_id)
 
 
-def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
+def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
     """Fine-tune per `cfg`. A caller may pass an already loaded (model, tokenizer), e.g. to run
     several seeds on one model object whose weights it resets between runs."""
     cfglib.validate(cfg)
@@ -185,28 +181,28 @@ def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    controller = {"chaos": lambda: ChaosController(model, cfg.chaos), "lisa": lambda: LisaController(model, cfg.lisa),
-                  "full": lambda: None}[cfg.method]()
+    method = METHODS.name_of(cfg.method)
+    controller = cfg.method.controller(model)
     optimizer = torch.optim.AdamW(
         list(model.parameters()), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
     )
     if cfg.train.preallocate_optimizer_state:
         _preallocate_adamw_state(optimizer)
-    run_dir.log(f"{cfg.method} fine-tuning of {cfg.model.architecture or cfg.model.name}: {hf.num_parameters(model):,} "
+    run_dir.log(f"{method} fine-tuning of {cfg.model.architecture or cfg.model.name}: {hf.num_parameters(model):,} "
                 f"parameters, {steps} steps of {per_step} sequences on {device}")
 
     # ---- the loop ---------------------------------------------------------------------------
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     micro_batches = batches(encoded, cfg, pad_id, steps)
-    step_ms, block_modes = [], []
+    step_ms, layouts = [], []
     started = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
-        active = _begin_step(controller, cfg, step, optimizer)
-        if active is not None:
-            block_modes.append(active)
+        layout = controller.begin(step, optimizer)  # a new block's layout, or None
+        if layout is not None:
+            layouts.append(layout)
         lr = lr_at(cfg.optim, step, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -219,9 +215,9 @@ def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
             loss.backward()
             total_loss += loss.item()
         if not math.isfinite(total_loss):
-            raise DataError(f"training loss became {total_loss} at step {step + 1}; lower optim.lr")
+            raise TrainingError(f"training loss became {total_loss} at step {step + 1}; try a lower optim.lr")
         if cfg.optim.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(controller.trainable_parameters(), cfg.optim.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -229,16 +225,15 @@ def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
         step_ms.append(1000 * (time.perf_counter() - t0))
         row = dict(step=step + 1, train_loss=total_loss, lr=lr, ms=round(step_ms[-1], 2),
                    elapsed=round(time.perf_counter() - started, 3))
-        if active is not None:
-            row["block"] = active
+        if layout is not None:
+            row["block"] = layout
         if device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         run_dir.metric(**row)
         if step == 0 or (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == steps:
             run_dir.log(f"step {step + 1}/{steps} | loss {total_loss:.4f} | lr {lr:.2e} | {step_ms[-1]:.0f} ms")
     train_seconds = time.perf_counter() - started
-    if controller is not None:
-        controller.end(optimizer)
+    controller.end(optimizer)
 
     # ---- evaluate and save the full model ----------------------------------------------------
     model.config.use_cache = True
@@ -253,7 +248,7 @@ def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
     losses = [r["train_loss"] for r in run_dir.metrics()]
     summary = {
         "name": cfg.name,
-        "method": cfg.method,
+        "method": method,
         "steps": steps,
         "first_loss": losses[0],
         "final_loss": statistics.mean(losses[-max(1, min(10, len(losses) // 5)):]),
@@ -267,21 +262,9 @@ def run(cfg: FinetuneConfig, model=None, tokenizer=None) -> dict[str, Any]:
         **environment(),
     }
     run_dir.save_summary(summary)
-    plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name} ({cfg.method})", x="step")
-    if block_modes and cfg.method == "chaos":
-        plots.mode_heatmap(block_modes, run_dir.file("chaos_modes.png"))
+    plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name} ({method})", x="step")
+    controller.report(layouts, run_dir)  # e.g. chaos_modes.png
     return summary
-
-
-def _begin_step(controller, cfg: FinetuneConfig, step: int, optimizer) -> Any:
-    """Start a new block when `step` crosses a block boundary; the block's layout for the log."""
-    if cfg.method == "chaos":
-        plan = controller.step(step, optimizer)
-        return None if plan is None else plan.modes
-    if cfg.method == "lisa":
-        layers = controller.step(step)
-        return None if layers is None else layers
-    return None
 
 
 def _random_tokens(cfg: FinetuneConfig, vocab_size: int) -> list[dict]:
