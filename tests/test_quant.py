@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import zlib
+
 import pytest
 import torch
 
@@ -172,7 +174,15 @@ def test_missing_or_foreign_artifact_is_an_artifact_error(tmp_path):
         load_model(tmp_path / "nope.ptz", QuantConfig())
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(b"not zlib data")
-    with pytest.raises(ArtifactError, match="quant.compressor"):
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        load_model(bad, QuantConfig())
+    good = tmp_path / "good.ptz"
+    export_model(small_gpt_state(), QuantConfig(), good, ())
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # a truncated artifact
+    with pytest.raises(ArtifactError, match=r"bad.ptz \([\d,]+ bytes\) is truncated or corrupt"):
+        load_model(bad, QuantConfig())
+    bad.write_bytes(zlib.compress(b"decompresses, but no torch.save payload"))
+    with pytest.raises(ArtifactError, match="corrupt: it decompresses but holds no saved model"):
         load_model(bad, QuantConfig())
 
 

@@ -88,11 +88,14 @@ def load_model(path: str | os.PathLike[str], cfg: QuantConfig) -> dict[str, Tens
         raw = COMPRESSORS[cfg.compressor].decompress(blob)
     except Exception as e:
         raise ArtifactError(
-            f"artifact {path} could not be decompressed with quant.compressor="
-            f"{cfg.compressor!r} ({e}); was it written with another compressor?"
+            f"artifact {path} ({len(blob):,} bytes) is truncated or corrupt: it does not decompress with "
+            f"quant.compressor={cfg.compressor!r} ({e}); export the model again"
         ) from None
-    # The object is dicts of tensors and strings only, so the safe loader suffices.
-    obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    try:
+        # The object is dicts of tensors and strings only, so the safe loader suffices.
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"artifact {path} is corrupt: it decompresses but holds no saved model ({e})") from None
     return QUANTIZERS[cfg.scheme].dequantize(obj)
 
 
