@@ -66,12 +66,12 @@ def main() -> None:
         for seed in args.seeds:
             model.load_state_dict(base_state)
             summary = finetune.run(config(method, seed), model, tokenizer)
-            row = {"method": method, "seed": seed, "steps": summary["steps"], "first_loss": summary["first_loss"],
-                   "final_loss": summary["final_loss"], "median_ms_per_step": summary["median_ms_per_step"],
-                   "training_seconds": summary["training_seconds"],
-                   "accuracy": {n: summary["eval"][n]["accuracy"]["mean"] for n in EVAL_TASKS},
-                   "strict": {n: summary["eval"][n]["strict"]["mean"] for n in EVAL_TASKS},
-                   "flexible": {n: summary["eval"][n]["flexible"]["mean"] for n in EVAL_TASKS}}
+            row = {"method": method, "seed": seed, "steps": summary.steps, "first_loss": summary.first_loss,
+                   "final_loss": summary.final_loss, "median_ms_per_step": summary.median_ms_per_step,
+                   "training_seconds": summary.training_seconds,
+                   "accuracy": {n: summary.eval[n]["accuracy"]["mean"] for n in EVAL_TASKS},
+                   "strict": {n: summary.eval[n]["strict"]["mean"] for n in EVAL_TASKS},
+                   "flexible": {n: summary.eval[n]["flexible"]["mean"] for n in EVAL_TASKS}}
             runs.append(row)
             print(json.dumps(row), flush=True)
 

@@ -47,13 +47,14 @@ def config(tmp_path, method, *sets):
 def test_training_lowers_the_loss(tokenizer, tmp_path, method):
     model = tiny_model(tokenizer)
     summary = finetune.run(config(tmp_path, method), model, tokenizer)
-    assert summary["steps"] == 12
-    assert summary["final_loss"] < summary["first_loss"] - 1.0, summary
-    run_dir = RunDir(summary["run_dir"])
+    assert isinstance(summary, finetune.FinetuneSummary) and summary.method == method
+    assert summary.steps == 12
+    assert summary.final_loss < summary.first_loss - 1.0, summary
+    run_dir = RunDir(summary.run_dir)
     assert cfglib.load_json(run_dir.file("config.json")).method == config(tmp_path, method).method
     rows = run_dir.metrics()
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert summary["eval"]["basic_arithmetic"]["n"] == 4
+    assert summary.eval["basic_arithmetic"]["n"] == 4
     if method == "chaos":
         blocks = [r["block"] for r in rows if "block" in r]
         assert len(blocks) == 4 and all(len(b) == 8 for b in blocks)  # a mode per layer, each block

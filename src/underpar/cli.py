@@ -135,12 +135,12 @@ def finetune(
     shortcuts = [f"{key}={value}" for key, value in (("method", method), ("model.name", model), ("data.task", task)) if value]
     cfg = cfglib.resolve("finetune", preset, shortcuts + (sets or []))
     summary = track.run(cfg)
-    typer.echo(f"\n{summary['method']}: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
-               f"{summary['median_ms_per_step']:.0f} ms/step")
-    for name, result in summary["eval"].items():
+    typer.echo(f"\n{summary.method}: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
+               f"{summary.median_ms_per_step:.0f} ms/step")
+    for name, result in summary.eval.items():
         acc = result["accuracy"]
         typer.echo(f"{name}: accuracy {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] (n={result['n']})")
-    typer.echo(f"run directory {summary['run_dir']}")
+    typer.echo(f"run directory {summary.run_dir}")
 
 
 @app.command("randopt")

@@ -30,7 +30,7 @@ from underpar.eval.generate import DecodeConfig
 from underpar.model import hf
 from underpar.optim.schedule import SCHEDULES, Schedule
 from underpar.runs import plots
-from underpar.runs.rundir import RunDir, environment
+from underpar.runs.rundir import RunDir, Summary
 from underpar.tracks import chaos, lisa  # noqa: F401  (register the methods "chaos" and "lisa")
 from underpar.tracks.finetune_methods import METHODS, MethodConfig
 
@@ -111,6 +111,20 @@ class FinetuneConfig:
             raise ConfigError("train.steps and train.epochs are both 0; set one of them")
 
 
+@dataclasses.dataclass(kw_only=True)
+class FinetuneSummary(Summary):
+    method: str
+    steps: int
+    first_loss: float
+    final_loss: float  # mean of the last losses (a fifth of the run, at most 10 steps)
+    training_seconds: float
+    median_ms_per_step: float
+    mean_ms_per_step: float
+    peak_memory_bytes: int | None  # CUDA only
+    eval: dict[str, dict[str, Any]]  # task -> evaluate_task's result after training
+    eval_before: dict[str, dict[str, Any]]  # the same before training (eval.before)
+
+
 def lr_at(cfg: FTOptimConfig, step: int, total: int) -> float:
     """The learning rate of optimizer step `step` of `total`: the schedule at the middle of the
     step, so a warmup does not start at 0 and a cosine to 0 does not end at 0."""
@@ -141,7 +155,7 @@ def batches(encoded: list[dict], cfg: FinetuneConfig, pad_id: int, steps: int) -
 
 
 def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+        tokenizer: PreTrainedTokenizerBase | None = None) -> FinetuneSummary:
     """Fine-tune per `cfg`. A caller may pass an already loaded (model, tokenizer), e.g. to run
     several seeds on one model object whose weights it resets between runs."""
     cfglib.validate(cfg)
@@ -246,21 +260,20 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
         tokenizer.save_pretrained(run_dir.file("model"))
 
     losses = [r["train_loss"] for r in run_dir.metrics()]
-    summary = {
-        "name": cfg.name,
-        "method": method,
-        "steps": steps,
-        "first_loss": losses[0],
-        "final_loss": statistics.mean(losses[-max(1, min(10, len(losses) // 5)):]),
-        "training_seconds": round(train_seconds, 3),
-        "median_ms_per_step": statistics.median(step_ms),
-        "mean_ms_per_step": statistics.mean(step_ms),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "eval": results,
-        "eval_before": results_before,
-        "run_dir": str(run_dir.path),
-        **environment(),
-    }
+    summary = FinetuneSummary(
+        name=cfg.name,
+        run_dir=str(run_dir.path),
+        method=method,
+        steps=steps,
+        first_loss=losses[0],
+        final_loss=statistics.mean(losses[-max(1, min(10, len(losses) // 5)):]),
+        training_seconds=round(train_seconds, 3),
+        median_ms_per_step=statistics.median(step_ms),
+        mean_ms_per_step=statistics.mean(step_ms),
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        eval=results,
+        eval_before=results_before,
+    )
     run_dir.save_summary(summary)
     plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name} ({method})", x="step")
     controller.report(layouts, run_dir)  # e.g. chaos_modes.png
