@@ -116,6 +116,22 @@ def random_model(arch: str, dtype: torch.dtype | str | None = None,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def check_model_name(name: str) -> str:
+    """Where `load_model(name)` would load from: "smollm2" (offline), "folder" or "hub". A name
+    that is none of these (an empty name, a path that is not a folder) is a DataError, raised
+    here in microseconds so callers can refuse it before any work (nothing is loaded)."""
+    path = Path(name).expanduser()
+    if name == "smollm2-135m":
+        return "smollm2"
+    if name.strip() and path.is_dir():
+        return "folder"
+    if not name.strip() or path.exists() or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
+        what = "an empty name" if not name.strip() else f"not a folder (no such directory {path})"
+        raise DataError(f"model {name!r} is {what}; pass a folder written by save_pretrained, a hub id "
+                        "like Qwen/Qwen2.5-0.5B-Instruct, or smollm2-135m")
+    return "hub"
+
+
 def load_model(
     name: str, device: str | torch.device = "auto", dtype: torch.dtype | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -126,18 +142,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = _device(device)
-    path = Path(name).expanduser()
-    from_hub = False
-    if name == "smollm2-135m":
-        source = str(smollm2_dir())
-    elif path.is_dir():
-        source = str(path)
-    elif path.exists() or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
-        raise DataError(f"model {name!r} is not a folder (no such directory {path}); pass a folder "
-                        "written by save_pretrained, a hub id like Qwen/Qwen2.5-0.5B-Instruct, or "
-                        "smollm2-135m")
-    else:
-        source, from_hub = name, True
+    kind = check_model_name(name)
+    from_hub = kind == "hub"
+    source = str(smollm2_dir()) if kind == "smollm2" else name if from_hub else str(Path(name).expanduser())
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(source)
