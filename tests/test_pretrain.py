@@ -13,7 +13,8 @@ import torch
 from underpar import config as cfglib
 from underpar import dist
 from underpar.data.dataset import PreparedData
-from underpar.data.prepare import DataConfig, prepare
+from underpar.data.config import DataConfig
+from underpar.data.prepare import prepare
 from underpar.errors import TrainingError, UnderparError
 from underpar.model.gpt import GPT
 from underpar.runs.rundir import RunDir
@@ -104,6 +105,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, mo
     assert not (killed_dir / "summary.json").exists()
     resumed = track.run(cfglib.load_json(killed_dir / "config.json"), resume=killed_dir)
     assert resumed.steps == 6
+    assert "continue with `underpar pretrain --resume" in (killed_dir / "train.log").read_text()
     assert final_losses(killed_dir) == final_losses(uninterrupted.run_dir)
     assert resumed.val_bpb == uninterrupted.val_bpb
 
@@ -130,6 +132,7 @@ def test_resume_without_checkpoint_is_a_clear_error_and_touches_nothing(data_dir
         track.run(micro_config(data_dir, tmp_path, "train.checkpoint_every_steps=0"))
     monkeypatch.undo()
     (run_dir,) = tmp_path.iterdir()
+    assert "no checkpoint was saved, so this run cannot be resumed" in (run_dir / "train.log").read_text()
     before = _files(run_dir)
     with pytest.raises(UnderparError, match="no checkpoint-rank0.pt to resume from"):
         track.run(cfglib.load_json(run_dir / "config.json"), resume=run_dir)

@@ -30,7 +30,7 @@ SetOption = typer.Option(None, "--set", help="Override a config field: section.k
 def _data_config(source: str, vocab: str, out: Optional[str], path: Optional[str], sets: list[str], scoring: bool = False):
     import dataclasses
 
-    from underpar.data.prepare import DataConfig
+    from underpar.data.config import DataConfig
 
     # --source and --vocab are shorthands for config fields, so they are parsed and checked as --set is.
     cfg = DataConfig(out=out or "", path=path or "")
@@ -216,11 +216,36 @@ def config_show(
 
 
 def main() -> None:
+    """Every mistake the user can fix ends in one `error: ...` line and exit code 2 (no
+    traceback, no usage box); Ctrl-C ends with exit code 130 after the track said what it kept.
+    Click's exceptions are told apart by class name: recent typer vendors its own click."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except UnderparError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        _fail(str(e), 2)
     except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
+    except Exception as e:
+        kinds = {cls.__name__ for cls in type(e).__mro__}
+        if "NoArgsIsHelpError" in kinds:  # a group without a command: its help
+            e.show()
+            sys.exit(0)
+        if "UsageError" in kinds:
+            where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+            _fail(f"{e.format_message()}{where}", 2)
+        if "ClickException" in kinds:
+            _fail(e.format_message(), e.exit_code)
+        if "Abort" in kinds:
+            _interrupted()
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {' '.join(message.split())}", err=True, fg=typer.colors.RED)
+    sys.exit(code)
+
+
+def _interrupted() -> None:
+    typer.secho("interrupted", err=True)
+    sys.exit(130)

@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import underpar
 from underpar import config as cfglib
-from underpar import dist
+from underpar import dist, ui
 from underpar.config import bounded, choice, nested
 from underpar.data.dataset import PreparedData
-from underpar.data.prepare import DataConfig
+from underpar.data.config import DataConfig
 from underpar.errors import ConfigError, TrainingError
 from underpar.eval.bpb import BpbMeter, evaluate_bpb
 from underpar.model.config import GPTConfig
@@ -36,6 +36,9 @@ from underpar.quant import artifact
 from underpar.quant.config import QuantConfig
 from underpar.runs import checkpoint, plots
 from underpar.runs.rundir import RunDir, Summary
+
+
+LOG_EVERY_SECONDS = 10.0  # a progress line at least this often (and on each of the first 10 steps)
 
 
 @dataclasses.dataclass
@@ -195,14 +198,17 @@ class Trainer:
         dist.all_reduce_(total)
         return total.item() / env.world_size
 
-    def validate(self, max_tokens: int = 0) -> BpbMeter:
-        """val_bpb on the first `max_tokens` validation tokens (0: all of them), across ranks."""
+    def validate(self, max_tokens: int = 0, label: str = "") -> BpbMeter:
+        """val_bpb on the first `max_tokens` validation tokens (0: all of them), across ranks;
+        with a `label`, a progress bar (rank 0's share of the windows)."""
         train, env = self.cfg.train, self.env
         tokens = self.val_tokens[: max_tokens + 1] if max_tokens else self.val_tokens
+        windows = (len(tokens) - 1) // train.seq_len
         self.model.eval()
-        with self.autocast():
-            meter = evaluate_bpb(self.model.logits, tokens, self.luts, train.seq_len,
-                                 train.val_batch_tokens // train.seq_len, rank=env.rank, world_size=env.world_size)
+        with self.autocast(), ui.progress(disable=not label) as bar:
+            task = bar.add_task(label, total=(windows // env.world_size) * train.seq_len, info="")
+            meter = evaluate_bpb(self.model.logits, tokens, self.luts, train.seq_len, train.val_batch_tokens // train.seq_len,
+                                 rank=env.rank, world_size=env.world_size, progress=lambda n: bar.update(task, advance=n))
         self.model.train()
         return meter
 
@@ -233,6 +239,7 @@ class Progress:
     step: int = 0
     elapsed: float = 0.0  # training seconds
     eval_seconds: float = 0.0
+    checkpoint_step: int | None = None  # the step of the last checkpoint saved or resumed from
 
 
 def run(cfg: PretrainConfig, resume: str | Path | None = None) -> PretrainSummary:
@@ -246,8 +253,9 @@ def run(cfg: PretrainConfig, resume: str | Path | None = None) -> PretrainSummar
 def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> PretrainSummary:
     cfglib.validate(cfg)
     ckpt_name = checkpoint.checkpoint_path(Path(), env.rank).name
-    run_dir = RunDir.resume(resume, env, needs=ckpt_name) if resume else RunDir.start(cfg.train.runs_root, cfg.name, env)
+    run_dir = RunDir.resume(resume, env, needs=ckpt_name) if resume else None  # checked before any work
     data = PreparedData.ready(cfg.data, env)
+    run_dir = run_dir or RunDir.start(cfg.train.runs_root, cfg.name, env)  # bad data leaves no directory behind
     trainer = Trainer(cfg, env, data)
     run_dir.save_config(cfg)
     run_dir.log(trainer.describe())
@@ -257,14 +265,18 @@ def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> Pretr
         saved = checkpoint.load(run_dir.file(ckpt_name), trainer.model, trainer.optimizers, env.world_size)
         trainer.loader.load_state_dict(saved["loader"])
         checkpoint.set_rng_state(saved["rng"])
-        state = Progress(saved["step"], saved["elapsed"], saved["eval_seconds"])
+        state = Progress(saved["step"], saved["elapsed"], saved["eval_seconds"], checkpoint_step=saved["step"])
         run_dir.truncate_metrics(state.step)
         run_dir.log(f"resumed at step {state.step} after {state.elapsed:.1f} s of training")
 
-    step_ms = train_loop(trainer, state, run_dir, run_dir.file(ckpt_name))
+    try:
+        step_ms = train_loop(trainer, state, run_dir, run_dir.file(ckpt_name))
+    except KeyboardInterrupt:
+        _say_how_to_resume(run_dir, state)
+        raise
 
     eval_started = time.perf_counter()
-    pre = trainer.validate()
+    pre = trainer.validate(label="val_bpb")
     byte_count, post = export_and_score(trainer, run_dir)
     state.eval_seconds += time.perf_counter() - eval_started
     summary = _summary(cfg, env, trainer, data, run_dir, state, step_ms, compile_seconds, pre, post, byte_count)
@@ -286,7 +298,7 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
     schedule = cfg.optim.schedule  # progress in [0, 1] -> LR multiplier
     clock = Clock(train, state.elapsed, env.device)
     step_ms: list[float] = []
-    last_good = None
+    last_line = time.perf_counter()
     clock.start()
     while True:
         progress = clock.progress(state.step)
@@ -299,7 +311,8 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
         step = state.step
         if not math.isfinite(loss):
             clock.pause()
-            where = f"the last good checkpoint is {ckpt_file} (step {last_good})" if last_good else "no checkpoint was saved"
+            where = (f"the last good checkpoint is {ckpt_file} (step {state.checkpoint_step})"
+                     if state.checkpoint_step else "no checkpoint was saved")
             raise TrainingError(f"training loss became {loss} at step {step}; stopping ({where}). Try a lower learning rate.")
         step_ms.append(1000 * (time.perf_counter() - started))
         row = dict(step=step, train_loss=loss, lr=lr, tokens=step * train.tokens_per_step, elapsed=round(clock.now(), 3))
@@ -316,14 +329,26 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
             if save_now:
                 checkpoint.save(ckpt_file, trainer.model, trainer.optimizers, trainer.loader.state_dict(), step=step,
                                 elapsed=clock.elapsed, eval_seconds=state.eval_seconds, world_size=env.world_size)
-                last_good = step
+                state.checkpoint_step = step
             clock.start()
         run_dir.metric(**row)
-        if step <= 10 or step % 50 == 0:
-            run_dir.log(f"step {step} | loss {loss:.4f} | lr x{lr:.3f} | {step_ms[-1]:.0f} ms | {clock.now():.1f} s")
+        if step <= 10 or time.perf_counter() - last_line >= LOG_EVERY_SECONDS:
+            last_line = time.perf_counter()
+            done = clock.progress(step)
+            eta = f" | {100 * done:.0f}%, ~{clock.now() * (1 - done) / done:.0f} s to go" if done > 0 else ""
+            run_dir.log(f"step {step} | loss {loss:.4f} | lr x{lr:.3f} | {step_ms[-1]:.0f} ms | {clock.now():.1f} s{eta}")
     clock.pause()
     state.elapsed = clock.elapsed
     return step_ms
+
+
+def _say_how_to_resume(run_dir: RunDir, state: Progress) -> None:
+    if state.checkpoint_step:
+        run_dir.log(f"interrupted at step {state.step}; the checkpoint of step {state.checkpoint_step} is kept: "
+                    f"continue with `underpar pretrain --resume {run_dir.path}`")
+    else:
+        run_dir.log(f"interrupted at step {state.step}; no checkpoint was saved, so this run cannot be resumed "
+                    "(set train.checkpoint_every_steps to save them)")
 
 
 def export_and_score(trainer: Trainer, run_dir: RunDir) -> tuple[artifact.ArtifactBytes | None, BpbMeter]:
@@ -338,7 +363,7 @@ def export_and_score(trainer: Trainer, run_dir: RunDir) -> tuple[artifact.Artifa
     dist.barrier(env)
     restored = artifact.load_model(artifact_path, cfg.quant)
     trainer.model.load_state_dict({k: v.to(env.device) for k, v in restored.items()})
-    return byte_count, trainer.validate()
+    return byte_count, trainer.validate(label="val_bpb after the round trip")
 
 
 def _summary(cfg: PretrainConfig, env: dist.Env, trainer: Trainer, data: PreparedData, run_dir: RunDir,
