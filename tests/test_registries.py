@@ -14,6 +14,8 @@ import underpar.tracks.pretrain  # noqa: F401
 import underpar.tracks.randopt  # noqa: F401
 from underpar.registry import Registry
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models and tensors: threads only add contention
+
 CHECKS: dict[str, Callable[[str, Any], None]] = {}
 
 
@@ -99,25 +101,7 @@ def check_compressor(name: str, compressor: Any) -> None:
 # ---- optimizer, schedule and finetune checks
 
 
-def _one_thread(check_fn: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
-    """Run a check on one thread: tiny models only lose to thread contention."""
-
-    def run(name: str, entry: Any) -> None:
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            check_fn(name, entry)
-        finally:
-            torch.set_num_threads(threads)
-
-    run.__doc__ = check_fn.__doc__
-    return run
-
-
 @check("ns_coefficients")
-@_one_thread
 def check_ns_coefficients(name: str, ns: Any) -> None:
     """In bf16, as Muon runs it, the iteration maps random matrices (tall, wide, any scale, and
     a batched stack) to near-orthogonal ones: every singular value in [0.5, 1.3] (the shipped
@@ -190,7 +174,6 @@ def _same(a: list[tuple[str, Any, bool]], b: list[tuple[str, Any, bool]]) -> boo
 
 
 @check("finetune_method")
-@_one_thread
 def check_finetune_method(name: str, cls: Any) -> None:
     """On a tiny random Llama with default settings: a block begins at step 0 (its layout is
     JSON), what trains gets finite gradients, the same step starts nothing new, and after
@@ -228,7 +211,6 @@ def check_finetune_method(name: str, cls: Any) -> None:
 
 
 @check("chaos_strategy")
-@_one_thread
 def check_chaos_strategy(name: str, strategy: Any) -> None:
     """On a tiny random Llama, over blocks that between them hold every layer mode: apply
     changes the forward, the same plan applied again gives the same outputs, and undo brings
