@@ -168,8 +168,10 @@ def test_variant_sections_switch_set_and_round_trip():
     assert cfglib.from_dict(WithVariant, {"shape": "ramp"}).shape == Ramp()
     with pytest.raises(ConfigError, match="shape = 'wave' is not valid; choose one of: flat, ramp"):
         cfglib.override(cfg, "shape=wave")
-    with pytest.raises(ConfigError, match="unknown config key 'shape.level'"):
+    with pytest.raises(ConfigError, match=r"'shape.level' is a setting of flat, not of 'ramp'; switch first: --set shape=flat"):
         cfglib.override(cfg, "shape.level=2")  # a field of the other variant
+    with pytest.raises(ConfigError, match="unknown config key 'shape.width'; valid keys here: start, steps"):
+        cfglib.override(cfg, "shape.width=2")
     with pytest.raises(ConfigError, match="needs a 'name'"):
         cfglib.from_dict(WithVariant, {"shape": {"steps": 3}})
     with pytest.raises(ConfigError, match=r"shape.start = 2.0 is out of range"):

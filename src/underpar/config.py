@@ -155,10 +155,14 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(names)}")
+            raise _unknown_key(path, names)
         registry = _variant_registry(cls, key)
         kwargs[key] = _variant_from(registry, value, path) if registry else _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+def _unknown_key(path: str, names: list[str]) -> ConfigError:
+    return ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(names) or 'none'}")
 
 
 def _variant_registry(cls: type, key: str) -> Registry | None:
@@ -226,7 +230,7 @@ def _set(obj: Any, keys: list[str], text: str, path: str) -> Any:
     names = [f.name for f in dataclasses.fields(obj)]
     key = keys[0]
     if key not in names:
-        raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(names)}")
+        raise _unknown_key(path, names)
     tp = _hints(type(obj))[key]
     current = getattr(obj, key)
     registry = _variant_registry(type(obj), key)
@@ -239,6 +243,12 @@ def _set(obj: Any, keys: list[str], text: str, path: str) -> Any:
     if len(keys) > 1:
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"'{path}': '{key}' is a value, not a section")
+        if registry is not None and keys[1] not in {f.name for f in dataclasses.fields(current)}:
+            owners = [n for n, cls in registry.items() if keys[1] in {f.name for f in dataclasses.fields(cls)}]
+            if owners:
+                prefix = path[: -len(".".join(keys[1:])) - 1]
+                raise ConfigError(f"'{path}' is a setting of {' and '.join(owners)}, not of "
+                                  f"{registry.name_of(current)!r}; switch first: --set {prefix}={owners[0]}")
         return dataclasses.replace(obj, **{key: _set(current, keys[1:], text, path)})
     if dataclasses.is_dataclass(current):
         raise ConfigError(f"'{path}' is a section; set one of its keys, e.g. {path}.<key>=value")
