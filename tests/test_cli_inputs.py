@@ -52,7 +52,15 @@ def prepare_cases(root):
         (["--source", "text", "--path", corpus, "--out", str(root / "a-file")], "a-file is a file, not a data folder"),
         (["--source", "text", "--path", corpus, "--out", str(root / "corpus")], "corpus is not empty and holds no prepared data"),
         (["--source", "builtin", "--vocab", "400", "--out", str(root / "prepared")], "holds other prepared data (source = 'text' there, 'builtin' asked)"),
+        (["--preset", "tiny-cpu"], "error: preset 'tiny-cpu' is for 'pretrain', not for data prepare"),
+        (["--preset", "nope"], "error: unknown preset 'nope'; presets: builtin-sp1024"),
     ]
+
+
+def test_prepare_starts_from_a_data_preset_and_options_override_it():
+    assert cli._data_config(None, None, None, None, [], preset="builtin-sp1024") == DataConfig(val_docs=1500)
+    cfg = cli._data_config(None, "512", "/tmp/x", None, ["seed=3"], preset="builtin-sp1024")
+    assert cfg == DataConfig(val_docs=1500, vocab_size=512, out="/tmp/x", seed=3)
 
 
 def bpb_cases(root):

@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Corpora, tokenizers and token shards.", no_args_is_help=True)
-eval_app = typer.Typer(help="Scoring: bits per byte.", no_args_is_help=True)
+eval_app = typer.Typer(help="Scoring: val_bpb of sanity baselines on prepared data (bpb), accuracy of a Hugging Face model on a task (task).", no_args_is_help=True)
 config_app = typer.Typer(help="Presets and resolved configs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
@@ -27,14 +27,21 @@ app.add_typer(config_app, name="config")
 SetOption = typer.Option(None, "--set", help="Override a config field: section.key=value (repeatable).")
 
 
-def _data_config(source: str, vocab: str, out: Optional[str], path: Optional[str], sets: list[str], scoring: bool = False):
+def _data_config(source: Optional[str], vocab: Optional[str], out: Optional[str], path: Optional[str],
+                 sets: list[str], scoring: bool = False, preset: Optional[str] = None):
     import dataclasses
 
     from underpar.data.config import DataConfig
 
-    # --source and --vocab are shorthands for config fields, so they are parsed and checked as --set is.
-    cfg = DataConfig(out=out or "", path=path or "")
-    for assignment in [f"source={source}", f"vocab_size={vocab}", *(sets or [])]:
+    cfg = DataConfig()
+    if preset is not None:
+        track, settings = cfglib.load_preset(preset)
+        if track != "prepare":
+            raise UnderparError(f"preset '{preset}' is for '{track}', not for data prepare")
+        cfg = cfglib.from_dict(DataConfig, settings)
+    # The options are shorthands for config fields, so they are parsed and checked as --set is.
+    given = (("source", source), ("vocab_size", vocab), ("out", out), ("path", path))
+    for assignment in [f"{key}={value}" for key, value in given if value is not None] + list(sets or []):
         cfg = cfglib.override(cfg, assignment)
     # Scoring reads a prepared folder, never the corpus: a text source needs no data.path there.
     cfglib.validate(dataclasses.replace(cfg, path=cfg.path or "-") if scoring else cfg)
@@ -43,17 +50,18 @@ def _data_config(source: str, vocab: str, out: Optional[str], path: Optional[str
 
 @data_app.command("prepare")
 def data_prepare(
-    source: str = typer.Option("builtin", help="builtin | text | jsonl | fineweb"),
-    vocab: str = typer.Option("1024", metavar="INTEGER", help="Tokenizer vocabulary size (260-65536)."),
+    source: Optional[str] = typer.Option(None, help="builtin (default) | text | jsonl | fineweb"),
+    vocab: Optional[str] = typer.Option(None, metavar="INTEGER", help="Tokenizer vocabulary size, 260-65536 (default 1024)."),
     out: Optional[str] = typer.Option(None, help="Output folder (default: $UNDERPAR_CACHE/datasets/<source>_sp<vocab>)."),
-    path: Optional[str] = typer.Option(None, help="Input file or folder (text, jsonl; fineweb: a local hub mirror)."),
+    path: Optional[str] = typer.Option(None, help="Input file or folder (text: one .txt/.md file = one document; jsonl; fineweb: a local hub mirror)."),
     force: bool = typer.Option(False, help="Rebuild even if up to date; replace a folder that holds other prepared data (never any other folder)."),
+    preset: Optional[str] = typer.Option(None, help="A data preset to start from, e.g. builtin-sp1024 (see `underpar config presets`)."),
     sets: Optional[list[str]] = SetOption,
 ) -> None:
     """Build a tokenizer and train/val token shards, with a manifest.json."""
     from underpar.data.prepare import prepare
 
-    cfg = _data_config(source, vocab, out, path, sets)
+    cfg = _data_config(source, vocab, out, path, sets, preset=preset)
     manifest = prepare(cfg, force=force)
     verb = "up to date" if manifest["reused"] else "prepared"
     typer.echo(f"{verb}: {manifest['dir']}")
@@ -153,13 +161,15 @@ def randopt(
     resume: Optional[str] = typer.Option(None, help="Continue a stopped search from its run directory."),
 ) -> None:
     """Gradient-free post-training (RandOpt): score seeded perturbations, majority-vote the top K."""
-    from pathlib import Path
-
     from underpar.tracks import randopt as track
 
-    shortcuts = [f"{key}={value}" for key, value in (("model", model), ("task", task), ("population", population)) if value]
+    # Shortcuts are config fields: 0 and "" are values to validate like --set's, not absent options.
+    shortcuts = [f"{key}={value}" for key, value in (("model", model), ("task", task), ("population", population))
+                 if value is not None]
     if resume is not None:
-        cfg = cfglib.load_json(Path(resume) / "config.json")
+        if preset is not None:
+            raise UnderparError("--preset and --resume together: a resumed run keeps its own config (change fields with --set)")
+        cfg = track.saved_config(resume)
         for assignment in shortcuts + (sets or []):
             cfg = cfglib.override(cfg, assignment)
         cfglib.validate(cfg)
