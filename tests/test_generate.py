@@ -228,3 +228,16 @@ def test_static_falls_back_to_eager_when_compiled_step_fails(model):
     with pytest.warns(UserWarning, match="running eagerly"):
         assert generate(model, tokenizer, PROMPTS, cfg) == want
     assert not decoder.compiled
+
+
+@pytest.mark.parametrize("engine", ["loop", "static"])
+def test_decoding_raises_no_deprecation_warning(model, engine):
+    """The KV cache goes in under the name the installed transformers takes (`cache` since 5.24,
+    where `past_key_values` warns on every run: issue 10's noisy output)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, make_tokenizer(), PROMPTS[:2], DecodeConfig(max_new_tokens=3, engine=engine))
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]

@@ -15,6 +15,8 @@ position; forwards take no `cache_position`).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -212,10 +214,20 @@ def _has_stop(out_bt: Tensor, stop_strings: list[str], tokenizer) -> Tensor:
     return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=out_bt.device)
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The forward argument that takes the KV cache: `cache` since transformers 5.24 (where
+    `past_key_values` still works but warns that it goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _forward(model, cache, **kwargs) -> Tensor:
+    return model(**kwargs, **{_cache_argument(type(model)): cache}, use_cache=True).logits
+
+
 def _prefill(model, ids_bp, mask_bp, attention_mask, cache, eos_t, pad_id):
-    logits = model(input_ids=ids_bp, attention_mask=attention_mask,
-                   position_ids=_positions(mask_bp), past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits
+    logits = _forward(model, cache, input_ids=ids_bp, attention_mask=attention_mask,
+                      position_ids=_positions(mask_bp), logits_to_keep=1)
     no_row_finished = torch.zeros(ids_bp.shape[0], dtype=torch.bool, device=ids_bp.device)
     tok_b, finished_b = _pick(logits[:, -1], no_row_finished, eos_t, pad_id)
     return tok_b, mask_bp.sum(-1), finished_b  # the first new token sits at position len(prompt)
@@ -231,8 +243,7 @@ def _loop_start(model, ids_bp, mask_bp, eos_t, pad_id):
     def step(tok_b, pos_b, finished_b):
         nonlocal mask
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        logits = model(input_ids=tok_b[:, None], attention_mask=mask, position_ids=pos_b[:, None],
-                       past_key_values=cache, use_cache=True).logits
+        logits = _forward(model, cache, input_ids=tok_b[:, None], attention_mask=mask, position_ids=pos_b[:, None])
         tok_b, finished_b = _pick(logits[:, -1], finished_b, eos_t, pad_id)
         return tok_b, pos_b + 1, finished_b
 
@@ -260,9 +271,8 @@ class _StaticDecoder:
         self.compiled, self._compiled_step = False, None
 
     def _step(self, tok_b, pos_b, finished_b, mask_bl, eos_t, pad_id: int):
-        logits = self.model(input_ids=tok_b[:, None], attention_mask=mask_bl,
-                            position_ids=pos_b[:, None], past_key_values=self.cache,
-                            use_cache=True).logits
+        logits = _forward(self.model, self.cache, input_ids=tok_b[:, None], attention_mask=mask_bl,
+                          position_ids=pos_b[:, None])
         tok_b, finished_b = _pick(logits[:, -1], finished_b, eos_t, pad_id)
         return tok_b, pos_b + 1, finished_b
 
