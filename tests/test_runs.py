@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from underpar import dist
 from underpar.runs import plots
+from underpar.runs.clock import Clock
 from underpar.runs.rundir import RunDir, Summary
 
 
@@ -24,3 +25,13 @@ def test_final_val_bpb_is_not_joined_to_the_periodic_line(tmp_path):
             {"step": 4, "elapsed": 4.0, "val_bpb": 2.5}, {"step": 4, "elapsed": 4.0, "val_bpb": 2.6, "final": True}]
     assert plots.val_series(rows) == ([(2.0, 3.0), (4.0, 2.5)], [(4.0, 2.6)])
     assert plots.loss_curve(rows, tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_clock_progress_is_the_further_of_time_and_steps():
+    clock = Clock(max_seconds=100.0, max_steps=10, elapsed=30.0)
+    assert clock.progress(0) == 0.3 and clock.progress(5) == 0.5 and clock.progress(20) == 1.0
+    assert Clock(max_seconds=0.0, max_steps=4).progress(1) == 0.25
+    assert Clock(max_seconds=10.0, max_steps=0, elapsed=5.0).progress(99) == 0.5
+    clock.start()
+    clock.pause()
+    assert clock.elapsed >= 30.0 and clock.started is None

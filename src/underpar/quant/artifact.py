@@ -122,6 +122,12 @@ class ArtifactBytes:
     limit: int
     files: tuple[Path, ...]
 
+    def as_dict(self) -> dict:
+        """For summaries: the byte counts and the counted files, relative to the package."""
+        root = Path(underpar.__file__).parent
+        return {"code": self.code, "model": self.model, "total": self.total, "limit": self.limit,
+                "code_files": [str(p.relative_to(root)) for p in self.files]}
+
 
 def account(model_bytes: int, limit: int = LIMIT_BYTES) -> ArtifactBytes:
     """Code + model bytes; raises ArtifactError when the total is over `limit`."""

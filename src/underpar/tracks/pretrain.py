@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import underpar
 from underpar import config as cfglib
 from underpar import dist, ui
 from underpar.config import bounded, choice, nested
@@ -35,6 +34,7 @@ from underpar.optim import OptimConfig, build_optimizers, muon_momentum_at, set_
 from underpar.quant import artifact
 from underpar.quant.config import QuantConfig
 from underpar.runs import checkpoint, plots
+from underpar.runs.clock import Clock
 from underpar.runs.rundir import RunDir, Summary
 
 
@@ -109,35 +109,14 @@ class PretrainSummary(Summary):
     data: str
 
 
-class Clock:
-    """Training time under the cap; paused around evaluation and checkpoints."""
+@dataclasses.dataclass
+class Progress:
+    """Where the timed loop stands: saved in checkpoints, restored on resume."""
 
-    def __init__(self, cfg: TrainConfig, elapsed: float, device: torch.device):
-        self.cfg, self.elapsed, self.device = cfg, elapsed, device
-        self.started: float | None = None
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def start(self) -> None:
-        self._sync()
-        self.started = time.perf_counter()
-
-    def pause(self) -> None:
-        self._sync()
-        self.elapsed += time.perf_counter() - self.started
-        self.started = None
-
-    def now(self) -> float:
-        return self.elapsed + (time.perf_counter() - self.started if self.started is not None else 0.0)
-
-    def progress(self, step: int) -> float:
-        """Fraction of the budget used: elapsed/cap, or step/max_steps, whichever is further."""
-        cfg = self.cfg
-        by_time = self.now() / cfg.max_wallclock_seconds if cfg.max_wallclock_seconds else 0.0
-        by_steps = step / cfg.max_steps if cfg.max_steps else 0.0
-        return min(1.0, max(by_time, by_steps))
+    step: int = 0
+    elapsed: float = 0.0  # training seconds
+    eval_seconds: float = 0.0
+    checkpoint_step: int | None = None  # the step of the last checkpoint saved or resumed from
 
 
 class Trainer:
@@ -212,6 +191,18 @@ class Trainer:
         self.model.train()
         return meter
 
+    def save(self, path: Path, state: Progress) -> None:
+        """This rank's checkpoint: model, optimizers, loader position, RNG and `state`."""
+        checkpoint.save(path, self.model, self.optimizers, self.loader.state_dict(), step=state.step,
+                        elapsed=state.elapsed, eval_seconds=state.eval_seconds, world_size=self.env.world_size)
+
+    def load(self, path: Path) -> Progress:
+        """Restore a checkpoint written by `save`; where the run stood."""
+        saved = checkpoint.load(path, self.model, self.optimizers, self.env.world_size)
+        self.loader.load_state_dict(saved["loader"])
+        checkpoint.set_rng_state(saved["rng"])
+        return Progress(saved["step"], saved["elapsed"], saved["eval_seconds"], checkpoint_step=saved["step"])
+
     def warm_up(self) -> float:
         """Real training steps that compile every graph the loop will use, after which model,
         optimizer state, loader and RNG are put back exactly: the warmup trains nothing.
@@ -230,16 +221,6 @@ class Trainer:
             self.loader.load_state_dict(loader_state)
             checkpoint.set_rng_state(rng)
         return time.perf_counter() - started
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the timed loop stands: saved in checkpoints, restored on resume."""
-
-    step: int = 0
-    elapsed: float = 0.0  # training seconds
-    eval_seconds: float = 0.0
-    checkpoint_step: int | None = None  # the step of the last checkpoint saved or resumed from
 
 
 def run(cfg: PretrainConfig, resume: str | Path | None = None) -> PretrainSummary:
@@ -262,10 +243,7 @@ def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> Pretr
     compile_seconds = trainer.warm_up()
     state = Progress()
     if resume is not None:
-        saved = checkpoint.load(run_dir.file(ckpt_name), trainer.model, trainer.optimizers, env.world_size)
-        trainer.loader.load_state_dict(saved["loader"])
-        checkpoint.set_rng_state(saved["rng"])
-        state = Progress(saved["step"], saved["elapsed"], saved["eval_seconds"], checkpoint_step=saved["step"])
+        state = trainer.load(run_dir.file(ckpt_name))
         run_dir.truncate_metrics(state.step)
         run_dir.log(f"resumed at step {state.step} after {state.elapsed:.1f} s of training")
 
@@ -296,7 +274,7 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
     checkpoints pause the clock. Returns each step's milliseconds."""
     cfg, env, train = trainer.cfg, trainer.env, trainer.cfg.train
     schedule = cfg.optim.schedule  # progress in [0, 1] -> LR multiplier
-    clock = Clock(train, state.elapsed, env.device)
+    clock = Clock(train.max_wallclock_seconds, train.max_steps, state.elapsed, env.device)
     step_ms: list[float] = []
     last_line = time.perf_counter()
     clock.start()
@@ -327,9 +305,8 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
                 row.update(val_bpb=meter.bpb, val_loss=meter.loss)
                 run_dir.log(f"step {step} | val_bpb {meter.bpb:.4f} | val_loss {meter.loss:.4f} | {clock.now():.1f} s")
             if save_now:
-                checkpoint.save(ckpt_file, trainer.model, trainer.optimizers, trainer.loader.state_dict(), step=step,
-                                elapsed=clock.elapsed, eval_seconds=state.eval_seconds, world_size=env.world_size)
-                state.checkpoint_step = step
+                state.elapsed, state.checkpoint_step = clock.elapsed, step
+                trainer.save(ckpt_file, state)
             clock.start()
         run_dir.metric(**row)
         if step <= 10 or time.perf_counter() - last_line >= LOG_EVERY_SECONDS:
@@ -377,10 +354,7 @@ def _summary(cfg: PretrainConfig, env: dist.Env, trainer: Trainer, data: Prepare
         val_loss=post.loss,
         val_bpb_pre_quant=pre.bpb,
         val_loss_pre_quant=pre.loss,
-        artifact_bytes=None if byte_count is None else {
-            "code": byte_count.code, "model": byte_count.model, "total": byte_count.total, "limit": byte_count.limit,
-            "code_files": [str(p.relative_to(Path(underpar.__file__).parent)) for p in byte_count.files],
-        },
+        artifact_bytes=None if byte_count is None else byte_count.as_dict(),
         steps=state.step,
         training_seconds=round(state.elapsed, 3),
         median_ms_per_step=statistics.median(step_ms) if step_ms else None,
