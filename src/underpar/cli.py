@@ -101,12 +101,11 @@ def pretrain(
     resume: Optional[str] = typer.Option(None, help="Continue a stopped run from its run directory."),
 ) -> None:
     """Train a GPT under a wallclock cap; score val_bpb after the quantization round trip."""
-    from pathlib import Path
-
+    from underpar.runs.rundir import resumed_config
     from underpar.tracks import pretrain as track
 
     if resume is not None:
-        cfg = cfglib.load_json(Path(resume) / "config.json")
+        cfg = resumed_config(resume)
         for assignment in sets or []:
             cfg = cfglib.override(cfg, assignment)
         cfglib.validate(cfg)
@@ -181,27 +180,23 @@ def randopt(
 @eval_app.command("task")
 def eval_task(
     model: str = typer.Option("smollm2-135m", help="smollm2-135m, a local folder, or a hub id."),
-    task: str = typer.Option("gsm_symbolic", help="gsm_symbolic, asdiv, gsm8k, math500, ..."),
-    split: str = typer.Option("test"),
-    limit: int = typer.Option(200, help="Number of examples (the first N)."),
+    task: str = typer.Option("gsm_symbolic", help="gsm_symbolic, asdiv, gsm8k, math500, ... (answer-scored tasks)."),
+    split: str = typer.Option("test", help="A split the task has (test, validation, train)."),
+    limit: str = typer.Option("200", metavar="INTEGER", help="Number of examples (the first N, >= 1)."),
     path: Optional[str] = typer.Option(None, help="Local file in the task's schema."),
-    max_new_tokens: int = typer.Option(256),
-    batch_size: int = typer.Option(64),
+    max_new_tokens: str = typer.Option("256", metavar="INTEGER", help="Tokens generated per answer (>= 1)."),
+    batch_size: str = typer.Option("64", metavar="INTEGER", help="Prompts decoded together (>= 1)."),
 ) -> None:
     """Greedy accuracy of a model on a task, with a 95% confidence interval."""
-    from underpar.data.tasks import get_task
-    from underpar.eval.accuracy import evaluate_task
-    from underpar.eval.generate import DecodeConfig
-    from underpar.model import hf
+    from underpar.eval.accuracy import TaskEvalConfig, evaluate_model
 
-    # Task, split, examples and decoding are checked before the (slow) model load.
-    chosen = get_task(task)
-    examples = chosen.load(split, limit=limit, path=path)
-    decode = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    cfglib.validate(decode)
-    lm, tokenizer = hf.load_model(model)
-    result = evaluate_task(lm, tokenizer, chosen, examples, decode)
-    typer.echo(json.dumps(result, indent=2))
+    # Each option is a TaskEvalConfig field, parsed and checked as --set is, before the model loads.
+    options = dict(model=model, task=task, split=split, limit=limit, path=path or "",
+                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cfg = TaskEvalConfig()
+    for key, value in options.items():
+        cfg = cfglib.override(cfg, f"{key}={value}")
+    typer.echo(json.dumps(evaluate_model(cfg), indent=2))  # validates cfg first
 
 
 @config_app.command("presets")

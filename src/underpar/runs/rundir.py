@@ -73,8 +73,7 @@ class RunDir:
         """A stopped run's directory, checked before anything is written to it: it exists, has
         its config, has not finished, and holds `needs` (the file the track resumes from)."""
         path = Path(path)
-        if not (path / CONFIG).is_file():
-            raise UnderparError(f"cannot resume {path}: it is not a run directory (no {CONFIG})")
+        resumed_config(path)
         if (path / SUMMARY).is_file():
             raise UnderparError(f"cannot resume {path}: the run finished ({SUMMARY} exists); resuming would "
                                 "overwrite its results, so start a new run instead")
@@ -121,6 +120,14 @@ class RunDir:
             tmp = self.file(SUMMARY + ".tmp")
             tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
             os.replace(tmp, self.file(SUMMARY))
+
+
+def resumed_config(path: str | Path) -> Any:
+    """The config a run directory was started with (what `--resume` continues)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise UnderparError(f"cannot resume {path}: it is not a run directory (no {CONFIG})")
+    return cfglib.load_json(path / CONFIG)
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
