@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from underpar import cli, ui  # noqa: E402
 from underpar import config as cfglib  # noqa: E402
 from underpar.data.tasks import TASKS, Example, Task  # noqa: E402
 from underpar.errors import ConfigError, UnderparError  # noqa: E402
@@ -165,7 +167,8 @@ def loaded(model_dir):
     return hf.load_model(str(model_dir), device="cpu")
 
 
-SMALL = ["population=6", "sigmas=[0.01, 0.03]", "top_ratios=[0.2, 0.5]", "train_examples=8", "test_examples=5",
+# top ratios 0.1 and 0.2 both give K=1 of 6: the K=1 ensemble is reported once
+SMALL = ["population=6", "sigmas=[0.01, 0.03]", "top_ratios=[0.1, 0.2, 0.5]", "train_examples=8", "test_examples=5",
          "decode.max_new_tokens=8", "decode.batch_size=8", "device=cpu", "diagnostics.merge_pairs=2",
          "diagnostics.bpb_documents=0"]
 
@@ -193,22 +196,27 @@ def full_run(custom_task, model_dir, loaded, tmp_path_factory):
     model, tokenizer = loaded
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = config(model_dir, tmp_path_factory.mktemp("full"), "diagnostics.bpb_documents=2")
-    built = []
+    built, bars = [], []
     real_decoder = generate_module._StaticDecoder
 
     def counted(*args, **kwargs):
         built.append(args[1])  # the (rows, max_len, ...) key
         return real_decoder(*args, **kwargs)
 
+    def recorded_progress(disable=False):
+        bars.append(ui.progress(disable=True))  # a hidden display still keeps its tasks
+        return bars[-1]
+
     with pytest.MonkeyPatch.context() as mp:
         mp.delattr(model, "_underpar_static_decoder", raising=False)
         mp.setattr(generate_module, "_StaticDecoder", counted)
+        mp.setattr(search, "progress", recorded_progress)
         summary = randopt.run(cfg, model, tokenizer)
-    return cfg, summary, before, built
+    return cfg, summary, before, built, [task for bar in bars for task in bar.tasks]
 
 
 def test_run_end_to_end(full_run, loaded):
-    cfg, summary, before, built = full_run
+    cfg, summary, before, built, bars = full_run
     model, _ = loaded
     # one static decoder for the whole run: train (8 prompts) and test sets (5, padded to 8)
     # of different prompt lengths all fit the one the warm-up built
@@ -220,9 +228,11 @@ def test_run_end_to_end(full_run, loaded):
     assert sorted(r["index"] for r in rows) == list(range(6))
     assert [(r["seed"], r["sigma"]) for r in sorted(rows, key=lambda r: r["index"])] == population
     assert len({r["digest"] for r in rows}) == 6 and len({r["reward"] for r in rows}) > 1
-    # selection and ensembles: K per ratio, one row per test set and K
+    # selection and ensembles: one row per test set and K, each K once with the ratios that give it
     ranked = search.rank(sorted(rows, key=lambda r: r["index"]))
     assert [e.k for e in summary.ensembles] == [1, 3, 1, 3]
+    assert [e.ratios for e in summary.ensembles] == [[0.1, 0.2], [0.5]] * 2
+    assert "| length_mod3 | 1 (0.1, 0.2) |" in randopt.report(summary)
     assert summary.test_examples == {"length_mod3": 5, "basic_arithmetic": 5}
     assert [e.task for e in summary.ensembles] == ["length_mod3"] * 2 + ["basic_arithmetic"] * 2
     assert summary.population["top"][0]["index"] == ranked[0]
@@ -238,7 +248,16 @@ def test_run_end_to_end(full_run, loaded):
     assert all({p["a"], p["b"]} <= set(ranked[:3]) for p in merges["pairs"])
     bpb = summary.diagnostics.bpb
     assert bpb["documents"] == 2 and bpb["bytes"] > 0 and 0 < bpb["base"] < 40
-    assert [e["k"] for e in bpb["ensembles"]] == [1, 3]
+    assert [(e["k"], e["ratios"]) for e in bpb["ensembles"]] == [(1, [0.1, 0.2]), (3, [0.5])]
+    # every phase longer than a moment shows a bar that ends full, with a rate (ETA: rich's column)
+    assert [(b.description, b.completed, b.total) for b in bars] == [
+        ("base model", 3, 3), ("population", 6, 6), ("ensemble members", 3, 3),
+        ("K=1 seeds on length_mod3", 3, 3), ("merges on length_mod3", 4, 4), ("held-out bpb", 4, 4)]
+    assert [b.fields["info"].split(",")[0].split()[1] for b in bars] == [
+        "sets/s", "seeds/s", "members/s", "seeds/s", "merges/s", "models/s"]
+    assert bars[1].fields["info"].endswith(f"best {max(r['reward'] for r in rows):.3f}")
+    log = (run_dir / "train.log").read_text()
+    assert "warm-up: building the decoder (8 rows, 8 new tokens)" in log and "warm-up done in" in log
     assert summary.search.scored == 6 and summary.search.seeds_per_second > 0
     assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(summary)))
     assert (run_dir / "k1_transfer.png").is_file()
@@ -249,8 +268,8 @@ def test_run_end_to_end(full_run, loaded):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tmp_path, monkeypatch):
-    cfg_full, summary_full, before, _ = full_run
+def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tmp_path, monkeypatch, capsys):
+    cfg_full, summary_full, before, _, _ = full_run
     model, tokenizer = loaded
     real = randopt.score_candidate
     calls = []
@@ -267,6 +286,11 @@ def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tm
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # restored on failure
     (run_dir,) = tmp_path.iterdir()
     assert len(population_rows(run_dir)) == 3
+    # Ctrl-C says what is kept and how to continue (issue 10), on the console and in train.log
+    said = (f"interrupted: 3 of 6 candidates are scored and kept in {run_dir / search.POPULATION_FILE}; "
+            f"continue with `underpar randopt --resume {run_dir}` (only the missing ones are scored)")
+    assert said in capsys.readouterr().out.splitlines()
+    assert (run_dir / "train.log").read_text().splitlines()[-1] == said
     with open(run_dir / search.POPULATION_FILE, "a") as f:
         f.write('{"index": 3, "seed": ')  # torn by the kill: dropped and rescored
 
@@ -281,7 +305,7 @@ def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tm
 
 
 def test_resume_refuses_a_different_search_and_a_finished_run(full_run, model_dir, tmp_path, monkeypatch):
-    cfg, summary, _, _ = full_run
+    cfg, summary, _, _, _ = full_run
     monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
     with pytest.raises(ConfigError, match="seed"):
         randopt.run(config(model_dir, tmp_path, "seed=1"), resume=summary.run_dir)
@@ -300,6 +324,64 @@ def test_config_errors_name_the_problem(model_dir, tmp_path):
         config(model_dir, tmp_path, tests='["nope"]')
     with pytest.raises(ConfigError, match="task=path"):
         config(model_dir, tmp_path, 'task_paths=["gsm8k"]')
+
+
+def run_main(monkeypatch, capsys, *args):
+    """The CLI in-process, as `underpar ...` runs it: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["underpar", *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def test_cli_refuses_bad_input_before_any_work(full_run, model_dir, tmp_path, monkeypatch, capsys):
+    """Issue 10: each randopt input a new user may get wrong ends in one `error:` line and exit
+    code 2, before the model loads and before a run directory exists. `--population 0` was
+    dropped (a default search started); options are checked exactly as their config fields."""
+    finished = full_run[1].run_dir
+    other = tmp_path / "pretrain-run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"track": "pretrain", "config": {}}))
+    runs, missing = tmp_path / "runs", tmp_path / "missing.jsonl"
+    model = ["--model", str(model_dir)]
+    cases = [
+        (["--population", "0"], "error: population = 0 is out of range; it must lie in [1, 2147483648]"),
+        (["--population", "-3"], "error: population = -3 is out of range"),
+        (["--population", "many"], "error: Invalid value for '--population'"),
+        (["--task", ""], "error: task = '' is not valid; choose one of: "),
+        (["--task", "nope"], "error: task = 'nope' is not valid"),
+        (["--model", ""], "error: model = '' names no model"),
+        (["--model", str(tmp_path / "no")], f"error: model '{tmp_path / 'no'}' is not a folder (no such directory"),
+        (["--model", str(model_dir / "config.json")], f"error: model '{model_dir / 'config.json'}' is a file, not a model folder"),
+        (["--preset", "tiny-cpu"], "error: preset 'tiny-cpu' is for 'pretrain', not 'randopt'"),
+        ([*model, "--set", "sigmas=[]"], "error: sigmas = [] must be a non-empty list of positive numbers"),
+        ([*model, "--set", "top_ratios=[0]"], "error: top_ratios = [0.0] must be a non-empty list"),
+        ([*model, "--set", "include=[]"], "error: include = [] selects no parameter to perturb"),
+        ([*model, "--set", 'task_paths=["gsm8k=x.jsonl"]'], "error: task_paths names 'gsm8k', which is neither"),
+        ([*model, "--task", "gsm8k", "--set", f'task_paths=["gsm8k={missing}"]'],
+         f"error: task data file {missing} does not exist"),
+        (["--resume", str(tmp_path)], f"error: cannot resume {tmp_path}: it is not a run directory (no config.json)"),
+        (["--resume", str(other)], f"error: cannot resume {other} with randopt: it is a pretrain run; "
+                                   f"resume it with `underpar pretrain --resume {other}`"),
+        (["--resume", finished], f"error: cannot resume {finished}: the run finished"),
+        (["--resume", finished, "--preset", "randopt-smollm2"], "error: --preset and --resume together"),
+        (["--resume", finished, "--population", "0"], "error: population = 0 is out of range"),
+    ]
+    real_load = hf.load_model
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    for args, expected in cases:
+        code, out, err = run_main(monkeypatch, capsys, "randopt", *args, "--set", f"runs_root={runs}")
+        assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith(expected), (args, err)
+        assert not runs.exists(), args
+    # a glob that matches nothing is known once the model is there, still before the run directory
+    monkeypatch.setattr(hf, "load_model", real_load)
+    code, out, err = run_main(monkeypatch, capsys, "randopt", *model, "--task", "basic_arithmetic", "--set",
+                              'test_tasks=["basic_arithmetic"]', "--set", 'include=["nothing.*"]', "--set", f"runs_root={runs}")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: perturbation include=['nothing.*']")
+    assert out.splitlines() == ["loading task data: basic_arithmetic train x16, basic_arithmetic test x32",
+                                f"loading model {model_dir} on cpu"]
+    assert not runs.exists()
 
 
 def _scaling_benchmark():

@@ -2,11 +2,14 @@
 W0 + sigma * R(seed) of a pretrained model by greedy reward on a train slice, keep the top K,
 and answer held-out questions by majority vote of the K perturbed models.
 
-load -> base accuracy -> population search (one JSON line per candidate as it arrives, so a
-stopped search resumes; candidate i on rank i % world_size under torchrun) -> top-K by train
-reward -> majority-vote ensembles per test set and K -> diagnostics (K=1 train-vs-test
-transfer, pairwise merges, held-out bits per byte) -> summary.json + plot. The model holds the
-base weights again when `run` returns, also when it fails.
+load (task data, then the model; the run directory is created only once every input has
+passed, so bad input leaves nothing behind) -> warm-up -> base accuracy -> population search
+(one JSON line per candidate as it arrives, so a stopped search resumes; candidate i on rank
+i % world_size under torchrun) -> top-K by train reward (each K once, with the top ratios that
+give it) -> majority-vote ensembles per test set and K -> diagnostics (K=1 train-vs-test
+transfer, pairwise merges, held-out bits per byte) -> summary.json + plot. Every phase shows a
+progress bar or a line; Ctrl-C says what is kept and how to resume. The model holds the base
+weights again when `run` returns, also when it fails.
 
 Speed: weights are rebuilt in place from a resident base copy (one fused pass per tensor, no
 restore pass), and every prompt set is generated as whole batches of one fixed row count, so
@@ -30,7 +33,7 @@ from underpar import config as cfglib
 from underpar import dist
 from underpar.config import bounded, choice, items, nested
 from underpar.data.tasks import TASKS, get_task
-from underpar.errors import ConfigError
+from underpar.errors import ConfigError, UnderparError
 from underpar.eval.ensemble import vote_all
 from underpar.eval.generate import ENGINES, DecodeConfig
 from underpar.eval.stats import accuracy_ci, mean
@@ -39,11 +42,10 @@ from underpar.model import hf
 from underpar.runs.rundir import CONFIG, RunDir
 from underpar.tracks import randopt_diagnostics as diagnose
 from underpar.tracks.randopt_search import (
-    POPULATION_FILE, Answerer, Candidates, PromptSet, correct, draw_population, k1_indices, load_prompts,
-    merge_pairs, rank, read_population, score_candidate, top_k,
+    POPULATION_FILE, Answerer, Candidates, PromptSet, correct, draw_population, k1_indices, load_examples,
+    map_with_progress, merge_pairs, rank, read_population, score_candidate, tokenize_prompts, top_k,
 )
 from underpar.tracks.randopt_summary import Diagnostics, EnsembleResult, RandOptSummary, SearchStats, report
-from underpar.ui import progress
 
 # Fields that define the population and its train rewards: a resumed run must keep them.
 SEARCH_FIELDS = ("model", "dtype", "task", "train_examples", "task_paths", "data_seed", "population",
@@ -113,16 +115,29 @@ class RandOptConfig:
             if split not in task.splits:
                 raise ConfigError(f"task {name!r} has no {split!r} split (it has {list(task.splits)}); "
                                   f"choose another {'task' if split == 'train' else 'test task'}")
-        self.task_path(self.task)  # validates the task_paths entries
+        if not self.include:
+            raise ConfigError("include = [] selects no parameter to perturb; the default ['*'] selects all")
+        if not self.model.strip():
+            raise ConfigError("model = '' names no model; give smollm2-135m, a local folder or a hub id")
+        used = {self.task, *self.test_tasks}
+        for task in self._task_paths():
+            if task not in used:
+                raise ConfigError(f"task_paths names {task!r}, which is neither the train task nor a test task "
+                                  f"({', '.join(sorted(used))}); its file would never be read")
 
     def task_path(self, name: str) -> str | None:
-        paths = {}
+        return self._task_paths().get(name)
+
+    def _task_paths(self) -> dict[str, str]:
+        paths: dict[str, str] = {}
         for entry in self.task_paths:
             task, sep, path = entry.partition("=")
             if not sep or not task.strip() or not path.strip():
                 raise ConfigError(f"task_paths entry {entry!r} must look like task=path/to/file.jsonl")
+            if task.strip() in paths:
+                raise ConfigError(f"task_paths names {task.strip()!r} twice; give one file per task")
             paths[task.strip()] = path.strip()
-        return paths.get(name)
+        return paths
 
 
 def run(cfg: RandOptConfig | None = None, model: Any = None, tokenizer: Any = None,
@@ -132,7 +147,7 @@ def run(cfg: RandOptConfig | None = None, model: Any = None, tokenizer: Any = No
     directory: its config.json (unless `cfg` is given; it must define the same search) and
     population.jsonl are reloaded and only the missing candidates are scored."""
     if resume is not None:
-        saved = cfglib.load_json(Path(resume) / CONFIG)
+        saved = saved_config(resume)
         cfg = saved if cfg is None else cfg
         changed = [f for f in SEARCH_FIELDS if getattr(saved, f) != getattr(cfg, f)]
         if changed:
@@ -150,6 +165,24 @@ def run(cfg: RandOptConfig | None = None, model: Any = None, tokenizer: Any = No
         dist.teardown()
 
 
+def saved_config(run_dir: str | Path) -> RandOptConfig:
+    """The config of a RandOpt run directory, to resume it; a folder that is no run directory, or
+    another track's run, is refused with what to do instead."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise UnderparError(f"cannot resume {run_dir}: it is not a run directory (no {CONFIG})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"cannot resume {run_dir}: its {CONFIG} is not valid JSON ({e})") from None
+    track = data.get("track") if isinstance(data, dict) else None
+    if track != "randopt":
+        other = f"a {track} run; resume it with `underpar {track} --resume {run_dir}`" if track in cfglib.TRACKS \
+            else f"no underpar run ({CONFIG} has no track)"
+        raise UnderparError(f"cannot resume {run_dir} with randopt: it is {other}")
+    return cfglib.load_json(path)
+
+
 def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: str | Path | None) -> RandOptSummary:
     timing: dict[str, float] = {}
     clock = time.perf_counter()
@@ -159,30 +192,45 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         timing[name] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
 
-    # ---- 1. run directory (a finished run is refused before anything loads), model, prompt sets
-    run_dir = RunDir.resume(resume, env, needs=CONFIG) if resume is not None else RunDir.start(cfg.runs_root, cfg.name, env)
-    run_dir.save_config(cfg)
+    # ---- 1. checks, task data, model, prompt sets, then the run directory: bad input (a model
+    # path, a task file, include globs) is refused before a directory exists; a finished run is
+    # refused before anything loads
+    run_dir = RunDir.resume(resume, env, needs=CONFIG) if resume is not None else None
+    say = run_dir.log if run_dir is not None else _printer(env)
+    if model is None:
+        hf.check_model_name(cfg.model)
     with dist.main_first(env):  # rank 0 fills the caches (converted model, generated task data) first
+        say(f"loading task data: {cfg.task} train x{cfg.train_examples}, "
+            + ", ".join(f"{name} test x{cfg.test_examples}" for name in cfg.test_tasks))
+        examples = [load_examples(cfg.task, "train", cfg.train_examples, cfg.data_seed, cfg.task_path(cfg.task))]
+        examples += [load_examples(name, "test", cfg.test_examples, cfg.data_seed, cfg.task_path(name))
+                     for name in cfg.test_tasks]
         if model is None:
+            say(f"loading model {cfg.model} on {env.device}")
             model, tokenizer = hf.load_model(cfg.model, device=env.device, dtype=None if cfg.dtype == "auto" else cfg.dtype)
-        train = load_prompts(tokenizer, cfg.task, "train", cfg.train_examples, cfg.data_seed, cfg.task_path(cfg.task))
-        tests = [load_prompts(tokenizer, name, "test", cfg.test_examples, cfg.data_seed, cfg.task_path(name))
-                 for name in cfg.test_tasks]
+    train, *tests = [tokenize_prompts(tokenizer, name, ex) for name, ex in zip([cfg.task, *cfg.test_tasks], examples)]
     space = PerturbSpace(model, cfg.include, cfg.exclude)
     rows_per_batch = min(cfg.decode.batch_size, max(len(s.ids) for s in [train, *tests]))
     answerer = Answerer(model, tokenizer, DecodeConfig(**dataclasses.asdict(cfg.decode)), rows_per_batch)
     N = cfg.population
     candidates = Candidates(space, draw_population(N, cfg.sigmas, cfg.seed), cfg.backend)
+    run_dir = run_dir or RunDir.start(cfg.runs_root, cfg.name, env)
+    run_dir.save_config(cfg)
     test_sizes = ", ".join(f"{s.name} x{len(s.examples)}" for s in tests)
     run_dir.log(f"randopt {cfg.model}: {space.numel:,} parameters in {len(space.names)} tensors perturbed | "
                 f"train {train.name} x{len(train.examples)} | test {test_sizes} | population {N}, sigmas "
                 f"{cfg.sigmas} | {env.world_size} process(es) on {env.device}, {rows_per_batch} rows per batch")
     lap("load")
+    pop_file = run_dir.file(POPULATION_FILE)
     try:
         # ---- 2. warm-up (builds the one decoder), base accuracy ----------------------------
+        compiled = cfg.decode.compile and cfg.decode.engine == "static" and env.device.type == "cuda"
+        run_dir.log(f"warm-up: building the decoder ({rows_per_batch} rows, {cfg.decode.max_new_tokens} new tokens"
+                    + (", compiled to a CUDA graph: a minute or two)" if compiled else ")"))
         answerer.warm_up([train, *tests])
         lap("warmup")
-        base_answers = dist.sharded_map(env, [train, *tests], answerer.answers)
+        run_dir.log(f"warm-up done in {timing['warmup']:.1f} s")
+        base_answers = map_with_progress(env, "base model", "sets", [train, *tests], answerer.answers)
         base = {"train": accuracy_ci(correct(train, base_answers[0])),
                 "test": {s.name: accuracy_ci(correct(s, a)) for s, a in zip(tests, base_answers[1:])}}
         run_dir.log(f"base: train {base['train']['mean']:.3f} | "
@@ -190,7 +238,6 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         lap("base")
 
         # ---- 3. population search: one JSON line per candidate as it arrives -----------------
-        pop_file = run_dir.file(POPULATION_FILE)
         rows = read_population(pop_file, candidates.drawn, env.is_main) if resume is not None else {}
         missing = [i for i in range(N) if i not in rows]
         if rows:
@@ -201,29 +248,26 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
             return {"index": i, "seed": seed, "sigma": sigma,
                     **score_candidate(answerer, space, train, seed, sigma, cfg.backend)}
 
+        def arrived(pairs: list[tuple[int, dict]]) -> str:
+            for _, row in pairs:
+                rows[row["index"]] = row
+            if run_dir.writer:
+                with open(pop_file, "a") as f:
+                    f.write("".join(json.dumps(row) + "\n" for _, row in pairs))
+            return f"best {max(r['reward'] for r in rows.values()):.3f}"
+
         search_start = time.perf_counter()
-        with progress() as bar:
-            bar_id = bar.add_task("population", total=N, completed=len(rows), info="")
-
-            def arrived(pairs: list[tuple[int, dict]]) -> None:
-                for _, row in pairs:
-                    rows[row["index"]] = row
-                if run_dir.writer:
-                    with open(pop_file, "a") as f:
-                        f.write("".join(json.dumps(row) + "\n" for _, row in pairs))
-                rate = (len(rows) - (N - len(missing))) / (time.perf_counter() - search_start)
-                best = max(r["reward"] for r in rows.values())
-                bar.update(bar_id, advance=len(pairs), info=f"{rate:.2f} seeds/s, best {best:.3f}")
-
-            dist.sharded_map(env, missing, score, on_round=arrived)
+        map_with_progress(env, "population", "seeds", missing, score, done=len(rows), on_round=arrived)
         search_seconds = time.perf_counter() - search_start
         rows = [rows[i] for i in range(N)]
         lap("search")
 
-        # ---- 4. selection ----------------------------------------------------------------------
+        # ---- 4. selection: K per top ratio, each K once (ratios that give the same K share it) --
         ranked = rank(rows)
-        ks = {ratio: top_k(ratio, N) for ratio in cfg.top_ratios}
-        members = ranked[:max(ks.values())]
+        ks: dict[int, list[float]] = {}
+        for ratio in cfg.top_ratios:
+            ks.setdefault(top_k(ratio, N), []).append(ratio)
+        members = ranked[:max(ks)]
         run_dir.log(f"top {len(members)} by train reward: " + ", ".join(f"{rows[i]['reward']:.3f}" for i in members))
 
         def answers_of(i: int, sets: list[PromptSet]) -> list[list[str | None]]:
@@ -231,16 +275,17 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
             return [answerer.answers(s) for s in sets]
 
         # ---- 5. ensembles: each member answers each test set once; majority vote per K -------
-        member_answers = dict(zip(members, dist.sharded_map(env, members, lambda i: answers_of(i, tests))))
+        answered = map_with_progress(env, "ensemble members", "members", members, lambda i: answers_of(i, tests))
+        member_answers = dict(zip(members, answered))
         ensembles = []
         for t, s in enumerate(tests):
             keys = {m: [s.task.answers.vote_key(a) for a in member_answers[m][t]] for m in members}
-            for ratio, k in ks.items():
+            for k, ratios in ks.items():
                 voters = members[:k]
                 voted = vote_all([member_answers[m][t] for m in voters], s.task.answer_kind, [keys[m] for m in voters])
                 acc, base_acc = accuracy_ci(correct(s, voted)), base["test"][s.name]
                 singles = [mean(correct(s, member_answers[m][t])) for m in voters]
-                ensembles.append(EnsembleResult(task=s.name, ratio=ratio, k=k, accuracy=acc, base=base_acc,
+                ensembles.append(EnsembleResult(task=s.name, ratios=ratios, k=k, accuracy=acc, base=base_acc,
                                                 delta=acc["mean"] - base_acc["mean"], members_mean_accuracy=mean(singles),
                                                 best_member_accuracy=max(singles)))
                 run_dir.log(f"{s.name} K={k}: ensemble {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] "
@@ -252,7 +297,8 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         singles_k1 = k1_indices(cfg.diagnostics.k1_seeds, ranked, len(members), cfg.seed)
         extra = [i for i in singles_k1 if i not in member_answers]
         first_answers = {m: member_answers[m][0] for m in members}
-        first_answers.update(zip(extra, dist.sharded_map(env, extra, lambda i: answers_of(i, [first])[0])))
+        first_answers.update(zip(extra, map_with_progress(env, f"K=1 seeds on {first.name}", "seeds", extra,
+                                                          lambda i: answers_of(i, [first])[0])))
         single = {i: mean(correct(first, a)) for i, a in first_answers.items()}  # accuracy of each seed alone
         k1 = diagnose.transfer_stats(rows, singles_k1, single, first_base, first.name) if singles_k1 else None
         lap("k1")
@@ -265,7 +311,7 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
             candidates.apply_merge(*job)
             return mean(correct(first, answerer.answers(first)))
 
-        merged = dict(zip(jobs, dist.sharded_map(env, jobs, merged_accuracy)))
+        merged = dict(zip(jobs, map_with_progress(env, f"merges on {first.name}", "merges", jobs, merged_accuracy)))
         merges = diagnose.merge_stats(pairs, merged, rows, single, first_base, first.name) if pairs else None
         lap("merges")
 
@@ -277,6 +323,9 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
             run_dir.log(f"held-out bpb: base {bpb['base']:.5f} | "
                         + " | ".join(f"K={e['k']} {e['bpb']:.5f}" for e in bpb["ensembles"]))
         lap("bpb")
+    except KeyboardInterrupt:
+        _say_how_to_resume(run_dir, pop_file, N)
+        raise
     finally:
         space.restore()
 
@@ -299,3 +348,21 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         diagnose.plot_transfer(k1, base["train"]["mean"], run_dir.file("k1_transfer.png"))
     run_dir.log(report(summary))
     return summary
+
+
+def _printer(env: dist.Env):
+    """Rank 0's console lines before the run directory exists (RunDir.log afterwards)."""
+    return lambda message: print(message, flush=True) if env.is_main else None
+
+
+def _say_how_to_resume(run_dir: RunDir, pop_file: Path, population: int) -> None:
+    """On Ctrl-C: what the run directory keeps, and the command that continues it."""
+    scored = 0
+    if pop_file.is_file():
+        for line in pop_file.read_text().splitlines():
+            try:
+                scored += isinstance(json.loads(line), dict)
+            except json.JSONDecodeError:  # a line torn by the interrupt: rescored on resume
+                pass
+    run_dir.log(f"interrupted: {scored} of {population} candidates are scored and kept in {pop_file}; "
+                f"continue with `underpar randopt --resume {run_dir.path}` (only the missing ones are scored)")

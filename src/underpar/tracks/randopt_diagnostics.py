@@ -17,7 +17,7 @@ from torch import Tensor
 from underpar import dist
 from underpar.data import corpora
 from underpar.eval.stats import mean
-from underpar.tracks.randopt_search import MERGE_OPS, Candidates
+from underpar.tracks.randopt_search import MERGE_OPS, Candidates, map_with_progress
 
 # ---------------------------------------------------------------- population statistics
 
@@ -166,10 +166,11 @@ def bits_per_byte(logprobs: Sequence[Tensor], total_bytes: int) -> float:
 
 
 def heldout_bpb(env: dist.Env, model: torch.nn.Module, tokenizer: Any, candidates: Candidates,
-                members: Sequence[int], ks: dict[float, int], documents: int, max_tokens: int) -> dict[str, Any]:
-    """Bits per byte of the base model, of each top member, and of each top-K ensemble on the
-    first `documents` built-in validation documents, each cut to `max_tokens` (at most the
-    model's context). The base and the members are scored across ranks."""
+                members: Sequence[int], ks: dict[int, list[float]], documents: int, max_tokens: int) -> dict[str, Any]:
+    """Bits per byte of the base model, of each top member, and of each top-K ensemble (`ks`:
+    K -> the top ratios that give it) on the first `documents` built-in validation documents,
+    each cut to `max_tokens` (at most the model's context). The base and the members are scored
+    across ranks."""
     val_documents = corpora.split_documents(corpora.load_documents("builtin"))[1]
     context = getattr(model.config, "max_position_embeddings", None) or max_tokens
     max_tokens = min(max_tokens, context)
@@ -179,9 +180,9 @@ def heldout_bpb(env: dist.Env, model: torch.nn.Module, tokenizer: Any, candidate
         candidates.apply(i)
         return token_logprobs(model, doc_ids)
 
-    base_lp, *member_lp = dist.sharded_map(env, [None, *members], logprobs)
+    base_lp, *member_lp = map_with_progress(env, "held-out bpb", "models", [None, *members], logprobs)
     return {"documents": len(doc_ids), "tokens": sum(len(d) - 1 for d in doc_ids), "bytes": n_bytes,
             "max_tokens": max_tokens, "base": bits_per_byte(base_lp, n_bytes),
             "members_mean": mean([bits_per_byte(lp, n_bytes) for lp in member_lp]),
-            "ensembles": [{"ratio": r, "k": k, "bpb": bits_per_byte(ensemble_logprobs(member_lp[:k]), n_bytes)}
-                          for r, k in ks.items()]}
+            "ensembles": [{"k": k, "ratios": ratios, "bpb": bits_per_byte(ensemble_logprobs(member_lp[:k]), n_bytes)}
+                          for k, ratios in ks.items()]}

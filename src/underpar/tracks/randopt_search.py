@@ -1,6 +1,7 @@
 """RandOpt's population and its scoring: the seeded draw, selection by train reward, the
-population.jsonl a stopped search resumes from, prompt sets tokenized once, and one fixed-shape
-greedy answerer that every candidate and diagnostic shares."""
+population.jsonl a stopped search resumes from, the rank-sharded map with a progress bar that
+every phase runs through, prompt sets tokenized once, and one fixed-shape greedy answerer that
+every candidate and diagnostic shares."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from underpar import dist
 from underpar.data.sft import prompt_ids
 from underpar.data.tasks import Example, Task, get_task
 from underpar.errors import ConfigError, DataError
 from underpar.eval.generate import DecodeConfig, GenerationStats, generate
 from underpar.eval.stats import mean
 from underpar.kernels.perturb import PerturbSpace
+from underpar.ui import progress
 
 POPULATION_FILE = "population.jsonl"
 MERGE_OPS = {"average": 0.5, "sum": 1.0}  # a merge of a and b is W0 + h * (sigma_a R_a + sigma_b R_b)
@@ -85,6 +89,27 @@ def read_population(path: Path, population: Sequence[tuple[int, float]], writer:
     return rows
 
 
+def map_with_progress(env: dist.Env, label: str, unit: str, items: Sequence[Any], fn: Callable[[Any], Any],
+                      done: int = 0, on_round: Callable[[list[tuple[int, Any]]], str | None] | None = None) -> list[Any]:
+    """`dist.sharded_map(env, items, fn)` behind a progress bar on rank 0: count, rate in `unit`/s,
+    elapsed, ETA. `done` = items finished before (a resumed search): they count towards the
+    total, not the rate. `on_round(pairs)` sees each round and may return text for the bar."""
+    if not items:
+        return []
+    start, count = time.perf_counter(), 0
+    with progress() as bar:
+        task = bar.add_task(label, total=done + len(items), completed=done, info="")
+
+        def arrived(pairs: list[tuple[int, Any]]) -> None:
+            nonlocal count
+            count += len(pairs)
+            extra = on_round(pairs) if on_round is not None else None
+            rate = count / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=len(pairs), info=f"{rate:.3g} {unit}/s" + (f", {extra}" if extra else ""))
+
+        return dist.sharded_map(env, items, fn, on_round=arrived)
+
+
 # ---------------------------------------------------------------- the candidates' weights
 
 
@@ -124,14 +149,21 @@ class PromptSet:
     ids: list[list[int]]
 
 
-def load_prompts(tokenizer: Any, name: str, split: str, limit: int, seed: int = 0,
-                 path: str | None = None) -> PromptSet:
+def load_examples(name: str, split: str, limit: int, seed: int = 0, path: str | None = None) -> list[Example]:
     """The first `limit` examples of task `name`'s split (generated ones drawn by `seed`, or
-    read from the local file `path`), tokenized once."""
-    task = get_task(name)
-    examples = task.load(split, limit=limit, seed=seed, path=path)
+    read from the local file `path`); needs no model, so bad task data is found before one loads."""
+    examples = get_task(name).load(split, limit=limit, seed=seed, path=path)
     if not examples:
         raise DataError(f"task {name!r} gave no {split} examples; check task_paths or the data")
+    return examples
+
+
+def tokenize_prompts(tokenizer: Any, name: str, examples: list[Example]) -> PromptSet:
+    """Task `name`'s examples as chat prompts, tokenized once."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the model's tokenizer has no chat template, and RandOpt asks its questions as "
+                          "chat prompts; use an instruct/chat model (e.g. smollm2-135m)")
+    task = get_task(name)
     return PromptSet(name, task, examples, [prompt_ids(tokenizer, task.prompt_messages(e)) for e in examples])
 
 

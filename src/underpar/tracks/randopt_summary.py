@@ -22,7 +22,7 @@ class EnsembleResult:
     """The top-K majority vote on one test set."""
 
     task: str
-    ratio: float
+    ratios: list[float]  # the top ratios that give this K (K = max(1, int(ratio * population)))
     k: int
     accuracy: dict[str, float]  # mean, lo, hi (95% Wilson), n
     base: dict[str, float]
@@ -59,10 +59,12 @@ class RandOptSummary(Summary):
 
 def report(summary: RandOptSummary) -> str:
     """A short text report: base vs ensemble per test set and K, search speed, diagnostics."""
-    lines = ["| test set | K | base | ensemble [95% CI] | delta (pp) | members mean |", "|---|---|---|---|---|---|"]
+    lines = ["| test set | K (top ratios) | base | ensemble [95% CI] | delta (pp) | members mean |",
+             "|---|---|---|---|---|---|"]
     for e in summary.ensembles:
         acc = e.accuracy
-        lines.append(f"| {e.task} | {e.k} | {e.base['mean']:.3f} | {acc['mean']:.3f} [{acc['lo']:.3f}, "
+        ratios = ", ".join(f"{r:g}" for r in e.ratios)
+        lines.append(f"| {e.task} | {e.k} ({ratios}) | {e.base['mean']:.3f} | {acc['mean']:.3f} [{acc['lo']:.3f}, "
                      f"{acc['hi']:.3f}] | {100 * e.delta:+.1f} | {e.members_mean_accuracy:.3f} |")
     search = summary.search
     if search.seeds_per_second is not None:
