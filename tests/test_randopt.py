@@ -353,7 +353,7 @@ def test_cli_refuses_bad_input_before_any_work(full_run, model_dir, tmp_path, mo
         (["--task", "nope"], "error: task = 'nope' is not valid"),
         (["--model", ""], "error: model = '' names no model"),
         (["--model", str(tmp_path / "no")], f"error: model '{tmp_path / 'no'}' is not a folder (no such directory"),
-        (["--model", str(model_dir / "config.json")], f"error: model '{model_dir / 'config.json'}' is a file, not a model folder"),
+        (["--model", str(model_dir / "config.json")], f"error: model '{model_dir / 'config.json'}' is "),  # a file
         (["--preset", "tiny-cpu"], "error: preset 'tiny-cpu' is for 'pretrain', not 'randopt'"),
         ([*model, "--set", "sigmas=[]"], "error: sigmas = [] must be a non-empty list of positive numbers"),
         ([*model, "--set", "top_ratios=[0]"], "error: top_ratios = [0.0] must be a non-empty list"),
@@ -367,11 +367,15 @@ def test_cli_refuses_bad_input_before_any_work(full_run, model_dir, tmp_path, mo
         (["--resume", finished], f"error: cannot resume {finished}: the run finished"),
         (["--resume", finished, "--preset", "randopt-smollm2"], "error: --preset and --resume together"),
         (["--resume", finished, "--population", "0"], "error: population = 0 is out of range"),
+        ([*model, "--set", "device=cpu", "--set", "backend=triton"], "error: backend 'triton' needs "),
+        ([*model, "--set", f"runs_root={model_dir / 'config.json'}"], "error: runs_root = "),
     ]
+    if not torch.cuda.is_available():
+        cases.append(([*model, "--set", "device=cuda"], "error: device = 'cuda', but this machine has no CUDA device"))
     real_load = hf.load_model
     monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
     for args, expected in cases:
-        code, out, err = run_main(monkeypatch, capsys, "randopt", *args, "--set", f"runs_root={runs}")
+        code, out, err = run_main(monkeypatch, capsys, "randopt", "--set", f"runs_root={runs}", *args)
         assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith(expected), (args, err)
         assert not runs.exists(), args
     # a glob that matches nothing is known once the model is there, still before the run directory

@@ -253,6 +253,16 @@ def perturb2_triton(base: Tensor, out: Tensor, seed_a: int, sigma_a: float, seed
     _triton_terms(base, out, [(seed_a, sigma_a), (seed_b, sigma_b)], start_index)
 
 
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Refuse, before any work, a backend that cannot run for a model on `device`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and triton is None:
+        raise ConfigError("backend 'triton' needs Triton, which is not installed; use backend=torch or auto")
+    if backend == "triton" and torch.device(device).type != "cuda":
+        raise ConfigError("backend 'triton' needs the model on a CUDA device; use backend=torch or auto")
+
+
 def resolve_backend(backend: str, tensor: Tensor, num_terms: int = 1) -> str:
     """'auto' = Triton for CUDA tensors when it is installed (and <= 2 seeds), else torch."""
     if backend not in BACKENDS:

@@ -25,9 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from underpar import config as cfglib
 from underpar import dist
@@ -37,7 +40,7 @@ from underpar.errors import ConfigError, UnderparError
 from underpar.eval.ensemble import vote_all
 from underpar.eval.generate import ENGINES, DecodeConfig
 from underpar.eval.stats import accuracy_ci, mean
-from underpar.kernels.perturb import BACKENDS, PerturbSpace
+from underpar.kernels.perturb import BACKENDS, PerturbSpace, check_backend
 from underpar.model import hf
 from underpar.runs.rundir import CONFIG, RunDir
 from underpar.tracks import randopt_diagnostics as diagnose
@@ -158,6 +161,8 @@ def run(cfg: RandOptConfig | None = None, model: Any = None, tokenizer: Any = No
     cfglib.validate(cfg)
     if model is not None and tokenizer is None:
         raise ConfigError("run(cfg, model, tokenizer): pass the model's tokenizer too")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda', but this machine has no CUDA device; use device=auto or cpu")
     env = dist.setup(cfg.device)
     try:
         return _run(cfg, env, model, tokenizer, resume)
@@ -197,6 +202,9 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
     # refused before anything loads
     run_dir = RunDir.resume(resume, env, needs=CONFIG) if resume is not None else None
     say = run_dir.log if run_dir is not None else _printer(env)
+    check_backend(cfg.backend, env.device)
+    if run_dir is None:
+        _check_runs_root(cfg.runs_root)
     if model is None:
         hf.check_model_name(cfg.model)
     with dist.main_first(env):  # rank 0 fills the caches (converted model, generated task data) first
@@ -214,7 +222,11 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
     answerer = Answerer(model, tokenizer, DecodeConfig(**dataclasses.asdict(cfg.decode)), rows_per_batch)
     N = cfg.population
     candidates = Candidates(space, draw_population(N, cfg.sigmas, cfg.seed), cfg.backend)
-    run_dir = run_dir or RunDir.start(cfg.runs_root, cfg.name, env)
+    if run_dir is None:
+        try:
+            run_dir = RunDir.start(cfg.runs_root, cfg.name, env)
+        except OSError as e:
+            raise UnderparError(f"runs_root = {cfg.runs_root!r}: cannot create a run directory there ({e})") from None
     run_dir.save_config(cfg)
     test_sizes = ", ".join(f"{s.name} x{len(s.examples)}" for s in tests)
     run_dir.log(f"randopt {cfg.model}: {space.numel:,} parameters in {len(space.names)} tensors perturbed | "
@@ -348,6 +360,17 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         diagnose.plot_transfer(k1, base["train"]["mean"], run_dir.file("k1_transfer.png"))
     run_dir.log(report(summary))
     return summary
+
+
+def _check_runs_root(root: str) -> None:
+    """A runs_root where no run directory can be made is refused before any work (creating
+    nothing: the nearest existing folder on the path is checked)."""
+    path = Path(root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UnderparError(f"runs_root = {root!r}: {existing} is a file, not a folder; choose another runs_root")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UnderparError(f"runs_root = {root!r}: {existing} is not writable; choose another runs_root")
 
 
 def _printer(env: dist.Env):
