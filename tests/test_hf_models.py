@@ -125,16 +125,96 @@ def test_load_errors(tmp_path, monkeypatch):
         load_model(str(tmp_path / "missing"), device="cpu")
     with pytest.raises(DataError, match="no such directory"):
         load_model("./not/here", device="cpu")
-    with pytest.raises(DataError, match="could not load model .* from the folder"):
+    with pytest.raises(DataError, match=f"model folder {tmp_path} has no config.json, so it holds no saved model"):
         load_model(str(tmp_path), device="cpu")  # exists but holds no model
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match="is a file, not a model folder"):
+        hf.check_model_name(str(tmp_path / "weights.bin"))
+    _save_tiny(tmp_path / "cut", pad=True)
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy
+    with pytest.raises(DataError, match=r"could not load model .* from the folder .*\(SafetensorError: "):
+        load_model(str(tmp_path / "cut"), device="cpu")
 
     import transformers
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+    monkeypatch.setattr(hf, "_hub_probe", lambda name: None)  # the hub answers, the download fails
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
     with pytest.raises(DataError, match="from the Hugging Face hub .*couldn't connect"):
         load_model("Qwen/Qwen2.5-0.5B-Instruct", device="cpu")
+
+
+def _hub_error(cls, message):
+    """A huggingface_hub HTTP error without an HTTP response (their constructors need one)."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error
+
+
+def test_hub_problems_are_said_at_once(monkeypatch, capsys):
+    """An unreachable hub is one fast probe and a clear error (or, with a cached copy, a warning
+    and a cache-only load), instead of minutes of retries; unknown and gated ids are named."""
+    import time
+
+    import transformers
+    from huggingface_hub import constants, errors
+
+    def unreachable(name):
+        raise OSError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(hf, "_hub_probe", unreachable)
+    monkeypatch.setattr(hf, "_hub_cached", lambda name: False)
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"the Hugging Face hub cannot be reached from this machine \(OSError: "
+                                        r"\[Errno -2\] Name or service not known\) and model 'org/model' is not "
+                                        r"in the local cache"):
+        load_model("org/model", device="cpu")
+    assert time.perf_counter() - started < 1
+
+    loads = []
+
+    def from_cache(source, **kwargs):
+        loads.append(kwargs["local_files_only"])
+        raise OSError("stop here")
+    monkeypatch.setattr(hf, "_hub_cached", lambda name: True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_cache)
+    with pytest.raises(DataError, match="could not load model 'org/model'"):
+        load_model("org/model", device="cpu")
+    assert loads == [True]
+    assert "warning: the Hugging Face hub cannot be reached (OSError: [Errno -2] Name or service not known); " \
+           "using the copy of org/model in the local cache" in capsys.readouterr().err
+
+    for error, expected in [(errors.RepositoryNotFoundError, "there is no model 'org/model' on the Hugging Face hub"),
+                            (errors.GatedRepoError, "model 'org/model' is gated on the Hugging Face hub")]:
+        def refuse(name, error=error):
+            raise _hub_error(error, "401 Client Error")
+        monkeypatch.setattr(hf, "_hub_probe", refuse)
+        with pytest.raises(DataError, match=expected):
+            load_model("org/model", device="cpu")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "_hub_cached", lambda name: False)
+    with pytest.raises(DataError, match="is not in the local Hugging Face cache .* and HF_HUB_OFFLINE is set"):
+        load_model("org/model", device="cpu")
+
+
+def test_loading_is_quiet_and_names_missing_weights(tmp_path, capsys):
+    """No transformers bars or per-call warnings; weights missing from a checkpoint are said."""
+    from safetensors.torch import load_file, save_file
+
+    _save_tiny(tmp_path, pad=True)
+    capsys.readouterr()
+    model, _ = load_model(str(tmp_path), device="cpu")
+    model.save_pretrained(tmp_path / "again")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "", out  # no "Loading weights", "Writing model shards", load report
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    load_model(str(tmp_path), device="cpu")
+    assert capsys.readouterr().err.strip() == (
+        f"warning: 1 weights of {tmp_path} are not in its checkpoint and start random (model.norm.weight)")
 
 
 def test_smollm2_dir_env_must_be_a_converted_folder(tmp_path, monkeypatch):

