@@ -356,3 +356,97 @@ def test_packed_forward_matches_separate_examples(impl):
             loss = model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss
             total, count = total + loss.item() * n, count + n
         assert packed.item() == pytest.approx(total / count, rel=1e-5)
+
+
+# ---------------------------------------------------------------- `underpar eval task`
+
+@pytest.fixture(scope="module")
+def tiny_lm(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_lm, tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_main(monkeypatch, capsys, *args):
+    from underpar import cli
+    monkeypatch.setattr(sys, "argv", ["underpar", *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("engine", ["static", "loop"])
+def test_answers_with_a_progress_bar_are_the_same(tiny_lm, tokenizer, engine):
+    """With a label, `answer` generates batch by batch (so a bar moves) and gets the completions
+    and counts of one `generate` call: the same batches (the static engine's last one filled up)."""
+    from underpar.eval.accuracy import answer
+    from underpar.eval.generate import DecodeConfig, GenerationStats
+    task = get_task("basic_arithmetic")
+    examples = task.load("test", limit=5)
+    decode = DecodeConfig(max_new_tokens=6, batch_size=2, engine=engine)
+    plain_stats, shown_stats = GenerationStats(), GenerationStats()
+    plain = answer(tiny_lm, tokenizer, task, examples, decode, plain_stats)
+    shown = answer(tiny_lm, tokenizer, task, examples, decode, shown_stats, label="scoring")
+    assert shown == plain and any(shown)
+    for field in ("prompts", "batches", "prompt_tokens", "generated_tokens", "decode_steps"):
+        assert getattr(shown_stats, field) == getattr(plain_stats, field), field
+
+
+def eval_task_cases(root):
+    return [
+        (["--limit", "-1"], "error: limit = -1 is out of range; it must lie in [1, inf]"),
+        (["--limit", "0"], "error: limit = 0 is out of range; it must lie in [1, inf]"),
+        (["--limit", "ten"], "error: limit: expected an integer, got 'ten'"),
+        (["--max-new-tokens", "0"], "error: max_new_tokens = 0 is out of range; it must lie in [1, inf]"),
+        (["--batch-size", "-2"], "error: batch_size = -2 is out of range; it must lie in [1, inf]"),
+        (["--task", "nope"], "error: task = 'nope' is not valid; choose one of: gsm8k, math500, s1k, chat, asdiv"),
+        (["--task", "chat"], "error: task = 'chat' has no gold answers to score; choose an answer-scored task "
+                             "(gsm8k, math500, asdiv, gsm_symbolic, basic_arithmetic, chain_sum)"),
+        (["--task", "asdiv", "--split", "train"], "error: task = 'asdiv' has no 'train' split (its splits: test)"),
+        (["--split", "dev"], "error: task = 'gsm_symbolic' has no 'dev' split (its splits: train, validation, test)"),
+        (["--task", "gsm8k", "--path", str(root / "missing.jsonl")], f"error: task data file {root / 'missing.jsonl'} does not exist"),
+        (["--task", "gsm8k", "--path", str(root / "empty.jsonl")], f"error: {root / 'empty.jsonl'} has no test examples to score"),
+        (["--model", "/no/such/model"], "error: model '/no/such/model' is not a folder (no such directory /no/such/model)"),
+        (["--model", str(root)], f"error: model folder {root} has no config.json"),
+        (["--model", ""], "error: model = '' names no model"),
+    ]
+
+
+def test_eval_task_bad_options(tmp_path, monkeypatch, capsys):
+    """Issue 10, found 6: every option is checked like a config field, before the model loads:
+    one error line, exit code 2 (--limit -1 scored all but the last example, --limit 0 gave
+    "accuracy": null)."""
+    from underpar.model import hf
+    (tmp_path / "empty.jsonl").write_text("")
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
+    for args, expected in eval_task_cases(tmp_path):
+        code, out, err = run_main(monkeypatch, capsys, "eval", "task", *args)
+        assert code == 2 and out == "", (args, err)
+        assert err.strip().splitlines() == [err.strip()] and err.startswith(expected), (args, err)
+
+
+def test_eval_task_says_what_it_does(tiny_folder, monkeypatch, capsys):
+    """A line while the model loads and a bar over the examples (on stderr; stdout is the JSON),
+    none of transformers' loading bars."""
+    code, out, err = run_main(monkeypatch, capsys, "eval", "task", "--model", str(tiny_folder), "--task",
+                              "basic_arithmetic", "--limit", "5", "--batch-size", "2", "--max-new-tokens", "4")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["task"] == "basic_arithmetic" and result["n"] == 5 and result["accuracy"]["n"] == 5
+    lines = err.splitlines()
+    assert lines[0] == f"loading model {tiny_folder} ..."
+    assert lines[1].startswith(f"loaded {tiny_folder} (") and lines[1].endswith("scoring 5 examples of basic_arithmetic (test)")
+    assert "basic_arithmetic test" in lines[2] and "5/5" in lines[2] and len(lines) == 3, err
+    assert "Loading weights" not in err
