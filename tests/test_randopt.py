@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -385,6 +386,15 @@ def test_cli_refuses_bad_input_before_any_work(full_run, model_dir, tmp_path, mo
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: perturbation include=['nothing.*']")
     assert out.splitlines() == ["loading task data: basic_arithmetic train x16, basic_arithmetic test x32",
                                 f"loading model {model_dir} on cpu"]
+    # a base model without a chat template (tasks are asked as chats)
+    plain = tmp_path / "no-template"
+    shutil.copytree(model_dir, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    settings = json.loads((plain / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(settings))
+    code, out, err = run_main(monkeypatch, capsys, "randopt", "--model", str(plain), "--task", "basic_arithmetic", "--set",
+                              'test_tasks=["basic_arithmetic"]', "--set", f"runs_root={runs}")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: model '{plain}' has no chat template")
     assert not runs.exists()
 
 

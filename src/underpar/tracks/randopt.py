@@ -216,6 +216,7 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         if model is None:
             say(f"loading model {cfg.model} on {env.device}")
             model, tokenizer = hf.load_model(cfg.model, device=env.device, dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    hf.require_chat_template(tokenizer, cfg.model)
     train, *tests = [tokenize_prompts(tokenizer, name, ex) for name, ex in zip([cfg.task, *cfg.test_tasks], examples)]
     space = PerturbSpace(model, cfg.include, cfg.exclude)
     rows_per_batch = min(cfg.decode.batch_size, max(len(s.ids) for s in [train, *tests]))

@@ -160,9 +160,6 @@ def load_examples(name: str, split: str, limit: int, seed: int = 0, path: str | 
 
 def tokenize_prompts(tokenizer: Any, name: str, examples: list[Example]) -> PromptSet:
     """Task `name`'s examples as chat prompts, tokenized once."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the model's tokenizer has no chat template, and RandOpt asks its questions as "
-                          "chat prompts; use an instruct/chat model (e.g. smollm2-135m)")
     task = get_task(name)
     return PromptSet(name, task, examples, [prompt_ids(tokenizer, task.prompt_messages(e)) for e in examples])
 
