@@ -1,17 +1,21 @@
 """The fine-tuning track end to end on a tiny random Llama with SmolLM2's chat tokenizer."""
 
+import copy
 import json
+import re
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from underpar import cli
 from underpar import config as cfglib
 from underpar.errors import ConfigError
 from underpar.model import hf
 from underpar.optim import Cosine
 from underpar.runs.rundir import RunDir
-from underpar.tracks import finetune
+from underpar.tracks import finetune, finetune_inputs
 from underpar.tracks.chaos import ChaosConfig
 from underpar.tracks.finetune_methods import FullConfig
 
@@ -80,7 +84,8 @@ def test_method_settings_live_in_the_method_section(tmp_path):
     assert cfglib.to_dict(cfg)["method"]["name"] == "chaos"
     assert cfglib.override(cfg, "method=chaos").method == cfg.method  # the same method keeps its settings
     assert cfglib.override(cfg, "method=full").method == FullConfig()
-    with pytest.raises(ConfigError, match="unknown config key 'method.sticky_interval'"):
+    with pytest.raises(ConfigError, match=r"'method.sticky_interval' is a setting of chaos, not of 'full'; "
+                                          r"switch first: --set method=chaos"):
         config(tmp_path, "full", "method.sticky_interval=3")
     with pytest.raises(ConfigError, match="method = 'dropout' is not valid; choose one of: full, chaos, lisa"):
         config(tmp_path, "dropout")
@@ -101,3 +106,177 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     flat = finetune.FTOptimConfig(lr=2.0, schedule=Cosine(warmup_fraction=0.0, min_lr_ratio=1.0))
     assert {finetune.lr_at(flat, s, 7) for s in range(7)} == {2.0}
+
+
+# ---------------------------------------------------------------- the CLI: inputs, progress, Ctrl-C
+
+def run_main(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["underpar", *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+SMALL = ["data.train_examples=8", "data.max_length=128", "train.steps=4",
+         "train.micro_batch_size=2", "train.grad_accum_steps=2", "optim.lr=3e-3", 'eval.tasks=["basic_arithmetic"]',
+         "eval.examples=3", "eval.max_new_tokens=4", "eval.batch_size=2"]
+
+
+def sets(*assignments):
+    return [a for s in assignments for a in ("--set", s)]
+
+
+def task_unless_given(args):
+    """--task basic_arithmetic (a shortcut: any --set data.task=... after it would win)."""
+    return [] if "--task" in args else ["--task", "basic_arithmetic"]
+
+
+@pytest.fixture(scope="module")
+def model_folders(tokenizer, tmp_path_factory):
+    """A tiny Llama with SmolLM2's chat tokenizer saved as a model folder, the same without a
+    chat template, and an empty folder."""
+    root = tmp_path_factory.mktemp("models")
+    model = tiny_model(tokenizer)
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    model.save_pretrained(root / "no-template")
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    bare.save_pretrained(root / "no-template")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (root / "no-template" / name).unlink(missing_ok=True)
+    (root / "empty").mkdir()
+    return root
+
+
+def bad_finetune_inputs(models):
+    """(arguments, the error line) for inputs refused before the model loads ..."""
+    before_load = [
+        (["--model", "/no/such/model"], "error: model '/no/such/model' is not a folder (no such directory /no/such/model)"),
+        (["--model", "./not/here"], "error: model './not/here' is not a folder"),
+        (["--model", str(models / "empty")], f"error: model folder {models / 'empty'} has no config.json"),
+        (["--task", "nope"], "error: data.task = 'nope' is not valid; choose one of: gsm8k, math500, s1k, chat, asdiv"),
+        (["--task", "asdiv"], "error: data.task = 'asdiv' has no 'train' split to train on; choose one of: gsm8k, s1k, chat"),
+        (["--method", "nope"], "error: method = 'nope' is not valid; choose one of: full, chaos, lisa"),
+        (["--preset", "nope"], "error: unknown preset 'nope'; presets: "),
+        (["--preset", "tiny-cpu"], "error: preset 'tiny-cpu' is for 'pretrain', not 'finetune'"),
+        (sets("train.steps=-1"), "error: train.steps = -1 is out of range; it must lie in [0, inf]"),
+        (sets("train.steps=abc"), "error: train.steps: expected an integer, got 'abc'"),
+        (sets("train.epochs=nan"), "error: train.epochs: expected a finite number, got nan"),
+        (sets("train.steps=0", "train.epochs=0"), "error: train.steps and train.epochs are both 0"),
+        (sets("data.path=/missing.jsonl"), "error: task data file /missing.jsonl does not exist"),
+        (sets('eval.tasks=["chat"]'), "error: eval.tasks = 'chat' has no gold answers to score; choose an answer-scored task"),
+        (sets('eval.tasks=["s1k"]'), "error: eval.tasks = 's1k' has no 'test' split (its splits: train)"),
+        (sets('eval.tasks=["nope"]'), "error: eval.tasks = 'nope' is not valid; choose one of: gsm8k"),
+        (sets('eval.tasks=["basic_arithmetic", "basic_arithmetic"]'), "names a task twice"),
+        (sets("eval.examples=0"), "error: eval.examples = 0 is out of range; it must lie in [1, inf]"),
+        (sets("model.architecture=qwen9"), "error: model.architecture = 'qwen9' is not valid; choose one of: qwen2.5-0.5b"),
+        (sets("model.name="), "error: model.name = '' names no model"),
+        (sets("method.sticky_interval=3"), "error: 'method.sticky_interval' is a setting of chaos, not of 'full'"),
+        (sets("colour=red"), "error: unknown config key 'colour'"),
+        (sets(f"train.runs_root={models / 'tiny' / 'config.json'}/runs"),
+         f"error: train.runs_root = '{models / 'tiny' / 'config.json'}/runs': {models / 'tiny' / 'config.json'} is a file"),
+    ]
+    if not torch.cuda.is_available():
+        before_load.append((sets("train.device=cuda"), "error: train.device = cuda, but this machine has no CUDA device"))
+    # ... and those that show when it loads
+    after_load = [
+        (["--model", "org/model"], "error: the Hugging Face hub cannot be reached from this machine ("
+                                   "OSError: [Errno -2] Name or service not known) and model 'org/model' is not in"),
+        (["--model", str(models / "no-template")], f"error: model '{models / 'no-template'}' has no chat template"),
+        (["--model", str(models / "tiny"), *sets("data.max_length=8")],
+         "error: no training example of task basic_arithmetic fits data.max_length = 8 (all 8 prompts are longer)"),
+    ]
+    return before_load, after_load
+
+
+def test_bad_inputs_fail_fast_and_leave_nothing(model_folders, tmp_path, monkeypatch, capsys):
+    """Issue 10, found 8: every bad input is one error line, exit code 2, and no run directory;
+    those the config or a file check can show are refused before the model loads."""
+    from underpar.model import hf as hf_module
+
+    def unreachable(name):
+        raise OSError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(hf_module, "_hub_probe", unreachable)
+    monkeypatch.setattr(hf_module, "_hub_cached", lambda name: False)
+    runs = tmp_path / "runs"
+    base = sets(*SMALL, f"train.runs_root={runs}")
+    before_load, after_load = bad_finetune_inputs(model_folders)
+    real_load = finetune_inputs.load
+    monkeypatch.setattr(finetune_inputs, "load", lambda *a, **k: pytest.fail("the model loaded before the error"))
+    for args, expected in before_load:
+        code, out, err = run_main(monkeypatch, capsys, "finetune", *base, *args, *task_unless_given(args))
+        assert_one_line_error(code, err, expected)
+        assert not runs.exists(), f"{args} left {list(runs.iterdir())}"
+    monkeypatch.setattr(finetune_inputs, "load", real_load)
+    for args, expected in after_load:
+        code, out, err = run_main(monkeypatch, capsys, "finetune", *base, *args, *task_unless_given(args))
+        assert_one_line_error(code, err, expected)
+        assert "loading" in out and not runs.exists(), args  # (a hub id is probed before any download)
+
+
+def assert_one_line_error(code, err, expected):
+    assert code == 2, err
+    *before, last = err.strip().splitlines()
+    assert "Traceback" not in err and not any(line.startswith("error") for line in before), err
+    assert last.startswith("error: ") and expected in last, err
+
+
+def test_cli_run_is_quiet_with_progress(model_folders, tmp_path, monkeypatch, capsys):
+    """A finetune from a model folder: progress lines with a rate and the time to go (here on
+    every step and micro-batch: LOG_EVERY_SECONDS = 0), a bar over the evaluation, the model
+    saved before it, and none of transformers' loading/saving bars or warnings."""
+    monkeypatch.setattr(finetune, "LOG_EVERY_SECONDS", 0.0)
+    args = sets(*SMALL, f"train.runs_root={tmp_path}", "train.log_every_steps=100", "train.steps=2")
+    code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(model_folders / "tiny"),
+                              "--task", "basic_arithmetic", *args)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:2] == [f"loading {model_folders / 'tiny'} ...", lines[1]] and lines[1].endswith(" s")
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [s.split(" | ")[0] for s in steps] == ["step 1/2", "step 1/2", "step 2/2", "step 2/2"]
+    assert steps[0].startswith("step 1/2 | micro-batch 1/2 | ") and steps[0].endswith(" s into the step")
+    assert re.search(r"^step 1/2 \| loss [\d.]+ \| lr \S+ \| \d+ ms \| [\d.]+ (steps/s|s/step) \| 50%, ~\d+ s to go$", steps[1])
+    assert re.search(r"\| done in \d+ s$", steps[-1])
+    run_dir = next(tmp_path.iterdir())
+    assert f"saved the fine-tuned model in {run_dir / 'model'}" in out
+    assert out.index("saved the fine-tuned model") < out.index("basic_arithmetic: accuracy")
+    assert "eval basic_arithmetic" in err and "3/3" in err  # the evaluation's progress bar
+    for noise in ("Loading weights", "Writing model shards", "Warning", "warn"):
+        assert noise not in out + err
+    train_log = (run_dir / "train.log").read_text()
+    assert train_log.startswith(f"loading {model_folders / 'tiny'} ...\n") and "step 2/2 | loss" in train_log
+
+
+@pytest.mark.parametrize("where", ["training", "evaluation"])
+def test_ctrl_c_says_what_was_kept(model_folders, tmp_path, monkeypatch, capsys, where):
+    """Ctrl-C while training: nothing saved, no resume; while evaluating: the model is saved
+    (before the evaluation) and the line says how to score it."""
+    if where == "training":
+        real_lr_at = finetune.lr_at
+
+        def lr_at(cfg, step, total):
+            if step == 1:
+                raise KeyboardInterrupt
+            return real_lr_at(cfg, step, total)
+        monkeypatch.setattr(finetune, "lr_at", lr_at)
+    else:
+        def evaluate_task(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(finetune, "evaluate_task", evaluate_task)
+    args = sets(*SMALL, f"train.runs_root={tmp_path}", "train.steps=2", "train.grad_accum_steps=1")
+    code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(model_folders / "tiny"),
+                              "--task", "basic_arithmetic", *args)
+    assert code == 130, err
+    run_dir = next(tmp_path.iterdir())
+    last = out.strip().splitlines()[-1]
+    if where == "training":
+        assert last == (f"interrupted at step 1 of training: nothing was saved (finetune keeps no checkpoints and "
+                        f"cannot resume; {run_dir} holds only its config and log); run the command again to start over")
+        assert not (run_dir / "model").exists()
+    else:
+        assert last == (f"interrupted while evaluating after training: the fine-tuned model is saved in {run_dir / 'model'} "
+                        f"(no summary.json); score it with `underpar eval task --model {run_dir / 'model'} --task basic_arithmetic`")
+        assert (run_dir / "model" / "config.json").is_file()
+    assert not (run_dir / "summary.json").exists() and last in (run_dir / "train.log").read_text()

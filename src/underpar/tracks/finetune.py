@@ -1,37 +1,39 @@
 """The fine-tuning track: full fine-tuning, LISA, or the Deep Chaos Scheduler on a Hugging Face
 causal LM, with an explicit loop (what trains, and what is in the graph, changes every block).
 
-load model -> encode the task's SFT data -> method controller -> AdamW loop (the LR schedule of
-progress, gradient accumulation, clipping) -> restore the full model -> evaluate -> save (HF
-format). Methods (tracks/finetune_methods.py: full; lisa.py; chaos.py) are registered
-controllers the loop drives the same way: `begin` a step (maybe a new block), `end`.
+check the inputs (tracks/finetune_inputs.py: task data, model, encoding; a bad one leaves no
+run directory) -> method controller -> AdamW loop (the LR schedule of progress, gradient
+accumulation, clipping) -> restore the full model -> save it (HF format) -> evaluate. Methods
+(tracks/finetune_methods.py: full; lisa.py; chaos.py) are registered controllers the loop
+drives the same way: `begin` a step (maybe a new block), `end`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
+import os
 import statistics
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from underpar import config as cfglib
 from underpar import dist
-from underpar.config import bounded, choice, items, nested, variant
-from underpar.data.sft import collate, encode_sft_examples, pack, packed_attention_mask
-from underpar.data.tasks import get_task
-from underpar.errors import ConfigError, DataError, TrainingError
-from underpar.eval.accuracy import evaluate_task
+from underpar.config import bounded, choice, nested, variant
+from underpar.data.sft import packed_attention_mask
+from underpar.data.tasks import TASKS, get_task
+from underpar.errors import ConfigError, TrainingError, UnderparError
+from underpar.eval.accuracy import check_scored, evaluate_task
 from underpar.eval.generate import DecodeConfig
 from underpar.model import hf
 from underpar.optim.schedule import SCHEDULES, Schedule
 from underpar.runs import plots
 from underpar.runs.rundir import RunDir, Summary
 from underpar.tracks import chaos, lisa  # noqa: F401  (register the methods "chaos" and "lisa")
+from underpar.tracks.finetune_inputs import Inputs, batches, check_inputs
 from underpar.tracks.finetune_methods import METHODS, MethodConfig
 
 if TYPE_CHECKING:
@@ -45,15 +47,27 @@ class FTModelConfig:
     dtype: str = choice("auto", ("auto", "bfloat16", "float32"))  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
 
+    def check(self) -> None:
+        if self.architecture and self.architecture not in hf.ARCHITECTURES:
+            raise ConfigError(f"model.architecture = {self.architecture!r} is not valid; choose one of: "
+                              f"{', '.join(hf.ARCHITECTURES)} (or leave it empty to load model.name)")
+        if not self.architecture and not self.name.strip():
+            raise ConfigError("model.name = '' names no model; give smollm2-135m, a local folder or a hub id")
+
 
 @dataclasses.dataclass
 class FTDataConfig:
-    task: str = "gsm_symbolic"
+    task: str = choice("gsm_symbolic", TASKS)  # its "train" split
     path: str = ""  # local file/folder in the task's schema ("" = hub or generated)
     train_examples: int = bounded(1000, 1)
     max_length: int = bounded(1024, 8)
     packing: bool = False  # pack examples into rows of max_length, isolated by a 4-D mask
     seed: int = 0
+
+    def check(self) -> None:
+        if "train" not in get_task(self.task).splits:
+            trainable = ", ".join(n for n, t in TASKS.items() if "train" in t.splits)
+            raise ConfigError(f"data.task = {self.task!r} has no 'train' split to train on; choose one of: {trainable}")
 
 
 @dataclasses.dataclass
@@ -76,7 +90,7 @@ class FTTrainConfig:
     grad_accum_steps: int = bounded(8, 1)
     seed: int = 0
     device: str = choice("auto", ("auto", "cpu", "cuda"))
-    log_every_steps: int = bounded(10, 1)
+    log_every_steps: int = bounded(10, 1)  # also a line at least every LOG_EVERY_SECONDS
     save: bool = True  # save the final model (plain HF format) in the run directory
     # Create AdamW state for every parameter before the first step, so peak memory is the steady
     # state (after every layer has trained once) rather than a short run's.
@@ -86,13 +100,20 @@ class FTTrainConfig:
 
 @dataclasses.dataclass
 class FTEvalConfig:
-    tasks: list[str] = items(["gsm_symbolic"])  # evaluated after training ([] = none)
-    examples: int = bounded(200, 0)  # per task (test split)
+    # answer-scored tasks evaluated after training on their test split ([] = none)
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["gsm_symbolic"], metadata={"choices": TASKS})
+    examples: int = bounded(200, 1)  # per task (the first N of the test split)
     before: bool = False  # also evaluate the model before training
     max_new_tokens: int = bounded(256, 1)
     batch_size: int = bounded(64, 1)
     engine: str = choice("static", ("static", "loop", "hf"))
     compile: bool = True  # static engine on CUDA: compile the decode step (CUDA graphs)
+
+    def check(self) -> None:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"eval.tasks = {self.tasks} names a task twice")
+        for name in self.tasks:
+            check_scored(name, "test", "eval.tasks")
 
 
 @dataclasses.dataclass
@@ -131,27 +152,17 @@ def lr_at(cfg: FTOptimConfig, step: int, total: int) -> float:
     return cfg.lr * cfg.schedule((step + 0.5) / total)
 
 
-def load(cfg: FTModelConfig, device: torch.device, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """(model, tokenizer); a random-init architecture has no tokenizer."""
-    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    if cfg.architecture:
-        return hf.random_model(cfg.architecture, dtype=dtype, device=device, seed=seed), None
-    return hf.load_model(cfg.name, device=device, dtype=dtype)
+LOG_EVERY_SECONDS = 10.0  # a progress line at least this often (and on each of the first steps)
+LOGGED_FIRST_STEPS = 3
 
 
-def batches(encoded: list[dict], cfg: FinetuneConfig, pad_id: int, steps: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches for `steps` optimizer steps: shuffled each epoch with the run's seed."""
-    rows = pack(encoded, cfg.data.max_length, pad_id) if cfg.data.packing else encoded
-    rng = random.Random(cfg.train.seed)
-    order: list[int] = []
-    needed = steps * cfg.train.grad_accum_steps * cfg.train.micro_batch_size
-    while len(order) < needed:
-        epoch = list(range(len(rows)))
-        rng.shuffle(epoch)
-        order += epoch
-    size = cfg.train.micro_batch_size
-    for start in range(0, needed, size):
-        yield collate([rows[i] for i in order[start : start + size]], pad_id)
+@dataclasses.dataclass
+class Stage:
+    """Where a run is, for the message when it is interrupted."""
+
+    step: int = 0
+    what: str = "training"
+    saved: str | None = None  # the saved model folder
 
 
 def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
@@ -160,34 +171,41 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
     several seeds on one model object whose weights it resets between runs."""
     cfglib.validate(cfg)
     device = dist.resolve_device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = cuda, but this machine has no CUDA device; use auto or cpu")
     torch.manual_seed(cfg.train.seed)
-    run_dir = RunDir.create(cfg.train.runs_root, cfg.name)
+    _check_runs_root(cfg.train.runs_root)
+    inputs = check_inputs(cfg, device, model, tokenizer)
+    try:
+        run_dir = RunDir.start(cfg.train.runs_root, cfg.name, dist.Env(0, 1, 0, device))
+    except OSError as e:
+        raise UnderparError(f"train.runs_root = {cfg.train.runs_root!r}: cannot create a run directory there ({e})") from None
     run_dir.save_config(cfg)
+    with open(run_dir.file("train.log"), "a") as log:  # already printed
+        log.writelines(line + "\n" for line in inputs.notes)
+    stage = Stage()
+    try:
+        return train_and_evaluate(cfg, device, inputs, run_dir, stage)
+    except KeyboardInterrupt:
+        run_dir.log(_interrupted(cfg, run_dir, stage))
+        raise
 
-    # ---- model and data -------------------------------------------------------------------
-    if model is None:
-        model, tokenizer = load(cfg.model, device, cfg.train.seed)
-    task = get_task(cfg.data.task)
-    if tokenizer is None:  # random weights: speed and memory runs on random tokens, no evaluation
-        encoded = _random_tokens(cfg, model.config.vocab_size)
-    else:
-        examples = task.load("train", limit=cfg.data.train_examples, seed=cfg.data.seed, path=cfg.data.path or None)
-        encoded, dropped = encode_sft_examples(tokenizer, examples, task, cfg.data.max_length)
-        if not encoded:
-            raise DataError(f"no training example of task {task.name} fits data.max_length = {cfg.data.max_length}")
-        run_dir.log(f"{len(encoded)} training examples of {task.name} ({dropped} dropped: prompt longer than max_length)")
+
+def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs, run_dir: RunDir,
+                       stage: Stage) -> FinetuneSummary:
+    model, tokenizer, encoded = inputs.model, inputs.tokenizer, inputs.encoded
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(encoded) / per_step))
-
     decode = DecodeConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                           engine=cfg.eval.engine, compile=cfg.eval.compile)
-    eval_sets = {name: get_task(name) for name in cfg.eval.tasks} if tokenizer is not None else {}
-    eval_examples = {name: t.load("test", limit=cfg.eval.examples, seed=cfg.data.seed) for name, t in eval_sets.items()}
+    eval_sets = {name: get_task(name) for name in inputs.eval_examples}
     results_before = {}
     if cfg.eval.before:
+        stage.what = "evaluating before training"
         for name, t in eval_sets.items():
-            results_before[name] = evaluate_task(model, tokenizer, t, eval_examples[name], decode)
+            results_before[name] = evaluate_task(model, tokenizer, t, inputs.eval_examples[name], decode,
+                                                 label=f"before: {name}")
             run_dir.log(f"before: {name} accuracy {results_before[name]['accuracy']['mean']:.3f}")
 
     # ---- method, optimizer ----------------------------------------------------------------
@@ -207,11 +225,12 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
                 f"parameters, {steps} steps of {per_step} sequences on {device}")
 
     # ---- the loop ---------------------------------------------------------------------------
+    stage.what = "training"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     micro_batches = batches(encoded, cfg, pad_id, steps)
     step_ms, layouts = [], []
-    started = time.perf_counter()
+    started = last_line = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
         layout = controller.begin(step, optimizer)  # a new block's layout, or None
@@ -221,13 +240,17 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
         for group in optimizer.param_groups:
             group["lr"] = lr
         total_loss = 0.0
-        for _ in range(cfg.train.grad_accum_steps):
+        for micro in range(cfg.train.grad_accum_steps):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(micro_batches).items()}
             if "position_ids" in batch:  # packed rows: block-diagonal causal attention
                 batch["attention_mask"] = packed_attention_mask(batch["position_ids"], dtype=model.dtype)
             loss = model(**batch, use_cache=False).loss / cfg.train.grad_accum_steps
             loss.backward()
             total_loss += loss.item()
+            if micro + 1 < cfg.train.grad_accum_steps and time.perf_counter() - last_line >= LOG_EVERY_SECONDS:
+                last_line = time.perf_counter()  # slow steps (a CPU): say the step is moving
+                run_dir.log(f"step {step + 1}/{steps} | micro-batch {micro + 1}/{cfg.train.grad_accum_steps} | "
+                            f"{last_line - t0:.0f} s into the step")
         if not math.isfinite(total_loss):
             raise TrainingError(f"training loss became {total_loss} at step {step + 1}; try a lower optim.lr")
         if cfg.optim.grad_clip_norm > 0:
@@ -236,28 +259,36 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        step_ms.append(1000 * (time.perf_counter() - t0))
-        row = dict(step=step + 1, train_loss=total_loss, lr=lr, ms=round(step_ms[-1], 2),
-                   elapsed=round(time.perf_counter() - started, 3))
+        stage.step = step + 1
+        now = time.perf_counter()
+        step_ms.append(1000 * (now - t0))
+        row = dict(step=step + 1, train_loss=total_loss, lr=lr, ms=round(step_ms[-1], 2), elapsed=round(now - started, 3))
         if layout is not None:
             row["block"] = layout
         if device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         run_dir.metric(**row)
-        if step == 0 or (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == steps:
-            run_dir.log(f"step {step + 1}/{steps} | loss {total_loss:.4f} | lr {lr:.2e} | {step_ms[-1]:.0f} ms")
+        if (step < LOGGED_FIRST_STEPS or (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == steps
+                or now - last_line >= LOG_EVERY_SECONDS):
+            last_line = now
+            run_dir.log(f"step {step + 1}/{steps} | loss {total_loss:.4f} | lr {lr:.2e} | {step_ms[-1]:.0f} ms | "
+                        f"{_pace(step + 1, steps, now - started)}")
     train_seconds = time.perf_counter() - started
     controller.end(optimizer)
 
-    # ---- evaluate and save the full model ----------------------------------------------------
+    # ---- save the full model, evaluate it ------------------------------------------------------
     model.config.use_cache = True
-    results = {name: evaluate_task(model, tokenizer, t, eval_examples[name], decode) for name, t in eval_sets.items()}
-    for name, result in results.items():
-        acc = result["accuracy"]
-        run_dir.log(f"{name}: accuracy {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] on {result['n']} examples")
-    if cfg.train.save and not cfg.model.architecture:
+    if cfg.train.save and tokenizer is not None:
         model.save_pretrained(run_dir.file("model"))
         tokenizer.save_pretrained(run_dir.file("model"))
+        stage.saved = str(run_dir.file("model"))
+        run_dir.log(f"saved the fine-tuned model in {stage.saved}")
+    stage.what = "evaluating after training"
+    results = {}
+    for name, t in eval_sets.items():
+        results[name] = evaluate_task(model, tokenizer, t, inputs.eval_examples[name], decode, label=f"eval {name}")
+        acc = results[name]["accuracy"]
+        run_dir.log(f"{name}: accuracy {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] on {results[name]['n']} examples")
 
     losses = [r["train_loss"] for r in run_dir.metrics()]
     summary = FinetuneSummary(
@@ -280,12 +311,42 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
     return summary
 
 
-def _random_tokens(cfg: FinetuneConfig, vocab_size: int) -> list[dict]:
-    """Speed runs on a random-init model: sequences of random tokens of exactly max_length."""
-    generator = torch.Generator().manual_seed(cfg.data.seed)
-    count = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * 4
-    rows = torch.randint(0, vocab_size, (count, cfg.data.max_length), generator=generator).tolist()
-    return [{"input_ids": r, "labels": r} for r in rows]
+def _check_runs_root(root: str) -> None:
+    """A runs_root where no run directory can be made is refused before any work (the nearest
+    existing folder on the path is checked; nothing is created)."""
+    path = Path(root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UnderparError(f"train.runs_root = {root!r}: {existing} is a file, not a folder; choose another runs_root")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UnderparError(f"train.runs_root = {root!r}: {existing} is not writable; choose another runs_root")
+
+
+def _pace(done: int, total: int, seconds: float) -> str:
+    """'2.40 steps/s' (or '6.2 s/step'), percent done and the time to go at this pace."""
+    rate = f"{done / seconds:.2f} steps/s" if seconds < done else f"{seconds / done:.1f} s/step"
+    if done == total:
+        return f"{rate} | done in {_duration(seconds)}"
+    return f"{rate} | {100 * done / total:.0f}%, ~{_duration(seconds / done * (total - done))} to go"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _interrupted(cfg: FinetuneConfig, run_dir: RunDir, stage: Stage) -> str:
+    """What a Ctrl-C leaves behind: finetune keeps no checkpoints, so there is nothing to resume."""
+    if stage.saved:
+        first = cfg.eval.tasks[0] if cfg.eval.tasks else cfg.data.task
+        return (f"interrupted while {stage.what}: the fine-tuned model is saved in {stage.saved} (no summary.json); "
+                f"score it with `underpar eval task --model {stage.saved} --task {first}`")
+    where = f"at step {stage.step} of training" if stage.what == "training" else f"while {stage.what}"
+    return (f"interrupted {where}: nothing was saved (finetune keeps no checkpoints and cannot resume; "
+            f"{run_dir.path} holds only its config and log); run the command again to start over")
 
 
 def _preallocate_adamw_state(optimizer: torch.optim.AdamW) -> None:
