@@ -64,11 +64,6 @@ class RunDir:
         return cls(dist.broadcast_object(env, path), writer=env.is_main)
 
     @classmethod
-    def create(cls, root: str | Path, name: str, writer: bool = True) -> RunDir:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        return cls(Path(root) / f"{stamp}-{name}", writer)
-
-    @classmethod
     def resume(cls, path: str | Path, env: dist.Env, needs: str) -> RunDir:
         """A stopped run's directory, checked before anything is written to it: it exists, has
         its config, has not finished, and holds `needs` (the file the track resumes from)."""
