@@ -175,6 +175,7 @@ def bad_finetune_inputs(models):
         (sets("model.name="), "error: model.name = '' names no model"),
         (sets("method.sticky_interval=3"), "error: 'method.sticky_interval' is a setting of chaos, not of 'full'"),
         (sets("colour=red"), "error: unknown config key 'colour'"),
+        (sets("name=../../escape"), "error: name = '../../escape' names the run directory (<date>-<name>); use letters"),
         (sets(f"train.runs_root={models / 'tiny' / 'config.json'}/runs"),
          f"error: train.runs_root = '{models / 'tiny' / 'config.json'}/runs': {models / 'tiny' / 'config.json'} is a file"),
     ]
@@ -280,3 +281,18 @@ def test_ctrl_c_says_what_was_kept(model_folders, tmp_path, monkeypatch, capsys,
                         f"(no summary.json); score it with `underpar eval task --model {run_dir / 'model'} --task basic_arithmetic`")
         assert (run_dir / "model" / "config.json").is_file()
     assert not (run_dir / "summary.json").exists() and last in (run_dir / "train.log").read_text()
+
+
+def test_a_diverging_run_says_why_in_its_log(tokenizer, tmp_path, monkeypatch, capsys):
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    tokenizer.save_pretrained(tmp_path / "nan-model")
+    runs = tmp_path / "runs"
+    args = sets(*SMALL, f"train.runs_root={runs}", "train.steps=2", "train.grad_accum_steps=1")
+    code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(tmp_path / "nan-model"),
+                              "--task", "basic_arithmetic", *args)
+    assert_one_line_error(code, err, "error: training loss became nan at step 1; try a lower optim.lr")
+    train_log = (next(runs.iterdir()) / "train.log").read_text()
+    assert train_log.endswith("stopped: training loss became nan at step 1; try a lower optim.lr\n")

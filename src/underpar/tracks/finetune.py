@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -127,6 +128,9 @@ class FinetuneConfig:
     eval: FTEvalConfig = nested(FTEvalConfig)
 
     def check(self) -> None:
+        if not re.fullmatch(r"[\w.-]+", self.name) or set(self.name) == {"."}:
+            raise ConfigError(f"name = {self.name!r} names the run directory (<date>-<name>); use letters, digits, "
+                              "'.', '_' and '-' only")
         self.method.check_with(self.train)
         if self.train.steps == 0 and self.train.epochs == 0:
             raise ConfigError("train.steps and train.epochs are both 0; set one of them")
@@ -188,6 +192,16 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
         return train_and_evaluate(cfg, device, inputs, run_dir, stage)
     except KeyboardInterrupt:
         run_dir.log(_interrupted(cfg, run_dir, stage))
+        raise
+    except torch.cuda.OutOfMemoryError:
+        fix = ("lower eval.batch_size" if stage.what.startswith("evaluating") else
+               "lower train.micro_batch_size (raise train.grad_accum_steps to keep the batch) or data.max_length, "
+               "or set model.gradient_checkpointing=true")
+        error = TrainingError(f"out of GPU memory while {stage.what} (step {stage.step}): {fix}")
+        _note_failure(run_dir, error)
+        raise error from None
+    except UnderparError as error:
+        _note_failure(run_dir, error)
         raise
 
 
@@ -309,6 +323,12 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
     plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name} ({method})", x="step")
     controller.report(layouts, run_dir)  # e.g. chaos_modes.png
     return summary
+
+
+def _note_failure(run_dir: RunDir, error: Exception) -> None:
+    """The error in train.log too (the CLI prints it), so the run directory says why it stopped."""
+    with open(run_dir.file("train.log"), "a") as log:
+        log.write(f"stopped: {error}\n")
 
 
 def _check_runs_root(root: str) -> None:
