@@ -67,15 +67,16 @@ def runs(flags):
 
 def test_config_defaults_validate_and_errors_are_clear():
     validate(ChaosConfig())
-    with pytest.raises(ConfigError, match="sum to 1"):
+    with pytest.raises(ConfigError, match=r"method.p_both \+ p_attn \+ p_mlp \+ p_identity = 1.2; they must sum to 1"):
         validate(ChaosConfig(p_both=0.5))
-    with pytest.raises(ConfigError, match="hidden_keep_min"):
+    with pytest.raises(ConfigError, match="method.hidden_keep_min = 0.9 is larger than method.hidden_keep_max = 0.8"):
         validate(ChaosConfig(hidden_keep_min=0.9, hidden_keep_max=0.8))
     with pytest.raises(ConfigError, match="choose one of: hoist, mask"):
         validate(ChaosConfig(strategy="prune"))
     with pytest.raises(ConfigError, match="optimizer_state"):
         validate(ChaosConfig(optimizer_state="drop"))
-    with pytest.raises(ConfigError, match="sacred layer 12"):
+    with pytest.raises(ConfigError, match=r"method.sacred_layers: layer 12 does not exist in a model with 10 layers "
+                                          r"\(0 to 9, or -1 to -10 from the end\)"):
         ChaosScheduler(10, ChaosConfig(sacred_layers=[0, 12]))
     assert ChaosScheduler(10, ChaosConfig()).sacred == [0, 1, 8, 9]
 

@@ -186,6 +186,10 @@ def bad_finetune_inputs(models):
         (["--model", "org/model"], "error: the Hugging Face hub cannot be reached from this machine ("
                                    "OSError: [Errno -2] Name or service not known) and model 'org/model' is not in"),
         (["--model", str(models / "no-template")], f"error: model '{models / 'no-template'}' has no chat template"),
+        (["--model", str(models / "tiny"), "--method", "lisa", *sets("method.n_layers=9")],
+         "error: method.n_layers = 9 but the model has only 8 decoder layers"),
+        (["--model", str(models / "tiny"), "--method", "chaos", *sets("method.sacred_layers=[0, 8]", "method.sticky_interval=2")],
+         "error: method.sacred_layers: layer 8 does not exist in a model with 8 layers"),
         (["--model", str(models / "tiny"), *sets("data.max_length=8")],
          "error: no training example of task basic_arithmetic fits data.max_length = 8 (all 8 prompts are longer)"),
     ]

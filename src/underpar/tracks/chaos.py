@@ -89,10 +89,10 @@ class ChaosConfig(MethodConfig):
         for name in ("active_fraction", "kv_heads_keep", "mlp_channels_keep", "hidden_keep"):
             lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if lo > hi:
-                raise ConfigError(f"{name}_min = {lo} is larger than {name}_max = {hi}")
+                raise ConfigError(f"method.{name}_min = {lo} is larger than method.{name}_max = {hi}")
         total = self.p_both + self.p_attn + self.p_mlp + self.p_identity
         if abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"p_both + p_attn + p_mlp + p_identity = {total:g}; they must sum to 1")
+            raise ConfigError(f"method.p_both + p_attn + p_mlp + p_identity = {total:g}; they must sum to 1")
 
     def check_with(self, train: Any) -> None:
         if self.sticky_interval < train.grad_accum_steps:
@@ -145,7 +145,8 @@ def resolve_layers(indices: list[int], num_layers: int) -> list[int]:
     out = []
     for i in indices:
         if not -num_layers <= i < num_layers:
-            raise ConfigError(f"sacred layer {i} does not exist in a model with {num_layers} layers")
+            raise ConfigError(f"method.sacred_layers: layer {i} does not exist in a model with {num_layers} layers "
+                              f"(0 to {num_layers - 1}, or -1 to -{num_layers} from the end)")
         if i % num_layers not in out:
             out.append(i % num_layers)
     return sorted(out)

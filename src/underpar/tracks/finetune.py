@@ -35,7 +35,7 @@ from underpar.runs import plots
 from underpar.runs.rundir import RunDir, Summary
 from underpar.tracks import chaos, lisa  # noqa: F401  (register the methods "chaos" and "lisa")
 from underpar.tracks.finetune_inputs import Inputs, batches, check_inputs
-from underpar.tracks.finetune_methods import METHODS, MethodConfig
+from underpar.tracks.finetune_methods import METHODS, Controller, MethodConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -180,6 +180,7 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
     torch.manual_seed(cfg.train.seed)
     _check_runs_root(cfg.train.runs_root)
     inputs = check_inputs(cfg, device, model, tokenizer)
+    controller = cfg.method.controller(inputs.model)  # checks the method against the model (its layers)
     try:
         run_dir = RunDir.start(cfg.train.runs_root, cfg.name, dist.Env(0, 1, 0, device))
     except OSError as e:
@@ -189,7 +190,7 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
         log.writelines(line + "\n" for line in inputs.notes)
     stage = Stage()
     try:
-        return train_and_evaluate(cfg, device, inputs, run_dir, stage)
+        return train_and_evaluate(cfg, device, inputs, controller, run_dir, stage)
     except KeyboardInterrupt:
         run_dir.log(_interrupted(cfg, run_dir, stage))
         raise
@@ -205,8 +206,8 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
         raise
 
 
-def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs, run_dir: RunDir,
-                       stage: Stage) -> FinetuneSummary:
+def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs, controller: Controller,
+                       run_dir: RunDir, stage: Stage) -> FinetuneSummary:
     model, tokenizer, encoded = inputs.model, inputs.tokenizer, inputs.encoded
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size
@@ -228,7 +229,6 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     method = METHODS.name_of(cfg.method)
-    controller = cfg.method.controller(model)
     optimizer = torch.optim.AdamW(
         list(model.parameters()), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
