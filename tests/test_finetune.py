@@ -4,6 +4,7 @@ import copy
 import json
 import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -233,10 +234,14 @@ def test_cli_run_is_quiet_with_progress(model_folders, tmp_path, monkeypatch, ca
     every step and micro-batch: LOG_EVERY_SECONDS = 0), a bar over the evaluation, the model
     saved before it, and none of transformers' loading/saving bars or warnings."""
     monkeypatch.setattr(finetune, "LOG_EVERY_SECONDS", 0.0)
-    args = sets(*SMALL, f"train.runs_root={tmp_path}", "train.log_every_steps=100", "train.steps=2")
-    code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(model_folders / "tiny"),
-                              "--task", "basic_arithmetic", *args)
+    args = sets(*SMALL, f"train.runs_root={tmp_path}", "train.log_every_steps=100", "train.steps=2",
+                "model.gradient_checkpointing=true")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(model_folders / "tiny"),
+                                  "--task", "basic_arithmetic", *args)
     assert code == 0, err
+    assert [str(w.message) for w in caught if issubclass(w.category, (UserWarning, FutureWarning))] == []
     lines = out.splitlines()
     assert lines[:2] == [f"loading {model_folders / 'tiny'} ...", lines[1]] and lines[1].endswith(" s")
     steps = [line for line in lines if line.startswith("step ")]

@@ -227,7 +227,8 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
     model.train()
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.2x renames it (the old name warns); older 5.x has only the old one
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     method = METHODS.name_of(cfg.method)
     optimizer = torch.optim.AdamW(
         list(model.parameters()), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -236,7 +237,7 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
     if cfg.train.preallocate_optimizer_state:
         _preallocate_adamw_state(optimizer)
     run_dir.log(f"{method} fine-tuning of {cfg.model.architecture or cfg.model.name}: {hf.num_parameters(model):,} "
-                f"parameters, {steps} steps of {per_step} sequences on {device}")
+                f"parameters, {steps} step{'s' * (steps != 1)} of {per_step} sequences on {device}")
 
     # ---- the loop ---------------------------------------------------------------------------
     stage.what = "training"

@@ -62,10 +62,10 @@ def check_inputs(cfg: FinetuneConfig, device: torch.device, model: PreTrainedMod
         say(f"{model_name} has random weights and no tokenizer: it trains on random tokens, and data.task and "
             "eval.tasks are not used")
     if model is None:
-        say(f"loading {model_name} ...")
+        say(f"loading {model_name} ..." if pretrained else f"building {model_name} with random weights ...")
         started = time.perf_counter()
         model, tokenizer = load(cfg.model, device, cfg.train.seed)
-        say(f"loaded {model_name} in {time.perf_counter() - started:.1f} s")
+        say(f"{'loaded' if pretrained else 'built'} {model_name} in {time.perf_counter() - started:.1f} s")
     if not pretrained:
         return Inputs(model, None, random_tokens(cfg, model.config.vocab_size), {}, notes)
     hf.require_chat_template(tokenizer, model_name)
