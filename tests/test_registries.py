@@ -98,6 +98,73 @@ def check_compressor(name: str, compressor: Any) -> None:
         assert compressor.decompress(blob) == data, f"{name} does not round-trip {len(data)} bytes"
     assert len(compressor.compress(repetitive)) < len(repetitive) // 10, f"{name} does not compress"
 
+
+@check("rope_scaling")
+def check_rope_scaling(name: str, cls: Any) -> None:
+    """Default parameters validate and survive a config round trip; at the training length the
+    frequencies are plain RoPE's; at 4x they stay positive, finite and decreasing, never
+    rise and fall by at most the factor; the logit factor is 1 at the training length and
+    finite, >= 1 beyond; the same call gives the same answer."""
+    import dataclasses
+    import math
+
+    import torch
+
+    from underpar import config as cfglib
+    from underpar.model.rope_scaling import rope_inv_freq
+
+    assert dataclasses.is_dataclass(cls), f"rope scaling {name} must be a parameter dataclass"
+    scaling = cls()
+    cfglib.validate(scaling)
+    assert cfglib.from_dict(cls, cfglib.to_dict(scaling)) == scaling, name
+    train_len = getattr(scaling, "train_seq_len", 1024)
+    plain = rope_inv_freq(10000.0, 16)
+    assert torch.equal(scaling.inv_freq(10000.0, 16, train_len), plain), name
+    assert scaling.logit_scale(train_len) == 1.0, name
+    long = scaling.inv_freq(10000.0, 16, 4 * train_len)
+    assert long.shape == plain.shape and long.dtype == torch.float32, name
+    assert torch.isfinite(long).all() and (long > 0).all() and (long[1:] < long[:-1]).all(), name
+    assert torch.equal(scaling.inv_freq(10000.0, 16, 4 * train_len), long), f"{name} is not deterministic"
+    assert (long <= plain * (1 + 1e-6)).all() and (long >= plain / 4 * (1 - 1e-6)).all(), (name, long / plain)
+    scale = scaling.logit_scale(4 * train_len)
+    assert isinstance(scale, float) and math.isfinite(scale) and scale >= 1.0, name
+
+
+@check("attention_gate")
+def check_attention_gate(name: str, cls: Any) -> None:
+    """Default parameters validate and survive a config round trip; in a tiny attention the gate
+    reads at most model_dim inputs, adds heads * inputs parameters (a control tensor), gives
+    finite outputs and passes gradients to its weight."""
+    import dataclasses
+
+    import torch
+
+    from underpar import config as cfglib
+    from underpar.model.attention import AttentionConfig, CausalSelfAttention
+    from underpar.model.precision import is_control
+
+    assert dataclasses.is_dataclass(cls), f"attention gate {name} must be a parameter dataclass"
+    gate = cls()
+    cfglib.validate(gate)
+    assert cfglib.from_dict(cls, cfglib.to_dict(gate)) == gate, name
+    dim, heads = 32, 4
+    inputs = gate.inputs(dim)
+    assert 0 <= inputs <= dim, name
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(dim, AttentionConfig(num_heads=heads, num_kv_heads=2, gate=gate))
+    plain = CausalSelfAttention(dim, AttentionConfig(num_heads=heads, num_kv_heads=2))
+    extra = {n: p for n, p in attn.named_parameters()}.keys() - {n for n, _ in plain.named_parameters()}
+    assert sum(dict(attn.named_parameters())[n].numel() for n in extra) == heads * inputs, name
+    assert all(is_control(n) for n in extra), f"{name}: gate parameters {extra} are not control tensors"
+    torch.nn.init.normal_(attn.proj.weight, std=0.1)  # the zero-init projection passes no gradient
+    x = torch.randn(2, 8, dim, generator=torch.Generator().manual_seed(1))
+    y = attn(x)
+    assert y.shape == x.shape and torch.isfinite(y).all(), name
+    y.square().sum().backward()
+    for n in extra:
+        grad = dict(attn.named_parameters())[n].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, (name, n)
+
 # ---- optimizer, schedule and finetune checks
 
 

@@ -1,5 +1,13 @@
 """Attention: its config (`model.attention.*`) and grouped-query causal self-attention with
-RMS-normed q/k, rotary embeddings and a learned per-head query gain."""
+RMS-normed q/k, rotary embeddings (all or part of each head, optionally scaled for longer
+contexts), a learned per-head query gain, and two optional output changes: XSA and a gate.
+
+    rotary_dims    rotate only each head's first dims (0: all; the records: 16 of 64)
+    rope_scaling   none | ntk | yarn, to evaluate beyond the training length (rope_scaling.py)
+    gate           none | sparse | dense sigmoid gate per head on the output (attention_gates.py)
+    xsa            remove each token's own value direction from its output; xsa_layers picks
+                   the layers (empty: all, as the records)
+"""
 
 from __future__ import annotations
 
@@ -9,20 +17,80 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from underpar.config import bounded, choice
+from underpar.config import bounded, choice, items, variant
+from underpar.errors import ConfigError
+from underpar.model.attention_gates import ATTENTION_GATES, AttentionGate, head_gates, init_gate_weight
 from underpar.model.linear import CastedLinear, rms_norm
 from underpar.model.rope import ROPE_DTYPES, Rotary, apply_rotary
+from underpar.model.rope_scaling import ROPE_SCALINGS, RopeScaling
 
 
 @dataclasses.dataclass
 class AttentionConfig:
     num_heads: int = bounded(8, 1)
-    # Fewer key/value heads than query heads: grouped-query attention.
+    # Fewer key/value heads than query heads: grouped-query attention (1: multi-query).
     num_kv_heads: int = bounded(4, 1)
     rope_base: float = bounded(10000.0, 1.0)
     # float32: exact rotary phases. bfloat16: the reference script's rounded phases.
     rope_dtype: str = choice("float32", ROPE_DTYPES)
-    qk_gain_init: float = 1.5
+    # q and k have unit RMS, so the gain sets the logit scale: |logit| <= gain * sqrt(head_dim).
+    # The baseline uses 1.5, the records 5.0-5.25; at or below 0 attention is uniform or
+    # inverted, above 10 (logits up to +-80 at head_dim 64) softmax is one-hot from the start.
+    qk_gain_init: float = bounded(1.5, 0.5, 10.0)
+    # Rotate only each head's first rotary_dims dims (even; 0: all of them).
+    rotary_dims: int = bounded(0, 0)
+    rope_scaling: RopeScaling = variant(ROPE_SCALINGS, "none")
+    gate: AttentionGate = variant(ATTENTION_GATES, "none")
+    xsa: bool = False
+    # With xsa: the layers that use it (0-based); empty: every layer.
+    xsa_layers: list[int] = items([])
+
+    def check_with(self, model_dim: int, num_layers: int) -> None:
+        """Checks that need the model's width and depth (called by GPTConfig.check)."""
+        head_dim = model_dim // self.num_heads
+        rotary = self.rotary_dims or head_dim
+        if rotary % 2 != 0 or rotary > head_dim:
+            raise ConfigError(
+                f"model.attention.rotary_dims = {self.rotary_dims} must be even and at most the "
+                f"head dim ({head_dim}); 0 rotates all of it"
+            )
+        if ROPE_SCALINGS.name_of(self.rope_scaling) == "ntk" and rotary <= 2:
+            raise ConfigError(
+                f"model.attention.rope_scaling = 'ntk' needs more than 2 rotary dims (its base "
+                f"grows by factor^(d/(d-2))); model.attention.rotary_dims gives {rotary}"
+            )
+        inputs = self.gate.inputs(model_dim)
+        if inputs > model_dim:
+            raise ConfigError(
+                f"model.attention.gate.window = {inputs} must be at most model.model_dim = {model_dim}"
+            )
+        if self.xsa_layers and not self.xsa:
+            raise ConfigError(
+                "model.attention.xsa_layers is set but model.attention.xsa is false; set "
+                "model.attention.xsa=true (xsa_layers empty: every layer)"
+            )
+        bad = [i for i in self.xsa_layers if not 0 <= i < num_layers]
+        if bad or len(set(self.xsa_layers)) != len(self.xsa_layers):
+            raise ConfigError(
+                f"model.attention.xsa_layers = {self.xsa_layers} must be distinct layer indices "
+                f"in [0, {num_layers - 1}]"
+            )
+
+    def xsa_at(self, layer_index: int) -> bool:
+        """Whether the layer at `layer_index` uses XSA."""
+        return self.xsa and (not self.xsa_layers or layer_index in self.xsa_layers)
+
+
+def remove_self_value(y_bhtd: Tensor, v_bktd: Tensor) -> Tensor:
+    """XSA: y_i <- y_i - (y_i . v_i / |v_i|^2) v_i per head, where v_i is the token's own value
+    in the KV head the query head reads (query head h uses KV head h // (heads / kv_heads), as
+    SDPA's GQA does). The output is orthogonal to the token's own value."""
+    batch, heads, seq_len, head_dim = y_bhtd.shape
+    kv_heads = v_bktd.size(1)
+    y_g = y_bhtd.reshape(batch, kv_heads, heads // kv_heads, seq_len, head_dim)
+    v_unit = F.normalize(v_bktd, dim=-1).unsqueeze(2)
+    y_g = y_g - (y_g * v_unit).sum(dim=-1, keepdim=True) * v_unit
+    return y_g.reshape(batch, heads, seq_len, head_dim)
 
 
 class CausalSelfAttention(nn.Module):
@@ -40,7 +108,17 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(dim, kv_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), float(cfg.qk_gain_init)))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base, ROPE_DTYPES[cfg.rope_dtype])
+        self.rotary = Rotary(
+            self.head_dim, cfg.rope_base, ROPE_DTYPES[cfg.rope_dtype], cfg.rotary_dims, cfg.rope_scaling
+        )
+        # Set per layer by the model (AttentionConfig.xsa_at); a constant under compile.
+        self.xsa = False
+        gate_inputs = cfg.gate.inputs(dim)
+        self.attn_gate_w = None
+        self.gate_scale = 1.0
+        if gate_inputs:
+            self.gate_scale = float(cfg.gate.scale)
+            self.attn_gate_w = nn.Parameter(init_gate_weight(cfg.num_heads, gate_inputs, cfg.gate.init_std))
 
     def forward(self, x_btd: Tensor) -> Tensor:
         batch, seq_len, dim = x_btd.shape
@@ -52,7 +130,14 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(seq_len, x_btd.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        logit_scale = self.rotary.logit_scale(seq_len)  # a Python float: no branch in the graph
+        if logit_scale != 1.0:
+            q = q * logit_scale
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
         )
+        if self.xsa:
+            y = remove_self_value(y, v)
+        if self.attn_gate_w is not None:
+            y = y * head_gates(x_btd, self.attn_gate_w, self.gate_scale)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))

@@ -3,7 +3,9 @@ per part, each defined beside its part's code, and the checks that span sections
 
     [model]                 vocab_size, num_layers, model_dim
     [model.embeddings]      tied, tied_init_std, logit_softcap        (model/embeddings.py)
-    [model.attention]       num_heads, num_kv_heads, rope_base, rope_dtype, qk_gain_init
+    [model.attention]       num_heads, num_kv_heads, rope_base, rope_dtype, qk_gain_init,
+                            rotary_dims, rope_scaling, gate, xsa, xsa_layers
+                                                                      (model/attention.py)
     [model.mlp]             mult, activation                          (model/mlp.py)
     [model.residual]        unet_skips                                (model/residual.py)
 
@@ -50,6 +52,7 @@ class GPTConfig:
                 f"model.model_dim / model.attention.num_heads = {head_dim} (the head dim) must "
                 f"be even for rotary embeddings"
             )
+        self.attention.check_with(self.model_dim, self.num_layers)
         hidden = self.mlp.mult * self.model_dim
         if hidden < 1 or hidden != int(hidden):
             raise ConfigError(

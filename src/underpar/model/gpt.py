@@ -36,6 +36,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg.model_dim, cfg.attention, cfg.mlp) for _ in range(cfg.num_layers)
         )
+        for index, block in enumerate(self.blocks):
+            block.attn.xsa = cfg.attention.xsa_at(index)
         self.lm_head = None
         if not cfg.embeddings.tied:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)

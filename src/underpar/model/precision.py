@@ -19,6 +19,7 @@ CONTROL_PATTERNS: tuple[str, ...] = (
     "resid_mix",
     "resid_mixes",
     "q_gain",
+    "attn_gate_w",
     "skip_weight",
     "skip_weights",
 )
