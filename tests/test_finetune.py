@@ -191,6 +191,8 @@ def bad_finetune_inputs(models):
          "error: method.n_layers = 9 but the model has only 8 decoder layers"),
         (["--model", str(models / "tiny"), "--method", "chaos", *sets("method.sacred_layers=[0, 8]", "method.sticky_interval=2")],
          "error: method.sacred_layers: layer 8 does not exist in a model with 8 layers"),
+        (["--model", str(models / "tiny"), *sets("eval.max_new_tokens=3000")],
+         f"error: eval.max_new_tokens = 3000 is more than model '{models / 'tiny'}' has positions for (2048)"),
         (["--model", str(models / "tiny"), *sets("data.max_length=8")],
          "error: no training example of task basic_arithmetic fits data.max_length = 8 (all 8 prompts are longer)"),
     ]

@@ -450,3 +450,6 @@ def test_eval_task_says_what_it_does(tiny_folder, monkeypatch, capsys):
     assert lines[1].startswith(f"loaded {tiny_folder} (") and lines[1].endswith("scoring 5 examples of basic_arithmetic (test)")
     assert "basic_arithmetic test" in lines[2] and "5/5" in lines[2] and len(lines) == 3, err
     assert "Loading weights" not in err
+    code, out, err = run_main(monkeypatch, capsys, "eval", "task", "--model", str(tiny_folder), "--max-new-tokens", "600")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: max_new_tokens = 600 is more than model '{tiny_folder}' has positions for (512); lower it to at most 512")

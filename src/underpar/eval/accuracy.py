@@ -146,6 +146,7 @@ def evaluate_model(cfg: TaskEvalConfig) -> dict[str, Any]:
     started = time.perf_counter()
     model, tokenizer = hf.load_model(cfg.model)
     hf.require_chat_template(tokenizer, cfg.model)
+    hf.check_positions(model, cfg.model, max_new_tokens=cfg.max_new_tokens)
     ui.console.print(f"loaded {cfg.model} ({hf.num_parameters(model):,} parameters, {next(model.parameters()).device}) "
                      f"in {time.perf_counter() - started:.1f} s; scoring {len(examples)} examples of {cfg.task} "
                      f"({cfg.split})", markup=False, highlight=False, soft_wrap=True)

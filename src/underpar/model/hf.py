@@ -266,6 +266,17 @@ def load_model(
     return model, tokenizer
 
 
+def check_positions(model: PreTrainedModel, name: str, **lengths: int) -> None:
+    """Each named length (e.g. max_new_tokens=256) must fit the model's positions
+    (`max_position_embeddings`): past them a static KV cache is allocated for nothing and RoPE
+    models produce noise."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for key, length in lengths.items():
+        if limit is not None and length > limit:
+            raise ConfigError(f"{key} = {length} is more than model {name!r} has positions for "
+                              f"({limit}); lower it to at most {limit}")
+
+
 def require_chat_template(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
     """Tasks are prompted (and SFT data encoded) as chats: a tokenizer without a chat template
     cannot do either. Call it right after loading, before any work that needs one."""

@@ -67,8 +67,11 @@ def check_inputs(cfg: FinetuneConfig, device: torch.device, model: PreTrainedMod
         model, tokenizer = load(cfg.model, device, cfg.train.seed)
         say(f"{'loaded' if pretrained else 'built'} {model_name} in {time.perf_counter() - started:.1f} s")
     if not pretrained:
+        hf.check_positions(model, model_name, **{"data.max_length": cfg.data.max_length})
         return Inputs(model, None, random_tokens(cfg, model.config.vocab_size), {}, notes)
     hf.require_chat_template(tokenizer, model_name)
+    hf.check_positions(model, model_name, **{"data.max_length": cfg.data.max_length,
+                                             "eval.max_new_tokens": cfg.eval.max_new_tokens})
     encoded, dropped = encode_sft_examples(tokenizer, examples, task, cfg.data.max_length)
     if not encoded:
         raise DataError(f"no training example of task {task.name} fits data.max_length = {cfg.data.max_length} "
