@@ -291,6 +291,9 @@ def test_ctrl_c_says_what_was_kept(model_folders, tmp_path, monkeypatch, capsys,
         assert last == (f"interrupted while evaluating after training: the fine-tuned model is saved in {run_dir / 'model'} "
                         f"(no summary.json); score it with `underpar eval task --model {run_dir / 'model'} --task basic_arithmetic`")
         assert (run_dir / "model" / "config.json").is_file()
+        code, _, err = run_main(monkeypatch, capsys, "eval", "task", "--model", str(run_dir))  # not run_dir/model
+        assert_one_line_error(code, err, f"error: model '{run_dir}' is an underpar run directory, not a model folder; "
+                                         f"its fine-tuned model is {run_dir / 'model'}")
     assert not (run_dir / "summary.json").exists() and last in (run_dir / "train.log").read_text()
 
 

@@ -168,12 +168,24 @@ def check_model_name(name: str) -> str:
     if name.strip() and path.is_dir():
         if not (path / "config.json").is_file():
             raise DataError(f"model folder {path} has no config.json, so it holds no saved model; {hint}")
+        if _is_run_directory(path):
+            saved = f"its fine-tuned model is {path / 'model'}" if (path / "model" / "config.json").is_file() \
+                else "it holds no saved model (train.save was off, or the run stopped before saving)"
+            raise DataError(f"model {name!r} is an underpar run directory, not a model folder; {saved}")
         return "folder"
     if not name.strip() or path.exists() or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name):
         what = ("an empty name" if not name.strip() else "a file, not a model folder" if path.exists()
                 else f"not a folder (no such directory {path})")
         raise DataError(f"model {name!r} is {what}; {hint}")
     return "hub"
+
+
+def _is_run_directory(path: Path) -> bool:
+    """A run directory's config.json is underpar's ({"track": ..., "config": ...})."""
+    try:
+        return "track" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _hub_probe(name: str) -> None:
