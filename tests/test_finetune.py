@@ -310,3 +310,16 @@ def test_a_diverging_run_says_why_in_its_log(tokenizer, tmp_path, monkeypatch, c
     assert_one_line_error(code, err, "error: training loss became nan at step 1; try a lower optim.lr")
     train_log = (next(runs.iterdir()) / "train.log").read_text()
     assert train_log.endswith("stopped: training loss became nan at step 1; try a lower optim.lr\n")
+
+
+def test_random_architecture_says_what_it_ignores_and_warns_when_large(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(finetune_inputs, "CPU_PARAMETERS_WARNING", 1e5)  # tiny-llama: 238,400 parameters
+    args = sets(f"train.runs_root={tmp_path}", "model.architecture=tiny-llama", "data.max_length=16", "train.steps=1",
+                "train.micro_batch_size=1", "train.grad_accum_steps=1", "train.device=cpu")
+    code, out, err = run_main(monkeypatch, capsys, "finetune", *args)
+    assert code == 0, err
+    assert out.splitlines()[:3] == [
+        "tiny-llama has random weights and no tokenizer: it trains on random tokens, and data.task and eval.tasks are not used",
+        "warning: tiny-llama has 238,400 parameters; on a CPU that is ~0 GB of float32 weights, gradients and AdamW state "
+        "and minutes per step (it is a GPU job)",
+        "building tiny-llama with random weights ..."]

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from underpar.tracks.finetune import FinetuneConfig, FTModelConfig
 
 
+CPU_PARAMETERS_WARNING = 1e9  # a random-init architecture larger than this on a CPU gets a warning
+
+
 @dataclasses.dataclass
 class Inputs:
     """What a run needs, checked before its run directory exists."""
@@ -61,6 +64,11 @@ def check_inputs(cfg: FinetuneConfig, device: torch.device, model: PreTrainedMod
     else:
         say(f"{model_name} has random weights and no tokenizer: it trains on random tokens, and data.task and "
             "eval.tasks are not used")
+    if model is None and cfg.model.architecture and device.type == "cpu":
+        size = hf.num_parameters(hf.random_model(cfg.model.architecture, device="meta"))  # shapes only
+        if size > CPU_PARAMETERS_WARNING:
+            say(f"warning: {model_name} has {size:,} parameters; on a CPU that is ~{16 * size / 1e9:.0f} GB of "
+                "float32 weights, gradients and AdamW state and minutes per step (it is a GPU job)")
     if model is None:
         say(f"loading {model_name} ..." if pretrained else f"building {model_name} with random weights ...")
         started = time.perf_counter()
