@@ -243,6 +243,8 @@ def main() -> None:
         if "Abort" in kinds:
             _interrupted()
         raise
+    if code == 130:  # typer turns Ctrl-C into an exit code
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 
 
