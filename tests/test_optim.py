@@ -314,14 +314,16 @@ def test_optim_config() -> None:
         validate(override(cfg, "ns_coefficients=nope"))
     with pytest.raises(ConfigError, match="muon_backend_steps = 5"):
         validate(override(override(cfg, "ns_coefficients=polar_express"), "muon_backend_steps=4"))
-    with pytest.raises(ConfigError, match="choose one of: warmdown, cosine"):
-        override(cfg, "schedule=tidal")
+    with pytest.raises(ConfigError, match="choose one of: warmdown, cosine, tidal, breathing"):
+        override(cfg, "schedule=nope")
     with pytest.raises(ConfigError, match="must not exceed 1"):
         validate(override(override(cfg, "schedule.warmup_fraction=0.5"), "schedule.warmdown_fraction=0.6"))
     with pytest.raises(ConfigError, match="optim.schedule.warmdown_fraction = 1.5 is out of range"):
         validate(override(cfg, "schedule.warmdown_fraction=1.5"), prefix="optim")
-    with pytest.raises(ConfigError, match="unknown config key 'schedule.min_lr_ratio'"):
-        override(cfg, "schedule.min_lr_ratio=0.1")  # a field of cosine, not of warmdown
+    with pytest.raises(ConfigError, match="'schedule.hold_fraction' is a setting of breathing, not of 'warmdown'"):
+        override(cfg, "schedule.hold_fraction=0.1")
+    with pytest.raises(ConfigError, match="unknown config key 'schedule.nope'"):
+        override(cfg, "schedule.nope=0.1")
     cosine = override(override(cfg, "schedule=cosine"), "schedule.min_lr_ratio=0.1")
     validate(cosine)
     assert cosine.schedule == Cosine(min_lr_ratio=0.1)

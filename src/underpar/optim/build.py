@@ -2,7 +2,8 @@
 one param group per learning-rate field, each group carrying its `base_lr`.
 
 Per step the trainer calls set_lr(opts, cfg.schedule(progress)) and
-set_muon_momentum(opts, muon_momentum_at(cfg, step)).
+set_muon_momentum(opts, muon_momentum_at(cfg, step)), and after it the averager's
+update(step, progress) (build_averager; a no-op unless optim.averaging is set).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from underpar.config import bounded, choice, variant
 from underpar.errors import ConfigError
+from underpar.optim.averaging import AVERAGING, Averager, AveragingConfig
 from underpar.optim.groups import assign_params
 from underpar.optim.muon import NS_COEFFICIENTS, Muon
 from underpar.optim.schedule import SCHEDULES, Schedule, muon_momentum
@@ -21,7 +23,9 @@ from underpar.optim.schedule import SCHEDULES, Schedule, muon_momentum
 
 @dataclass
 class OptimConfig:
-    # learning rates (baseline values)
+    # Learning rates, one per parameter group (baseline values). Which tensor gets which is the
+    # table in optim/groups.py (`describe_param_table`); tied embeddings use tied_embed_lr, untied
+    # ones embed_lr and head_lr. Each is scaled by the schedule's multiplier every step.
     matrix_lr: float = bounded(0.04, 0.0)  # Muon, 2-D matrices inside blocks
     scalar_lr: float = bounded(0.04, 0.0)  # Adam, vectors, scalars and control tensors
     tied_embed_lr: float = bounded(0.05, 0.0)  # Adam, embedding shared with the head
@@ -34,13 +38,19 @@ class OptimConfig:
     muon_backend_steps: int = bounded(5, 1)
     muon_nesterov: bool = True
     ns_coefficients: str = choice("baseline", NS_COEFFICIENTS)
+    # decoupled, on Muon's matrices: p *= 1 - lr * wd before each update (records: 0.04)
+    muon_weight_decay: float = bounded(0.0, 0.0)
     # Adam
     beta1: float = bounded(0.9, 0.0, 1.0)
     beta2: float = bounded(0.95, 0.0, 1.0)
     adam_eps: float = bounded(1e-8, 0.0)
+    # decoupled (AdamW) on every Adam group; 0 = plain Adam, as the baseline (records: 0.04)
+    adam_weight_decay: float = bounded(0.0, 0.0)
     # LR multiplier over progress in [0, 1], with its own parameters ([optim.schedule])
     schedule: Schedule = variant(SCHEDULES, "warmdown")
     grad_clip_norm: float = bounded(0.0, 0.0)  # 0 = off
+    # weights averaged over training, exported and scored in place of the last ones ([optim.averaging])
+    averaging: AveragingConfig = variant(AVERAGING, "none")
 
     def check(self) -> None:
         abc = NS_COEFFICIENTS[self.ns_coefficients].abc
@@ -78,20 +88,30 @@ def build_optimizers(
                 nesterov=cfg.muon_nesterov,
                 backend_steps=cfg.muon_backend_steps,
                 ns=cfg.ns_coefficients,
+                weight_decay=cfg.muon_weight_decay,
             )
         )
     adam_groups = param_groups("adam")
     if adam_groups:
         on_cuda = all(p.is_cuda for g in adam_groups for p in g["params"])
+        decay = {"weight_decay": cfg.adam_weight_decay} if cfg.adam_weight_decay > 0 else {}
         optimizers.append(
-            torch.optim.Adam(
+            (torch.optim.AdamW if decay else torch.optim.Adam)(
                 adam_groups,
                 betas=(cfg.beta1, cfg.beta2),
                 eps=cfg.adam_eps,
+                **decay,
                 **({"fused": True} if on_cuda else {}),
             )
         )
     return optimizers
+
+
+def build_averager(model: nn.Module, cfg: OptimConfig) -> Averager:
+    """The averager `cfg.averaging` names, over every parameter of `model` (its LAWA window
+    follows `cfg.schedule`). Call `update(step, progress)` after each optimizer step and
+    `apply()` after training."""
+    return cfg.averaging.build(list(model.parameters()), cfg.schedule)
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:

@@ -124,7 +124,8 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then Newton-Schulz orthogonalization, for 2-D parameters.
 
     Group values: lr, momentum (set by the trainer each step during the warmup), nesterov,
-    backend_steps (Newton-Schulz iterations), ns (a name in NS_COEFFICIENTS).
+    backend_steps (Newton-Schulz iterations), ns (a name in NS_COEFFICIENTS), weight_decay
+    (decoupled, as the records apply it: p *= 1 - lr * weight_decay before the update; 0 = off).
     compile: run the iteration under torch.compile; None = when the parameters are on CUDA.
     """
 
@@ -137,12 +138,14 @@ class Muon(torch.optim.Optimizer):
         backend_steps: int = 5,
         ns: str = "baseline",
         compile: bool | None = None,
+        weight_decay: float = 0.0,
     ):
         self.compile = compile
         if ns not in NS_COEFFICIENTS:
             raise ValueError(f"unknown ns '{ns}'; choose one of: {', '.join(NS_COEFFICIENTS)}")
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, backend_steps=backend_steps, ns=ns
+            lr=lr, momentum=momentum, nesterov=nesterov, backend_steps=backend_steps, ns=ns,
+            weight_decay=weight_decay,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -194,6 +197,9 @@ class Muon(torch.optim.Optimizer):
             sizes = [p.numel() for p in in_order]
             by_dtype = {dtype: flat.to(dtype).split(sizes) for dtype in {p.dtype for p in in_order}}
             updates = [by_dtype[p.dtype][j].view_as(p) for j, p in enumerate(in_order)]
+            weight_decay = group.get("weight_decay", 0.0)  # absent from older checkpoints
+            if weight_decay:
+                torch._foreach_mul_(in_order, 1.0 - group["lr"] * weight_decay)
             torch._foreach_add_(in_order, updates, alpha=-group["lr"])
         return loss
 

@@ -30,7 +30,7 @@ from underpar.eval.bpb import BpbMeter, evaluate_bpb
 from underpar.model.config import GPTConfig
 from underpar.model.gpt import build, num_params
 from underpar.model.precision import CONTROL_PATTERNS, cast_for_bf16_training
-from underpar.optim import OptimConfig, build_optimizers, muon_momentum_at, set_lr, set_muon_momentum
+from underpar.optim import OptimConfig, build_averager, build_optimizers, muon_momentum_at, set_lr, set_muon_momentum
 from underpar.quant import artifact
 from underpar.quant.config import QuantConfig
 from underpar.runs import checkpoint, plots
@@ -141,6 +141,7 @@ class Trainer:
         if use_bf16:
             cast_for_bf16_training(self.model)
         self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied)
+        self.averager = build_averager(self.model, cfg.optim)  # EMA/SWA/LAWA (optim.averaging); no-op by default
         # Compile the model, then wrap it, as the reference does: dynamo cannot trace DDP's own
         # forward under fullgraph=True. The price: the gradient all-reduce (67 MB a step for the
         # baseline) starts after the compiled backward instead of overlapping it.
@@ -194,11 +195,13 @@ class Trainer:
     def save(self, path: Path, state: Progress) -> None:
         """This rank's checkpoint: model, optimizers, loader position, RNG and `state`."""
         checkpoint.save(path, self.model, self.optimizers, self.loader.state_dict(), step=state.step,
-                        elapsed=state.elapsed, eval_seconds=state.eval_seconds, world_size=self.env.world_size)
+                        elapsed=state.elapsed, eval_seconds=state.eval_seconds, world_size=self.env.world_size,
+                        averaging=self.averager.state_dict())
 
     def load(self, path: Path) -> Progress:
         """Restore a checkpoint written by `save`; where the run stood."""
         saved = checkpoint.load(path, self.model, self.optimizers, self.env.world_size)
+        self.averager.load_state_dict(saved.get("averaging"))
         self.loader.load_state_dict(saved["loader"])
         checkpoint.set_rng_state(saved["rng"])
         return Progress(saved["step"], saved["elapsed"], saved["eval_seconds"], checkpoint_step=saved["step"])
@@ -253,6 +256,8 @@ def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> Pretr
         _say_how_to_resume(run_dir, state)
         raise
 
+    if note := trainer.averager.apply():  # the averaged weights are validated, exported and scored
+        run_dir.log(note)
     eval_started = time.perf_counter()
     pre = trainer.validate(label="val_bpb")
     byte_count, post = export_and_score(trainer, run_dir)
@@ -287,6 +292,7 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
         loss = trainer.step(lr, muon_momentum_at(cfg.optim, state.step))
         state.step += 1
         step = state.step
+        trainer.averager.update(step, progress)  # eager foreach ops after the optimizer step, timed with it
         if not math.isfinite(loss):
             clock.pause()
             where = (f"the last good checkpoint is {ckpt_file} (step {state.checkpoint_step})"

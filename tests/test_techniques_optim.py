@@ -1,0 +1,345 @@
+"""Optimizer techniques of issue 12: the tidal and breathing schedules and the LR floor at known
+progress points, Muon and Adam weight decay, and weight averaging (EMA, SWA, LAWA): its math,
+that it leaves compiled graphs alone, that the averaged weights are the exported ones, and
+that a killed and resumed run averages exactly as an uninterrupted one."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from underpar import config as cfglib
+from underpar.errors import ConfigError, UnderparError
+from underpar.optim import (
+    EMA,
+    LAWA,
+    SWA,
+    Breathing,
+    Muon,
+    NoAveraging,
+    OptimConfig,
+    Tidal,
+    Warmdown,
+    build_averager,
+    build_optimizers,
+    decay_start,
+)
+from underpar.quant import artifact
+from underpar.runs.rundir import RunDir
+from underpar.tracks import pretrain as track
+
+from test_pretrain import data_dir, final_losses, micro_config  # noqa: F401  (data_dir is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------
+# schedules
+
+
+def _log_tidal(progress: float) -> float:
+    """The 131-run log's lr_mul under TIDAL_LR=1, restated from its formula."""
+    if progress < 0.382:
+        return 0.1 + 0.9 * progress / 0.382
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (progress - 0.382) / 0.618))
+
+
+def test_tidal_is_the_logs_golden_ratio_schedule() -> None:
+    tidal = Tidal()
+    assert tidal(0.0) == pytest.approx(0.1)
+    assert tidal(0.191) == pytest.approx(0.55)  # half way up the warmup
+    assert tidal(0.382) == 1.0
+    assert tidal(0.691) == pytest.approx(0.55)  # half way down the cosine: (1 + 0.1) / 2
+    assert tidal(1.0) == pytest.approx(0.1) and tidal(2.0) == tidal(1.0)
+    for i in range(101):
+        assert tidal(i / 100) == pytest.approx(_log_tidal(i / 100), abs=1e-12)
+    # the log's F8: a 30% warmup; and no floor
+    assert Tidal(warmup_fraction=0.3)(0.3) == 1.0 and Tidal(min_lr_ratio=0.0)(0.0) == 0.0
+    assert Tidal(warmup_fraction=0.0)(0.0) == 1.0 and Tidal(warmup_fraction=1.0)(1.0) == 1.0
+
+
+def test_breathing_inhales_holds_and_exhales() -> None:
+    breathing = Breathing()
+    assert breathing.inhale_fraction == pytest.approx(4 / 19) and breathing.hold_fraction == pytest.approx(7 / 19)
+    assert breathing(0.0) == pytest.approx(0.1)
+    assert breathing(2 / 19) == pytest.approx(0.55)
+    assert breathing(4 / 19) == 1.0 and breathing(0.4) == 1.0 and breathing(11 / 19 - 1e-9) == 1.0
+    assert breathing(15 / 19) == pytest.approx(0.55)  # half way through the exhale
+    assert breathing(1.0) == pytest.approx(0.1)
+    assert Breathing(inhale_fraction=0.5, hold_fraction=0.5)(1.0) == 1.0  # nothing left to exhale
+    with pytest.raises(ConfigError, match="must not exceed 1"):
+        cfglib.validate(Breathing(inhale_fraction=0.6, hold_fraction=0.6))
+
+
+def test_warmdown_lr_floor_as_the_records_apply_it() -> None:
+    floored = Warmdown(warmdown_fraction=0.2, min_lr_ratio=0.1)
+    assert floored(0.5) == 1.0 and floored(0.9) == pytest.approx(0.5)
+    assert floored(0.97) == pytest.approx(0.15)
+    assert floored(0.99) == 0.1 and floored(1.0) == 0.1  # max((1 - p) / 0.2, 0.1)
+    plain = Warmdown(warmdown_fraction=0.2)
+    assert plain(1.0) == 0.0
+    for i in range(201):  # a floor of 0 is the baseline's formula, bit for bit
+        remaining = 1.0 - i / 200
+        assert plain(i / 200) == (min(1.0, remaining / 0.2) if remaining < 0.2 else 1.0)
+
+
+def test_schedules_from_config_and_their_decay_start() -> None:
+    cfg = cfglib.resolve("pretrain", None, ["optim.schedule=tidal", "optim.schedule.min_lr_ratio=0.05"])
+    assert cfg.optim.schedule == Tidal(min_lr_ratio=0.05)
+    assert cfglib.from_dict(type(cfg), cfglib.to_dict(cfg)) == cfg
+    cfg = cfglib.resolve("pretrain", None, ["optim.schedule=breathing", "optim.schedule.hold_fraction=0.2"])
+    assert cfg.optim.schedule == Breathing(hold_fraction=0.2)
+    assert decay_start(Warmdown(warmdown_fraction=0.25)) == pytest.approx(0.75, abs=1e-3)
+    assert decay_start(Tidal()) == pytest.approx(0.382, abs=1e-4)
+    assert decay_start(Breathing()) == pytest.approx(11 / 19, abs=1e-4)
+    assert decay_start(Warmdown(warmdown_fraction=0.0)) == 1.0  # never decays
+
+
+# ---------------------------------------------------------------------------------------
+# weight decay
+
+
+def _muon_step(weight_decay: float, lr: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    start = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    p = nn.Parameter(start.clone())
+    p.grad = grad.clone()
+    Muon([p], lr=lr, momentum=0.95, weight_decay=weight_decay).step()
+    return start, p.detach()
+
+
+def test_muon_weight_decay_is_decoupled_before_the_update() -> None:
+    start, plain = _muon_step(0.0)
+    _, decayed = _muon_step(0.5)
+    update = plain - start  # -lr * orthogonalized step
+    torch.testing.assert_close(decayed, start * (1 - 0.05 * 0.5) + update, rtol=0, atol=1e-6)
+    assert torch.equal(_muon_step(0.0)[1], plain)  # off: the baseline step
+
+
+def test_weight_decay_fields_reach_the_optimizers() -> None:
+    model = nn.Module()
+    model.tok_emb = nn.Embedding(8, 4)
+    model.blocks = nn.ModuleList([nn.Linear(4, 4, bias=False)])
+    muon, adam = build_optimizers(model, OptimConfig(), tie_embeddings=True)
+    assert muon.param_groups[0]["weight_decay"] == 0.0 and type(adam) is torch.optim.Adam
+    cfg = cfglib.override(cfglib.override(OptimConfig(), "muon_weight_decay=0.04"), "adam_weight_decay=0.04")
+    muon, adam = build_optimizers(model, cfg, tie_embeddings=True)
+    assert muon.param_groups[0]["weight_decay"] == 0.04
+    assert type(adam) is torch.optim.AdamW and adam.param_groups[0]["weight_decay"] == 0.04
+    # a Muon state saved before weight decay existed still steps (as no decay)
+    state = muon.state_dict()
+    for group in state["param_groups"]:
+        del group["weight_decay"]
+    muon.load_state_dict(state)
+    model.blocks[0].weight.grad = torch.ones(4, 4)
+    muon.step()
+
+
+def test_every_parameter_group_has_its_own_lr_field() -> None:
+    import dataclasses
+
+    from underpar.optim import param_rules
+
+    fields = {f.name: f for f in dataclasses.fields(OptimConfig)}
+    used = {rule.lr_field for tie in (True, False) for rule in param_rules(tie)}
+    assert used == {"matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr"}
+    for name in used:
+        assert fields[name].metadata["range"] == (0.0, None), name
+    cfg = cfglib.resolve("pretrain", None, ["optim.matrix_lr=0.11", "optim.embed_lr=0.8", "optim.head_lr=0.01"])
+    assert (cfg.optim.matrix_lr, cfg.optim.embed_lr, cfg.optim.head_lr) == (0.11, 0.8, 0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# averaging math
+
+
+def _param(*values: float, dtype: torch.dtype = torch.float32) -> nn.Parameter:
+    return nn.Parameter(torch.tensor(values, dtype=dtype))
+
+
+def _set(p: nn.Parameter, value: torch.Tensor | float) -> None:
+    with torch.no_grad():
+        p.fill_(value) if isinstance(value, float) else p.copy_(value)
+
+
+def test_ema_of_a_known_sequence() -> None:
+    decay, xs = 0.75, [1.0, 2.0, 4.0, 8.0]
+    p, h = _param(0.0, 0.0), _param(0.0, dtype=torch.bfloat16)
+    averager = EMA(decay=decay).build([p, h], Warmdown())
+    for step, x in enumerate(xs, 1):
+        _set(p, x), _set(h, x)
+        averager.update(step, step / 10)
+    expected = sum((1 - decay) * decay ** (len(xs) - k) * x for k, x in enumerate(xs, 1))  # from 0
+    assert "EMA (decay 0.75) over 4 steps" in averager.apply()
+    torch.testing.assert_close(p.detach(), torch.full((2,), expected), rtol=1e-6, atol=0)
+    assert h.dtype == torch.bfloat16 and h.item() == pytest.approx(expected, rel=1e-2)
+    assert averager.average.values[1].dtype == torch.float32  # the bf16 parameter is averaged in fp32
+
+
+def test_swa_is_the_mean_from_its_start() -> None:
+    p = _param(0.0)
+    averager = SWA(start_fraction=0.5, every_steps=2).build([p], Warmdown())
+    for step in range(1, 11):
+        _set(p, float(step))
+        averager.update(step, (step - 1) / 10)
+    assert averager.steps == [6, 8, 10]  # progress 0.5, 0.7, 0.9
+    assert "mean replaces" in averager.apply() and p.item() == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("window, snapshots", [(0, [16, 18, 20]), (2, [18, 20])])
+def test_lawa_snapshots_every_k_steps_during_the_warmdown(window: int, snapshots: list[int]) -> None:
+    p = _param(0.0, 0.0)
+    averager = LAWA(every_steps=2, window=window).build([p], Warmdown(warmdown_fraction=0.3))
+    assert averager.start == pytest.approx(0.7, abs=1e-3)  # the warmdown's start, from the schedule
+    for step in range(1, 21):
+        _set(p, torch.tensor([step, -step], dtype=torch.float32))
+        averager.update(step, (step - 1) / 20)  # progress 0.7 is step 15
+    assert averager.steps == snapshots
+    note = averager.apply()
+    assert f"{len(snapshots)} snapshot(s)" in note and f"steps {snapshots[0]}..20" in note
+    mean = sum(snapshots) / len(snapshots)
+    assert p.tolist() == pytest.approx([mean, -mean])
+    # start_fraction, when set, overrides the schedule
+    assert LAWA(start_fraction=0.25).build([p], Warmdown()).start == 0.25
+
+
+def test_fewer_than_two_snapshots_keep_the_last_weights() -> None:
+    p = _param(3.0)
+    averager = LAWA(every_steps=5).build([p], Warmdown(warmdown_fraction=0.1))
+    for step in range(1, 11):
+        averager.update(step, (step - 1) / 10)  # only step 10 is in the warmdown and on the beat
+    _set(p, 7.0)
+    assert "fewer than 2, so the last weights stay" in averager.apply() and p.item() == 7.0
+
+
+def test_none_is_the_default_and_changes_nothing() -> None:
+    assert OptimConfig().averaging == NoAveraging()
+    model = nn.Linear(3, 3)
+    averager = build_averager(model, OptimConfig())
+    before = model.weight.detach().clone()
+    averager.update(1, 0.5)
+    assert averager.apply() == "" and torch.equal(model.weight, before) and averager.state_dict() == {}
+    with pytest.raises(UnderparError, match="holds no EMA state"):
+        EMA().build(list(model.parameters()), Warmdown()).load_state_dict(None)
+
+
+@pytest.mark.parametrize("cfg", [EMA(decay=0.9), SWA(start_fraction=0.2), LAWA(every_steps=3, window=2)],
+                         ids=["ema", "swa", "lawa-window"])
+def test_averager_state_round_trips_exactly(cfg) -> None:
+    """Saved mid-run and loaded into a fresh averager over a copy of the weights, it continues
+    bit for bit (the registry check does the same with the defaults)."""
+    def weights():
+        return [nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(3))]
+
+    a, b = weights(), weights()
+    first = cfg.build(a, Warmdown(warmdown_fraction=0.5))
+    for step in range(1, 13):
+        for p in a:
+            _set(p, torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        first.update(step, (step - 1) / 20)
+        if step == 8:
+            buffer = io.BytesIO()
+            torch.save(first.state_dict(), buffer)
+            second = cfg.build(b, Warmdown(warmdown_fraction=0.5))
+            second.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+        if step > 8:
+            for p, q in zip(a, b):
+                _set(q, p.detach())
+            second.update(step, (step - 1) / 20)
+    first.apply(), second.apply()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_averaging_does_not_recompile_the_model() -> None:
+    """The update reads the parameters and apply() writes them in place, outside the
+    compiled graph: the forward compiles once."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    forward = torch.compile(model, backend=counting_backend, fullgraph=True, dynamic=False)
+    averager = EMA(decay=0.5).build(list(model.parameters()), Warmdown())
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 4):
+        forward(x).square().sum().backward()
+        opt.step(), opt.zero_grad()
+        averager.update(step, step / 4)
+    averager.apply()
+    out = forward(x)  # grad mode as in training: a no_grad call would be a new graph anyway
+    assert len(graphs) == 1 and torch.equal(out, model(x))
+
+
+# ---------------------------------------------------------------------------------------
+# in the pretraining track
+
+
+def _record_steps(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Every parameter after each Trainer.step (warmup steps included)."""
+    after: list[dict[str, torch.Tensor]] = []
+    real_step = track.Trainer.step
+
+    def step(self, lr_multiplier, momentum):
+        if not after:
+            after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})  # the init
+        loss = real_step(self, lr_multiplier, momentum)
+        after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return loss
+
+    monkeypatch.setattr(track.Trainer, "step", step)
+    return after
+
+
+def test_the_averaged_weights_are_exported_and_scored(data_dir, tmp_path, monkeypatch):  # noqa: F811
+    states = _record_steps(monkeypatch)
+    exported = {}
+    real_export = artifact.export_model
+
+    def export(state_dict, *args, **kwargs):
+        exported.update({k: v.detach().clone() for k, v in state_dict.items()})
+        return real_export(state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(artifact, "export_model", export)
+    cfg = micro_config(data_dir, tmp_path, "optim.averaging=ema", "optim.averaging.decay=0.5")
+    summary = track.run(cfg)
+    warmup = cfg.train.warmup_steps
+    init, trained = states[0], states[1 + warmup:]  # warmup steps are undone
+    assert len(trained) == summary.steps == 6
+    for name, value in init.items():
+        ema = value.clone()
+        for state in trained:
+            ema = torch.lerp(ema, state[name], 0.5)
+        assert torch.equal(exported[name], ema), name
+    assert not torch.equal(exported["blocks.0.attn.proj.weight"], trained[-1]["blocks.0.attn.proj.weight"])
+    assert "the EMA (decay 0.5) over 6 steps replaces the last weights" in RunDir(summary.run_dir).file("train.log").read_text()
+
+
+@pytest.mark.parametrize("averaging", [
+    ["optim.averaging=ema", "optim.averaging.decay=0.5"],
+    ["optim.averaging=lawa", "optim.averaging.every_steps=1", "optim.averaging.window=2", "optim.averaging.start_fraction=0.3"],
+], ids=["ema", "lawa"])
+def test_kill_and_resume_with_averaging_is_exact(data_dir, tmp_path, monkeypatch, averaging):  # noqa: F811
+    uninterrupted = track.run(micro_config(data_dir, tmp_path / "a", *averaging))
+    real_metric = RunDir.metric
+
+    def killed_at_step_5(self, **row):
+        if row.get("step") == 5 and "train_loss" in row:
+            raise KeyboardInterrupt("simulated kill")
+        real_metric(self, **row)
+
+    monkeypatch.setattr(RunDir, "metric", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        track.run(micro_config(data_dir, tmp_path / "b", *averaging))
+    monkeypatch.undo()
+    (killed_dir,) = (tmp_path / "b").iterdir()
+    resumed = track.run(cfglib.load_json(killed_dir / "config.json"), resume=killed_dir)
+    assert final_losses(killed_dir) == final_losses(uninterrupted.run_dir)
+    assert resumed.val_bpb_pre_quant == uninterrupted.val_bpb_pre_quant and resumed.val_bpb == uninterrupted.val_bpb
