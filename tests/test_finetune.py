@@ -280,7 +280,7 @@ def test_ctrl_c_says_what_was_kept(model_folders, tmp_path, monkeypatch, capsys,
     args = sets(*SMALL, f"train.runs_root={tmp_path}", "train.steps=2", "train.grad_accum_steps=1")
     code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(model_folders / "tiny"),
                               "--task", "basic_arithmetic", *args)
-    assert code == 130, err
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted", err
     run_dir = next(tmp_path.iterdir())
     last = out.strip().splitlines()[-1]
     if where == "training":
