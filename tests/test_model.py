@@ -178,7 +178,7 @@ def test_unet_adds_encoder_outputs_back_in_reverse_order():
 
 
 def test_without_unet_skips_the_blocks_are_a_plain_stack():
-    model = perturbed(tiny("num_layers=3", "residual.unet_skips=false"))
+    model = perturbed(tiny("num_layers=3", "residual.encoder_layers=0"))
     assert model.skip_weights.shape == (0, 64)
     assert num_params(tiny("num_layers=3")) - num_params(model) == 1 * 64
     inputs = random_batch(128, seq_len=8)[0]

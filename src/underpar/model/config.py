@@ -2,12 +2,14 @@
 per part, each defined beside its part's code, and the checks that span sections.
 
     [model]                 vocab_size, num_layers, model_dim
-    [model.embeddings]      tied, tied_init_std, logit_softcap        (model/embeddings.py)
+    [model.embeddings]      tied, tied_init_std, logit_softcap, bos_id, smear_gate,
+                            smear_window, bigram_buckets, bigram_dim  (model/embeddings.py)
     [model.attention]       num_heads, num_kv_heads, rope_base, rope_dtype, qk_gain_init,
                             rotary_dims, rope_scaling, gate, xsa, xsa_layers
                                                                       (model/attention.py)
-    [model.mlp]             mult, activation                          (model/mlp.py)
-    [model.residual]        unet_skips                                (model/residual.py)
+    [model.mlp]             mult, activation, leaky_slope             (model/mlp.py)
+    [model.residual]        encoder_layers, parallel_start, two_lane_start,
+                            layerwise_ln_scale                        (model/residual.py)
 
 Defaults are the Parameter Golf baseline.
 """
@@ -59,3 +61,5 @@ class GPTConfig:
                 f"model.mlp.mult = {self.mlp.mult} gives an MLP width of {hidden} "
                 f"(mult * model_dim); it must be a positive whole number"
             )
+        self.embeddings.check_with(self.model_dim)
+        self.residual.check_with(self.num_layers)

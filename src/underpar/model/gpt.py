@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from underpar.config import validate
-from underpar.model.block import Block
+from underpar.model.block import Block, layer_ln_scale
 from underpar.model.config import GPTConfig
-from underpar.model.embeddings import softcap
+from underpar.model.embeddings import BigramHash, SmearGate, softcap
 from underpar.model.linear import CastedLinear, rms_norm
 from underpar.model.residual import run_unet, unet_layout
 
 
 class GPT(nn.Module):
-    """Token embedding -> U-Net of blocks (model/residual.py) -> final RMS norm -> (tied)
-    head -> softcap."""
+    """Token embedding (+ BigramHash, SmearGate) -> U-Net of blocks (model/residual.py) ->
+    final RMS norm -> (tied) head -> softcap."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -33,9 +33,7 @@ class GPT(nn.Module):
         self.num_decoder_layers = self.layout.num_decoder_layers
         self.num_skips = self.layout.num_skips
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
-        self.blocks = nn.ModuleList(
-            Block(cfg.model_dim, cfg.attention, cfg.mlp) for _ in range(cfg.num_layers)
-        )
+        self.blocks = nn.ModuleList(self._block(cfg, layer) for layer in range(cfg.num_layers))
         for index, block in enumerate(self.blocks):
             block.attn.xsa = cfg.attention.xsa_at(index)
         self.lm_head = None
@@ -44,10 +42,38 @@ class GPT(nn.Module):
         # Last, after every other random init, as in the reference (same RNG order).
         if cfg.embeddings.tied:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.embeddings.tied_init_std)
+        # After the reference's whole init, so switching these on leaves the other weights a
+        # seed gives as they were.
+        emb = cfg.embeddings
+        self.bigram = None
+        if emb.bigram_buckets > 0:
+            self.bigram = BigramHash(emb.bigram_buckets, emb.bigram_dim, cfg.model_dim, emb.bos_id)
+        self.smear_gate = SmearGate(emb.smear_window, emb.bos_id) if emb.smear_gate else None
+
+    @staticmethod
+    def _block(cfg: GPTConfig, layer: int) -> Block:
+        res = cfg.residual
+        return Block(
+            cfg.model_dim,
+            cfg.attention,
+            cfg.mlp,
+            ln_scale=layer_ln_scale(layer) if res.layerwise_ln_scale else 1.0,
+            parallel=0 <= res.parallel_start <= layer,
+            two_lanes=0 <= res.two_lane_start <= layer,
+        )
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The normed input x0 of the blocks [B, T, model_dim]."""
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        if self.smear_gate is not None:
+            x = self.smear_gate(x, input_ids)
+        return rms_norm(x)
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         """Final normed hidden states [B, T, model_dim]."""
-        x = rms_norm(self.tok_emb(input_ids))
+        x = self.embed(input_ids)
         x = run_unet(self.blocks, self.skip_weights, self.layout, x, x0=x)
         return rms_norm(x)
 

@@ -22,6 +22,10 @@ CONTROL_PATTERNS: tuple[str, ...] = (
     "attn_gate_w",
     "skip_weight",
     "skip_weights",
+    "parallel_resid_lambdas",
+    "parallel_post_lambdas",
+    "smear_gate",
+    "bigram.scale",
 )
 
 

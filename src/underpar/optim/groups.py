@@ -34,7 +34,8 @@ def is_control(name: str, p: nn.Parameter) -> bool:
 
 
 def is_embedding(name: str, p: nn.Parameter) -> bool:
-    return _top(name) == "tok_emb"
+    """The token embedding, and the BigramHash table (at the token lr, as the records)."""
+    return _top(name) == "tok_emb" or name == "bigram.embed.weight"
 
 
 def is_head(name: str, p: nn.Parameter) -> bool:
@@ -43,6 +44,11 @@ def is_head(name: str, p: nn.Parameter) -> bool:
 
 def is_block_matrix(name: str, p: nn.Parameter) -> bool:
     return p.ndim == 2 and _top(name) == "blocks"
+
+
+def is_input_matrix(name: str, p: nn.Parameter) -> bool:
+    """The BigramHash projection: a matrix outside the blocks, Adam at scalar_lr (as the records)."""
+    return name == "bigram.proj.weight"
 
 
 def is_vector_or_scalar(name: str, p: nn.Parameter) -> bool:
@@ -56,6 +62,7 @@ def param_rules(tie_embeddings: bool) -> list[Rule]:
         Rule("embedding", is_embedding, "adam", "tied_embed_lr" if tie_embeddings else "embed_lr"),
         Rule("head", is_head, "adam", "head_lr"),
         Rule("block_matrix", is_block_matrix, "muon", "matrix_lr"),
+        Rule("input_matrix", is_input_matrix, "adam", "scalar_lr"),
         Rule("scalar", is_vector_or_scalar, "adam", "scalar_lr"),
     ]
 
