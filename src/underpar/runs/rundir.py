@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from underpar import config as cfglib
 from underpar import dist
-from underpar.errors import UnderparError
+from underpar.errors import ConfigError, UnderparError
 
 SUMMARY = "summary.json"
 CONFIG = "config.json"
@@ -61,7 +62,10 @@ class RunDir:
             n = 2
             while path.exists():
                 path, n = base.with_name(f"{base.name}-{n}"), n + 1
-        return cls(dist.broadcast_object(env, path), writer=env.is_main)
+        try:
+            return cls(dist.broadcast_object(env, path), writer=env.is_main)
+        except OSError as e:
+            raise UnderparError(f"runs_root = {str(root)!r}: cannot create a run directory there ({e})") from None
 
     @classmethod
     def resume(cls, path: str | Path, env: dist.Env, needs: str) -> RunDir:
@@ -115,6 +119,24 @@ class RunDir:
             tmp = self.file(SUMMARY + ".tmp")
             tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
             os.replace(tmp, self.file(SUMMARY))
+
+
+def check_run_name(name: str) -> None:
+    """A run's name becomes part of its directory's name: refuse one that would leave runs_root."""
+    if not re.fullmatch(r"[\w.-]+", name) or set(name) == {"."}:
+        raise ConfigError(f"name = {name!r} names the run directory (<date>-<name>); use letters, digits, "
+                          "'.', '_' and '-' only")
+
+
+def check_runs_root(root: str, field: str = "runs_root") -> None:
+    """A runs_root (the config `field`) where no run directory can be made is refused before any
+    work (the nearest existing folder on the path is checked; nothing is created)."""
+    path = Path(root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UnderparError(f"{field} = {root!r}: {existing} is a file, not a folder; choose another {field}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UnderparError(f"{field} = {root!r}: {existing} is not writable; choose another {field}")
 
 
 def resumed_config(path: str | Path) -> Any:

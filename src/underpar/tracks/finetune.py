@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
 import statistics
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +29,7 @@ from underpar.eval.generate import DecodeConfig
 from underpar.model import hf
 from underpar.optim.schedule import SCHEDULES, Schedule
 from underpar.runs import plots
-from underpar.runs.rundir import RunDir, Summary
+from underpar.runs.rundir import RunDir, Summary, check_run_name, check_runs_root
 from underpar.tracks import chaos, lisa  # noqa: F401  (register the methods "chaos" and "lisa")
 from underpar.tracks.finetune_inputs import Inputs, batches, check_inputs
 from underpar.tracks.finetune_methods import METHODS, Controller, MethodConfig
@@ -128,9 +125,7 @@ class FinetuneConfig:
     eval: FTEvalConfig = nested(FTEvalConfig)
 
     def check(self) -> None:
-        if not re.fullmatch(r"[\w.-]+", self.name) or set(self.name) == {"."}:
-            raise ConfigError(f"name = {self.name!r} names the run directory (<date>-<name>); use letters, digits, "
-                              "'.', '_' and '-' only")
+        check_run_name(self.name)
         self.method.check_with(self.train)
         if self.train.steps == 0 and self.train.epochs == 0:
             raise ConfigError("train.steps and train.epochs are both 0; set one of them")
@@ -178,13 +173,10 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but this machine has no CUDA device; use auto or cpu")
     torch.manual_seed(cfg.train.seed)
-    _check_runs_root(cfg.train.runs_root)
+    check_runs_root(cfg.train.runs_root, "train.runs_root")
     inputs = check_inputs(cfg, device, model, tokenizer)
     controller = cfg.method.controller(inputs.model)  # checks the method against the model (its layers)
-    try:
-        run_dir = RunDir.start(cfg.train.runs_root, cfg.name, dist.Env(0, 1, 0, device))
-    except OSError as e:
-        raise UnderparError(f"train.runs_root = {cfg.train.runs_root!r}: cannot create a run directory there ({e})") from None
+    run_dir = RunDir.start(cfg.train.runs_root, cfg.name, dist.Env(0, 1, 0, device))
     run_dir.save_config(cfg)
     with open(run_dir.file("train.log"), "a") as log:  # already printed
         log.writelines(line + "\n" for line in inputs.notes)
@@ -330,17 +322,6 @@ def _note_failure(run_dir: RunDir, error: Exception) -> None:
     """The error in train.log too (the CLI prints it), so the run directory says why it stopped."""
     with open(run_dir.file("train.log"), "a") as log:
         log.write(f"stopped: {error}\n")
-
-
-def _check_runs_root(root: str) -> None:
-    """A runs_root where no run directory can be made is refused before any work (the nearest
-    existing folder on the path is checked; nothing is created)."""
-    path = Path(root).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UnderparError(f"train.runs_root = {root!r}: {existing} is a file, not a folder; choose another runs_root")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UnderparError(f"train.runs_root = {root!r}: {existing} is not writable; choose another runs_root")
 
 
 def _pace(done: int, total: int, seconds: float) -> str:

@@ -35,7 +35,7 @@ from underpar.quant import artifact
 from underpar.quant.config import QuantConfig
 from underpar.runs import checkpoint, plots
 from underpar.runs.clock import Clock
-from underpar.runs.rundir import RunDir, Summary
+from underpar.runs.rundir import RunDir, Summary, check_run_name, check_runs_root
 
 
 LOG_EVERY_SECONDS = 10.0  # a progress line at least this often (and on each of the first 10 steps)
@@ -82,6 +82,7 @@ class PretrainConfig:
     train: TrainConfig = nested(TrainConfig)
 
     def check(self) -> None:
+        check_run_name(self.name)
         if self.model.vocab_size < self.data.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {self.model.vocab_size} is smaller than data.vocab_size = {self.data.vocab_size}"
@@ -237,6 +238,8 @@ def run(cfg: PretrainConfig, resume: str | Path | None = None) -> PretrainSummar
 def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> PretrainSummary:
     cfglib.validate(cfg)
     ckpt_name = checkpoint.checkpoint_path(Path(), env.rank).name
+    if resume is None:
+        check_runs_root(cfg.train.runs_root, "train.runs_root")
     run_dir = RunDir.resume(resume, env, needs=ckpt_name) if resume else None  # checked before any work
     data = PreparedData.ready(cfg.data, env)
     run_dir = run_dir or RunDir.start(cfg.train.runs_root, cfg.name, env)  # bad data leaves no directory behind

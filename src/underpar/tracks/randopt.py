@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from underpar.eval.generate import ENGINES, DecodeConfig
 from underpar.eval.stats import accuracy_ci, mean
 from underpar.kernels.perturb import BACKENDS, PerturbSpace, check_backend
 from underpar.model import hf
-from underpar.runs.rundir import CONFIG, RunDir
+from underpar.runs.rundir import CONFIG, RunDir, check_run_name, check_runs_root
 from underpar.tracks import randopt_diagnostics as diagnose
 from underpar.tracks.randopt_search import (
     POPULATION_FILE, Answerer, Candidates, PromptSet, correct, draw_population, k1_indices, load_examples,
@@ -104,6 +103,7 @@ class RandOptConfig:
     runs_root: str = "runs"
 
     def check(self) -> None:
+        check_run_name(self.name)
         if not self.sigmas or not all(math.isfinite(s) and s > 0 for s in self.sigmas):
             raise ConfigError(f"sigmas = {self.sigmas} must be a non-empty list of positive numbers")
         if not self.top_ratios or not all(0 < r <= 1 for r in self.top_ratios):
@@ -204,7 +204,7 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
     say = run_dir.log if run_dir is not None else _printer(env)
     check_backend(cfg.backend, env.device)
     if run_dir is None:
-        _check_runs_root(cfg.runs_root)
+        check_runs_root(cfg.runs_root)
     if model is None:
         hf.check_model_name(cfg.model)
     with dist.main_first(env):  # rank 0 fills the caches (converted model, generated task data) first
@@ -223,11 +223,7 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
     answerer = Answerer(model, tokenizer, DecodeConfig(**dataclasses.asdict(cfg.decode)), rows_per_batch)
     N = cfg.population
     candidates = Candidates(space, draw_population(N, cfg.sigmas, cfg.seed), cfg.backend)
-    if run_dir is None:
-        try:
-            run_dir = RunDir.start(cfg.runs_root, cfg.name, env)
-        except OSError as e:
-            raise UnderparError(f"runs_root = {cfg.runs_root!r}: cannot create a run directory there ({e})") from None
+    run_dir = run_dir or RunDir.start(cfg.runs_root, cfg.name, env)
     run_dir.save_config(cfg)
     test_sizes = ", ".join(f"{s.name} x{len(s.examples)}" for s in tests)
     run_dir.log(f"randopt {cfg.model}: {space.numel:,} parameters in {len(space.names)} tensors perturbed | "
@@ -361,17 +357,6 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         diagnose.plot_transfer(k1, base["train"]["mean"], run_dir.file("k1_transfer.png"))
     run_dir.log(report(summary))
     return summary
-
-
-def _check_runs_root(root: str) -> None:
-    """A runs_root where no run directory can be made is refused before any work (creating
-    nothing: the nearest existing folder on the path is checked)."""
-    path = Path(root).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UnderparError(f"runs_root = {root!r}: {existing} is a file, not a folder; choose another runs_root")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UnderparError(f"runs_root = {root!r}: {existing} is not writable; choose another runs_root")
 
 
 def _printer(env: dist.Env):
