@@ -11,7 +11,7 @@ import torch
 
 from underpar.data.byte_count import target_bytes
 from underpar.data.tokenizer import ByteLUTs, Tokenizer, build_byte_luts, train_tokenizer
-from underpar.errors import ConfigError, DataError
+from underpar.errors import DataError
 from underpar.eval.bpb import (
     BpbMeter,
     count_tokens,

@@ -2,7 +2,6 @@
 code 2, no traceback, and nothing left behind. Run in-process (the CLI's own `main`)."""
 
 import json
-import sys
 
 import pytest
 
@@ -11,14 +10,9 @@ from underpar.data.config import DataConfig
 from underpar.data.prepare import prepare
 
 from test_prepare import folder_state, write_corpus
+from clirun import run_main
 
 
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["underpar", *args])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

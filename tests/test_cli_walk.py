@@ -4,12 +4,12 @@ through the CLI's own `main`. Adding an option without a case here fails the com
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import typer
 
 from underpar import cli
+
+from clirun import run_main
 
 # (command, option) -> (arguments, a substring of the error line). "{tmp}" is the test's folder.
 CASES: dict[tuple[str, str], tuple[list[str], str]] = {
@@ -79,11 +79,8 @@ def test_bad_value_is_one_line_exit_2_and_leaves_nothing(command, option, tmp_pa
     (tmp_path / "a-file").write_text("not a folder")
     before = sorted(p.name for p in tmp_path.iterdir())
     monkeypatch.chdir(tmp_path)  # run directories would appear here (runs/)
-    monkeypatch.setattr(sys, "argv", ["underpar", *command.split(), *args])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    err = capsys.readouterr().err
-    assert stop.value.code == 2, err
+    code, _, err = run_main(monkeypatch, capsys, *command.split(), *args)
+    assert code == 2, err
     *progress_lines, last = err.strip().splitlines()
     assert "Traceback" not in err and not any(line.startswith("error") for line in progress_lines), err
     assert last.startswith("error: ") and expected in last, err

@@ -3,14 +3,12 @@
 import copy
 import json
 import re
-import sys
 import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from underpar import cli
 from underpar import config as cfglib
 from underpar.errors import ConfigError
 from underpar.model import hf
@@ -19,6 +17,7 @@ from underpar.runs.rundir import RunDir
 from underpar.tracks import finetune, finetune_inputs
 from underpar.tracks.chaos import ChaosConfig
 from underpar.tracks.finetune_methods import FullConfig
+from clirun import run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only add contention
 
@@ -111,12 +110,6 @@ def test_lr_schedule_warmup_then_cosine():
 
 # ---------------------------------------------------------------- the CLI: inputs, progress, Ctrl-C
 
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["underpar", *args])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
 
 
 SMALL = ["data.train_examples=8", "data.max_length=128", "train.steps=4",

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from underpar import cli, ui  # noqa: E402
+from underpar import ui  # noqa: E402
 from underpar import config as cfglib  # noqa: E402
 from underpar.data.tasks import TASKS, Example, Task  # noqa: E402
 from underpar.errors import ConfigError, UnderparError  # noqa: E402
@@ -26,6 +25,7 @@ from underpar.model import hf  # noqa: E402
 from underpar.tracks import randopt  # noqa: E402
 from underpar.tracks import randopt_search as search  # noqa: E402
 from underpar.tracks.randopt_diagnostics import bits_per_byte, encode_documents, ensemble_logprobs  # noqa: E402
+from clirun import run_main  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -327,13 +327,6 @@ def test_config_errors_name_the_problem(model_dir, tmp_path):
         config(model_dir, tmp_path, 'task_paths=["gsm8k"]')
 
 
-def run_main(monkeypatch, capsys, *args):
-    """The CLI in-process, as `underpar ...` runs it: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["underpar", *args])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
 
 
 def test_cli_refuses_bad_input_before_any_work(full_run, model_dir, tmp_path, monkeypatch, capsys):

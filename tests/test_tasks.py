@@ -14,6 +14,7 @@ from underpar.data.sft import (
 from underpar.data.tasks import TASKS, Example, Generated, get_task
 from underpar.errors import ConfigError, DataError, UnderparError
 from underpar.data.answers import extract_gsm8k_strict, normalize_number
+from clirun import run_main
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -378,13 +379,6 @@ def tiny_folder(tiny_lm, tokenizer, tmp_path_factory):
     return folder
 
 
-def run_main(monkeypatch, capsys, *args):
-    from underpar import cli
-    monkeypatch.setattr(sys, "argv", ["underpar", *args])
-    with pytest.raises(SystemExit) as stop:
-        cli.main()
-    captured = capsys.readouterr()
-    return stop.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("engine", ["static", "loop"])
