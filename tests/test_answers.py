@@ -138,6 +138,8 @@ def test_wilson_interval_known_values():
     zero = accuracy_ci([0] * 10)  # Wilson: upper bound z^2/n / (1 + z^2/n)
     assert zero["lo"] == 0.0 and zero["hi"] == pytest.approx(0.27753, abs=1e-4)
     assert accuracy_ci([1] * 10)["hi"] == pytest.approx(1.0)
+    # exactly 0 and 1 at the ends (computed, the bound can round to 2.8e-17 or 0.9999999999999999)
+    assert all(accuracy_ci([0] * n)["lo"] == 0.0 and accuracy_ci([1] * n)["hi"] == 1.0 for n in range(1, 300))
     assert accuracy_ci([1, 0], confidence=0.99)["lo"] < accuracy_ci([1, 0])["lo"]
     empty = accuracy_ci([])
     assert empty["n"] == 0 and math.isnan(empty["mean"])

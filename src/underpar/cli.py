@@ -142,7 +142,7 @@ def finetune(
     shortcuts = [f"{key}={value}" for key, value in (("method", method), ("model.name", model), ("data.task", task)) if value]
     cfg = cfglib.resolve("finetune", preset, shortcuts + (sets or []))
     summary = track.run(cfg)
-    typer.echo(f"\n{summary.method}: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
+    typer.echo(f"\n{summary.method}: {summary.steps} step{'s' * (summary.steps != 1)}, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
                f"{summary.median_ms_per_step:.0f} ms/step")
     for name, result in summary.eval.items():
         acc = result["accuracy"]

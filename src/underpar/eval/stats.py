@@ -34,7 +34,10 @@ def accuracy_ci(correct: Sequence[bool | float], confidence: float = 0.95) -> di
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return {"mean": p, "lo": max(0.0, center - half), "hi": min(1.0, center + half), "n": n}
+    # At p = 0 (or 1) the bound is exactly 0 (or 1); computed, it rounds to +-1e-17.
+    lo = 0.0 if p == 0 else max(0.0, center - half)
+    hi = 1.0 if p == 1 else min(1.0, center + half)
+    return {"mean": p, "lo": lo, "hi": hi, "n": n}
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
