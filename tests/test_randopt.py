@@ -22,6 +22,7 @@ from underpar.data.tasks import TASKS, Example, Task  # noqa: E402
 from underpar.errors import ConfigError, UnderparError  # noqa: E402
 from underpar.eval.ensemble import majority_vote, vote_all  # noqa: E402
 from underpar.model import hf  # noqa: E402
+from underpar.model import smollm2 as offline  # noqa: E402
 from underpar.tracks import randopt  # noqa: E402
 from underpar.tracks import randopt_search as search  # noqa: E402
 from underpar.tracks.randopt_diagnostics import bits_per_byte, encode_documents, ensemble_logprobs  # noqa: E402
@@ -151,7 +152,7 @@ def custom_task():
 def model_dir(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(hf.smollm2_dir())
+    tokenizer = AutoTokenizer.from_pretrained(offline.smollm2_dir())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
