@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,22 +87,26 @@ def final_losses(run_dir):
     return [r["train_loss"] for r in RunDir(run_dir).metrics() if "train_loss" in r]
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    cfg = micro_config(data_dir, tmp_path / "a")
-    uninterrupted = track.run(cfg)
-
+def run_killed_at_step(cfg, step: int, monkeypatch):
+    """Run `cfg` and kill it (KeyboardInterrupt) as step `step` logs; its run directory."""
     real_metric = RunDir.metric
 
-    def killed_at_step_5(self, **row):
-        if row.get("step") == 5 and "train_loss" in row:
+    def killed(self, **row):
+        if row.get("step") == step and "train_loss" in row:
             raise KeyboardInterrupt("simulated kill")
         real_metric(self, **row)
 
-    monkeypatch.setattr(RunDir, "metric", killed_at_step_5)
+    monkeypatch.setattr(RunDir, "metric", killed)
     with pytest.raises(KeyboardInterrupt):
-        track.run(micro_config(data_dir, tmp_path / "b"))
+        track.run(cfg)
     monkeypatch.undo()
-    (killed_dir,) = (tmp_path / "b").iterdir()
+    (killed_dir,) = Path(cfg.train.runs_root).iterdir()
+    return killed_dir
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    uninterrupted = track.run(micro_config(data_dir, tmp_path / "a"))
+    killed_dir = run_killed_at_step(micro_config(data_dir, tmp_path / "b"), 5, monkeypatch)
     assert not (killed_dir / "summary.json").exists()
     resumed = track.run(cfglib.load_json(killed_dir / "config.json"), resume=killed_dir)
     assert resumed.steps == 6

@@ -32,7 +32,7 @@ from underpar.quant import artifact
 from underpar.runs.rundir import RunDir
 from underpar.tracks import pretrain as track
 
-from test_pretrain import data_dir, final_losses, micro_config  # noqa: F401  (data_dir is a fixture)
+from test_pretrain import data_dir, final_losses, micro_config, run_killed_at_step  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -328,18 +328,7 @@ def test_the_averaged_weights_are_exported_and_scored(data_dir, tmp_path, monkey
 ], ids=["ema", "lawa"])
 def test_kill_and_resume_with_averaging_is_exact(data_dir, tmp_path, monkeypatch, averaging):  # noqa: F811
     uninterrupted = track.run(micro_config(data_dir, tmp_path / "a", *averaging))
-    real_metric = RunDir.metric
-
-    def killed_at_step_5(self, **row):
-        if row.get("step") == 5 and "train_loss" in row:
-            raise KeyboardInterrupt("simulated kill")
-        real_metric(self, **row)
-
-    monkeypatch.setattr(RunDir, "metric", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        track.run(micro_config(data_dir, tmp_path / "b", *averaging))
-    monkeypatch.undo()
-    (killed_dir,) = (tmp_path / "b").iterdir()
+    killed_dir = run_killed_at_step(micro_config(data_dir, tmp_path / "b", *averaging), 5, monkeypatch)
     resumed = track.run(cfglib.load_json(killed_dir / "config.json"), resume=killed_dir)
     assert final_losses(killed_dir) == final_losses(uninterrupted.run_dir)
     assert resumed.val_bpb_pre_quant == uninterrupted.val_bpb_pre_quant and resumed.val_bpb == uninterrupted.val_bpb
