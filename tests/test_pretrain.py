@@ -212,3 +212,19 @@ def test_scaling_benchmark_runs_each_world_size_and_records_a_failed_one(data_di
     assert one["efficiency"] == 1.0 and one["speedup"] == 1.0 and one["world_size"] == 1 and one["steps"] == 3
     assert "error" in three and "not divisible" in three["log_tail"]
     assert (tmp_path / "logs" / "pretrain-3.log").is_file()
+
+
+def test_no_preset_on_a_cpu_runs_tiny_cpu_and_says_so(monkeypatch, capsys):
+    from clirun import run_main
+
+    ran = []
+
+    def stop_at_once(cfg, resume=None):  # the choice of preset is what is tested, not a run
+        ran.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(track, "run", stop_at_once)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_main(monkeypatch, capsys, "pretrain")
+    assert code == 130 and [cfg.name for cfg in ran] == ["tiny-cpu"]
+    assert "no --preset given: tiny-cpu (no GPU here; golf-baseline" in err
