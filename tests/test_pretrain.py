@@ -228,3 +228,13 @@ def test_no_preset_on_a_cpu_runs_tiny_cpu_and_says_so(monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "pretrain")
     assert code == 130 and [cfg.name for cfg in ran] == ["tiny-cpu"]
     assert "no --preset given: tiny-cpu (no GPU here; golf-baseline" in err
+
+
+def test_only_the_two_lane_residual_compiles_without_mix_order_reduction(data_dir, monkeypatch):
+    """Inductor (torch 2.11, CUDA) asserts in that fusion on the two-lane backward (measured)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
+    for sets in (["model.residual.two_lane_start=1"], []):
+        cfg = micro_config(data_dir, "unused", "train.compile=true", *sets)
+        track.Trainer(cfg, dist.setup("cpu"), PreparedData.open(cfg.data))
+    assert [kwargs["options"] for kwargs in seen] == [{"triton.mix_order_reduction": False}, None]

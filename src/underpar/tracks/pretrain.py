@@ -146,7 +146,10 @@ class Trainer:
         # Compile the model, then wrap it, as the reference does: dynamo cannot trace DDP's own
         # forward under fullgraph=True. The price: the gradient all-reduce (67 MB a step for the
         # baseline) starts after the compiled backward instead of overlapping it.
-        self.forward = torch.compile(self.model, dynamic=False, fullgraph=True) if train.compile else self.model
+        # Inductor (torch 2.11, H200) asserts in its mix-order-reduction fusion on the two-lane
+        # residual's backward; without that fusion it compiles (benchmarks/results/technique_speed-*).
+        options = {"triton.mix_order_reduction": False} if cfg.model.residual.two_lane_start >= 0 else None
+        self.forward = torch.compile(self.model, dynamic=False, fullgraph=True, options=options) if train.compile else self.model
         if env.distributed:
             device_ids = [env.local_rank] if use_bf16 else None
             self.forward = DistributedDataParallel(self.forward, device_ids=device_ids, broadcast_buffers=False)
