@@ -15,7 +15,7 @@ from underpar.errors import ConfigError
 from underpar.model.attention import AttentionConfig, CausalSelfAttention, remove_self_value
 from underpar.model.attention_gates import head_gates
 from underpar.model.config import GPTConfig
-from underpar.model.gpt import GPT, build, num_params
+from underpar.model.gpt import build, num_params
 from underpar.model.precision import cast_for_bf16_training, is_control
 from underpar.model.rope import Rotary, apply_rotary
 from underpar.model.rope_scaling import (
@@ -29,19 +29,11 @@ from underpar.model.rope_scaling import (
 )
 from underpar.optim import OptimConfig, describe_param_table
 
+from test_model import TINY, tiny
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-# width 64, 4 heads of 16 dims, 2 KV heads
-TINY = {"vocab_size": 64, "num_layers": 2, "model_dim": 64, "attention": {"num_heads": 4, "num_kv_heads": 2}}
-
-
-def tiny(*sets: str) -> GPT:
-    cfg = from_dict(GPTConfig, TINY)
-    for assignment in sets:
-        cfg = override(cfg, assignment)
-    torch.manual_seed(0)
-    return build(cfg)
 
 
 def tables(rotary: Rotary, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,7 +307,7 @@ def test_multi_query_attention_has_one_kv_head():
     assert attn.c_k.weight.shape == attn.c_v.weight.shape == (16, 64)
     assert num_params(tiny()) - num_params(model) == 2 * 2 * (16 * 64)  # k and v, 2 layers
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    assert model(x).shape == (2, 8, 64)
+    assert model(x).shape == (2, 8, 128)  # test_model's tiny: width 64, 4 heads of 16 dims, 2 KV heads, vocab 128
 
 
 # ---------------------------------------------------------------------------------------
