@@ -32,6 +32,16 @@ def _clamp(progress: float) -> float:
     return min(max(progress, 0.0), 1.0)
 
 
+def _lifted(shape: float, floor: float) -> float:
+    """A shape in [0, 1] lifted onto [floor, 1], as the experiment log applies its min_lr_frac."""
+    return floor + (1.0 - floor) * shape
+
+
+def _half_cosine(x: float) -> float:
+    """1 at x = 0 down to 0 at x = 1."""
+    return 0.5 * (1.0 + math.cos(math.pi * x))
+
+
 @SCHEDULES.register("warmdown")
 @dataclasses.dataclass
 class Warmdown:
@@ -78,18 +88,7 @@ class Cosine:
         if progress < self.warmup_fraction:
             return progress / self.warmup_fraction
         decay = (progress - self.warmup_fraction) / (1.0 - self.warmup_fraction) if self.warmup_fraction < 1 else 1.0
-        cosine = 0.5 * (1.0 + math.cos(math.pi * decay))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
-
-
-def _lifted(shape: float, floor: float) -> float:
-    """A shape in [0, 1] lifted onto [floor, 1], as the experiment log applies its min_lr_frac."""
-    return floor + (1.0 - floor) * shape
-
-
-def _half_cosine(x: float) -> float:
-    """1 at x = 0 down to 0 at x = 1."""
-    return 0.5 * (1.0 + math.cos(math.pi * x))
+        return _lifted(_half_cosine(decay), self.min_lr_ratio)
 
 
 @SCHEDULES.register("tidal")
