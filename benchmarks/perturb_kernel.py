@@ -21,6 +21,7 @@ import triton
 from triton.testing import do_bench
 
 from underpar.kernels import perturb as P
+from underpar.kernels.perturb_space import PerturbSpace
 
 DEVICE = "cuda"
 SIGMA = 1e-3
@@ -123,7 +124,8 @@ def smollm2_135m_shapes() -> dict[str, tuple[int, ...]]:
 def model_case() -> dict:
     params = {name: torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) * 0.02
               for name, shape in smollm2_135m_shapes().items()}
-    space = P.PerturbSpace(params)
+    space = PerturbSpace(params, flat=False)  # one launch per tensor
+    flat_space = PerturbSpace({name: p.clone() for name, p in params.items()})  # one launch in all
     flat_base = torch.randn(space.numel, device=DEVICE, dtype=torch.bfloat16)
     flat = flat_base.clone()
     seeds = iter(range(10**9))
@@ -144,6 +146,9 @@ def model_case() -> dict:
         "apply_wall_ms": wall_ms(lambda: space.apply(next(seeds), SIGMA)),
         "apply_two_seed_ms": median_ms(lambda: space.apply_combination([(1, SIGMA / 2), (2, SIGMA / 2)])),
         "restore_ms": median_ms(space.restore),
+        "flat_apply_ms": median_ms(lambda: flat_space.apply(SEED, SIGMA)),
+        "flat_apply_wall_ms": wall_ms(lambda: flat_space.apply(next(seeds), SIGMA)),
+        "flat_restore_ms": median_ms(flat_space.restore),
         "single_launch_ms": median_ms(lambda: P.perturb_triton(flat_base, flat, SEED, SIGMA, 0)),
         "materialized_randn_ms": median_ms(randn_per_tensor),
         "copy_ms": median_ms(lambda: flat.copy_(flat_base)),
@@ -212,6 +217,9 @@ def main() -> None:
                        ("apply two-seed combination", "apply_two_seed_ms"),
                        ("same elements, one flat launch", "single_launch_ms"),
                        ("restore (copy per tensor)", "restore_ms"),
+                       ("apply, flat PerturbSpace: one launch (events)", "flat_apply_ms"),
+                       ("apply, flat PerturbSpace, host wall clock incl. sync", "flat_apply_wall_ms"),
+                       ("restore, flat PerturbSpace (one copy)", "flat_restore_ms"),
                        ("upstream randn perturb+restore per tensor", "materialized_randn_ms"),
                        ("device copy of the same bytes", "copy_ms")]:
         gb = f"{m[key.replace('_ms', '_gbps')]:.0f}" if key.replace("_ms", "_gbps") in m else ""

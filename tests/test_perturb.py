@@ -12,6 +12,7 @@ from torch import nn
 
 from underpar.errors import ConfigError
 from underpar.kernels import perturb as P
+from underpar.kernels.perturb_space import PerturbSpace
 
 M = 0xFFFFFFFF
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -177,9 +178,56 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flat_switch_equals_per_tensor_switch_bit_for_bit(dtype):
+    flat_model, tensor_model = Tiny(dtype), Tiny(dtype)
+    base = snapshot(flat_model)
+    flat, per_tensor = PerturbSpace(flat_model), PerturbSpace(tensor_model, flat=False)
+    assert flat.flat and not per_tensor.flat
+    # the live weights are views of one buffer at their global offsets; values are unchanged
+    storage = flat_model.emb.weight.untyped_storage().data_ptr()
+    for name, p in flat_model.named_parameters():
+        assert p.untyped_storage().data_ptr() == storage and torch.equal(p.data, base[name])
+        assert p.storage_offset() == flat.offsets[name]
+    assert flat_model.head.weight is flat_model.emb.weight  # still tied
+    for terms in ([(11, 1e-2)], [(5, 3e-2)], [(3, 1e-2), (9, 2e-2)], [(1, 1e-2), (2, 1e-2), (4, 1e-3)]):
+        flat.apply_combination(terms)
+        per_tensor.apply_combination(terms)
+        for (name, a), (_, b) in zip(flat_model.named_parameters(), tensor_model.named_parameters()):
+            assert torch.equal(bits(a.data), bits(b.data)), (terms, name)
+    out = torch.empty_like(flat.live_flat)  # a population row: base + sigma R, live weights untouched
+    flat.write(out, [(5, 3e-2)])
+    live = flat.live_flat.clone()
+    flat.apply(5, 3e-2)
+    assert torch.equal(bits(out), bits(flat.live_flat)) and not torch.equal(live, flat.live_flat)
+    flat.restore()
+    for name, p in flat_model.named_parameters():
+        assert torch.equal(p.data, base[name])
+    flat.write(out, [])
+    assert torch.equal(out, flat.base_flat)
+    with pytest.raises(ValueError, match="flat layout"):
+        per_tensor.write(out, [(5, 3e-2)])
+
+
+def test_flat_layout_is_reused_and_mixed_dtypes_stay_per_tensor():
+    model = Tiny()
+    first = PerturbSpace(model)
+    ptr = model.proj.weight.data_ptr()
+    first.apply(4, 1e-2)
+    second = PerturbSpace(model)  # same selection: the same buffer, no parameter moves
+    assert model.proj.weight.data_ptr() == ptr and second.live_flat.data_ptr() == first.live_flat.data_ptr()
+    assert torch.equal(second.base_flat, first.live_flat)  # its base is what the weights hold now
+    model.norm.to(torch.float64)
+    mixed = PerturbSpace(model)
+    assert not mixed.flat  # two dtypes: one launch per tensor
+    mixed.apply(4, 1e-2)
+    subset = PerturbSpace(Tiny(), include=["proj.*"])  # a selection is flat on its own
+    assert subset.flat and subset.numel == 16 * 24 + 24
+
+
 def test_space_layout():
     model = Tiny()
-    space = P.PerturbSpace(model)
+    space = PerturbSpace(model)
     assert space.names == sorted(["emb.weight", "norm.bias", "norm.weight", "proj.bias", "proj.weight"])
     offsets, total = {}, 0
     for name in space.names:
@@ -189,17 +237,17 @@ def test_space_layout():
     assert space.base_bytes == total * 4
     # insertion order of a dict does not matter
     named = dict(model.named_parameters())
-    reversed_space = P.PerturbSpace(dict(reversed(list(named.items()))))
+    reversed_space = PerturbSpace(dict(reversed(list(named.items()))))
     assert reversed_space.offsets == space.offsets
 
 
 def test_tied_weights_count_once():
     model = Tiny()
-    from_module = P.PerturbSpace(model)
-    from_dict = P.PerturbSpace(dict(model.named_parameters(remove_duplicate=False)))
+    from_module = PerturbSpace(model)
+    from_dict = PerturbSpace(dict(model.named_parameters(remove_duplicate=False)))
     assert from_module.names == from_dict.names and "head.weight" not in from_module.names
     assert from_module.offsets == from_dict.offsets
-    via_head = P.PerturbSpace(model, exclude=["emb.*"])  # still reachable under its other name
+    via_head = PerturbSpace(model, exclude=["emb.*"])  # still reachable under its other name
     assert via_head.params[via_head.names.index("head.weight")] is model.emb.weight
 
 
@@ -207,7 +255,7 @@ def test_tied_weights_count_once():
 def test_apply_matches_global_index(dtype):
     model = Tiny(dtype)
     base = snapshot(model)
-    space = P.PerturbSpace(model)
+    space = PerturbSpace(model)
     space.apply(21, 1e-2)
     for name, p in model.named_parameters():
         assert torch.equal(bits(p.data), bits(expected(base[name], [(21, 1e-2)], space.offsets[name])))
@@ -216,13 +264,13 @@ def test_apply_matches_global_index(dtype):
 def test_path_independence_and_restore():
     model = Tiny(torch.bfloat16)
     base = snapshot(model)
-    space = P.PerturbSpace(model)
+    space = PerturbSpace(model)
     space.apply(3, 5e-2)
     after_3 = snapshot(model)
     space.apply(7, 5e-2)
     via_3 = snapshot(model)
     fresh = Tiny(torch.bfloat16)
-    P.PerturbSpace(fresh).apply(7, 5e-2)
+    PerturbSpace(fresh).apply(7, 5e-2)
     for name, p in fresh.named_parameters():
         assert torch.equal(via_3[name], p.data)
         assert not torch.equal(after_3[name], via_3[name])
@@ -237,10 +285,10 @@ def test_path_independence_and_restore():
 def test_tensor_split_does_not_change_stream():
     g = torch.Generator().manual_seed(2)
     whole = torch.randn(40, 30, generator=g)
-    one = P.PerturbSpace({"w": whole.clone()})
+    one = PerturbSpace({"w": whole.clone()})
     one.apply(5, 1e-3)
     halves = {"w.0": whole[:20].clone(), "w.1": whole[20:].clone()}
-    two = P.PerturbSpace(halves)
+    two = PerturbSpace(halves)
     two.apply(5, 1e-3)
     assert torch.equal(one.params[0], torch.cat([halves["w.0"], halves["w.1"]]))
 
@@ -248,7 +296,7 @@ def test_tensor_split_does_not_change_stream():
 def test_include_exclude():
     model = Tiny()
     base = snapshot(model)
-    space = P.PerturbSpace(model, include=["proj.*", "norm.*"], exclude=["*.bias"])
+    space = PerturbSpace(model, include=["proj.*", "norm.*"], exclude=["*.bias"])
     assert space.names == ["norm.weight", "proj.weight"]
     assert space.offsets == {"norm.weight": 0, "proj.weight": 24}
     space.apply(1, 0.1)
@@ -256,14 +304,14 @@ def test_include_exclude():
     assert torch.equal(model.proj.bias, base["proj.bias"])
     assert torch.equal(model.proj.weight, expected(base["proj.weight"], [(1, 0.1)], 24))
     with pytest.raises(ConfigError, match="selects none"):
-        P.PerturbSpace(model, include=["nothing.*"])
+        PerturbSpace(model, include=["nothing.*"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_seed_combination(dtype):
     model = Tiny(dtype)
     base = snapshot(model)
-    space = P.PerturbSpace(model)
+    space = PerturbSpace(model)
     sa, sb = 2e-2, 3e-2
     for terms in ([(3, sa / 2), (9, sb / 2)], [(3, sa), (9, sb)]):  # average, sum
         space.apply_combination(terms)
@@ -282,7 +330,7 @@ def test_non_contiguous_parameter():
     w = torch.randn(30, 20)
     p = nn.Parameter(w.t())  # (20, 30), not contiguous
     base = p.detach().clone()
-    space = P.PerturbSpace({"w": p})
+    space = PerturbSpace({"w": p})
     space.apply(2, 1e-2)
     assert torch.equal(p.data, expected(base, [(2, 1e-2)], 0))
     space.restore()
@@ -330,7 +378,7 @@ def test_triton_split_launches_and_cpu_signs(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_space_triton_equals_torch(dtype):
     fast, ref = Tiny(dtype).cuda(), Tiny(dtype).cuda()
-    fast_space, ref_space = P.PerturbSpace(fast), P.PerturbSpace(ref)
+    fast_space, ref_space = PerturbSpace(fast), PerturbSpace(ref)
     fast_space.apply(8, 1e-2)
     fast_space.apply(9, 1e-2, backend="triton")
     ref_space.apply(9, 1e-2, backend="torch")

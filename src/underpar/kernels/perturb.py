@@ -22,18 +22,19 @@ Math: out = (float32(base) + sigma32 * r).to(out.dtype) with sigma32 = sigma rou
 and r = +-1.0: the product is exact, so the result is one fp32 rounding then one round-to-
 nearest-even cast, and the torch and Triton paths agree bit for bit (an FMA rounds the same).
 Two seeds: ((float32(base) + sa * ra) + sb * rb), left to right, in both paths.
+
+A model's parameters as one perturbation space (offsets, base copy, one-launch switching):
+underpar.kernels.perturb_space.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import itertools
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from underpar.errors import ConfigError
 
@@ -278,76 +279,3 @@ def perturb(base: Tensor, out: Tensor, terms: Terms, start_index: int, backend: 
         _triton_terms(base, out, terms, start_index)
     else:
         _torch_terms(base, out, terms, start_index)
-
-
-# --------------------------------------------------------------------------- parameter space
-
-
-class PerturbSpace:
-    """The selected parameters of a model, their global offsets and a resident base copy.
-
-    Memory: the base copy costs one extra copy of the selected parameters (1x model bytes, same
-    dtype and device). `apply` rebuilds the live weights from it in one pass per tensor, so any
-    seed is reachable from any other and there is no restore pass between seeds. Names sort as
-    strings; a tensor under several names (tied weights) counts once, under its first selected
-    name, so a module and its named-parameter dict give the same stream.
-    """
-
-    def __init__(self, params: Mapping[str, Tensor] | nn.Module,
-                 include: Iterable[str] = ("*",), exclude: Iterable[str] = ()):
-        named = (dict(params.named_parameters(remove_duplicate=False))
-                 if isinstance(params, nn.Module) else dict(params))
-        include, exclude = list(include), list(exclude)
-        self.names: list[str] = []
-        self.params: list[Tensor] = []
-        for name in sorted(named):
-            if (any(fnmatch.fnmatchcase(name, p) for p in include)
-                    and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
-                    and all(named[name] is not q for q in self.params)):  # tied: once
-                self.names.append(name)
-                self.params.append(named[name])
-        if not self.names:
-            raise ConfigError(f"perturbation include={include} exclude={exclude} selects none of "
-                              f"the {len(named)} parameters; check the glob patterns")
-        sizes = [p.numel() for p in self.params]
-        self.offsets: dict[str, int] = dict(zip(self.names, itertools.accumulate(sizes, initial=0)))
-        self.numel = sum(sizes)
-        _check_range(0, self.numel)
-        with torch.no_grad():
-            self.bases: list[Tensor] = [p.detach().clone(memory_format=torch.contiguous_format)
-                                        for p in self.params]
-        self._flat_bases = [b.view(-1) for b in self.bases]
-
-    @property
-    def base_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.bases)
-
-    def apply(self, seed: int, sigma: float, backend: str = "auto") -> None:
-        """Live weights <- base + sigma * R(seed), in place (param.data)."""
-        self.apply_combination([(seed, sigma)], backend)
-
-    def apply_combination(self, terms: Terms, backend: str = "auto") -> None:
-        """Live weights <- base + sum(sigma_k * R(seed_k)) in one pass (merge diagnostics:
-        average = both sigmas halved, sum = both in full)."""
-        terms = [(int(s), to_f32(sig)) for s, sig in terms]
-        if not terms:
-            raise ValueError("apply_combination needs at least one (seed, sigma) term")
-        prepared = _prepare(terms) if triton is not None and len(terms) <= 2 else None
-        for name, p, base, flat in zip(self.names, self.params, self.bases, self._flat_bases):
-            live = p.data
-            start = self.offsets[name]
-            if (prepared is not None and resolve_backend(backend, live, len(terms)) == "triton"
-                    and live.is_cuda and live.is_contiguous() and live.device == base.device
-                    and live.shape == base.shape):
-                _launch(flat, live.view(-1), start, prepared)  # the hot path: checks done once
-                continue
-            target = live if live.is_contiguous() else torch.empty_like(base)
-            perturb(base, target, terms, start, backend)
-            if target is not live:
-                live.copy_(target)
-
-    def restore(self) -> None:
-        """Live weights <- base, exactly."""
-        with torch.no_grad():
-            for p, base in zip(self.params, self.bases):
-                p.data.copy_(base)

@@ -39,7 +39,8 @@ from underpar.errors import ConfigError, UnderparError
 from underpar.eval.ensemble import vote_all
 from underpar.eval.generate import ENGINES, DecodeConfig
 from underpar.eval.stats import accuracy_ci, mean
-from underpar.kernels.perturb import BACKENDS, PerturbSpace, check_backend
+from underpar.kernels.perturb import BACKENDS, check_backend
+from underpar.kernels.perturb_space import PerturbSpace
 from underpar.model import hf
 from underpar.runs.rundir import CONFIG, RunDir, check_run_name, check_runs_root
 from underpar.tracks import randopt_diagnostics as diagnose

@@ -21,7 +21,7 @@ from underpar.data.tasks import Example, Task, get_task
 from underpar.errors import ConfigError, DataError
 from underpar.eval.generate import DecodeConfig, GenerationStats, generate
 from underpar.eval.stats import mean
-from underpar.kernels.perturb import PerturbSpace
+from underpar.kernels.perturb_space import PerturbSpace
 from underpar.ui import progress
 
 POPULATION_FILE = "population.jsonl"
