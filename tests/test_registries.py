@@ -66,10 +66,7 @@ def check_quantizer(name: str, quantizer: Any) -> None:
         "norm.weight": torch.randn(16, generator=g).to(torch.bfloat16),
         "step": torch.tensor([3, 5, 7], dtype=torch.int64),
     }
-    cfg = QuantConfig()
-    obj, stats = quantizer.quantize(
-        state, ("attn_scale",), clip_percentile=cfg.clip_percentile, keep_float_max_numel=1024
-    )
+    obj, stats = quantizer.quantize(state, ("attn_scale",), QuantConfig(keep_float_max_numel=1024))
     assert all(isinstance(v, int) for v in stats.values()), name
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -80,9 +77,35 @@ def check_quantizer(name: str, quantizer: Any) -> None:
     assert torch.equal(out["step"], state["step"]), name
     w, w_hat = state["blocks.0.mlp.fc.weight"], out["blocks.0.mlp.fc.weight"]
     assert torch.isfinite(w_hat).all() and not torch.equal(w_hat, torch.zeros_like(w)), name
-    assert (w_hat - w).norm() / w.norm() < 0.1, f"{name}: matrix error too large"
+    # int6 on the records' 12.85-sigma clip leaves ~0.12 of a Gaussian matrix's norm
+    assert (w_hat - w).norm() / w.norm() < 0.15, f"{name}: matrix error too large"
     for key in ("blocks.0.attn_scale", "norm.weight"):
         torch.testing.assert_close(out[key].float(), state[key].float(), rtol=1e-2, atol=1e-3)
+
+
+@check("clip")
+def check_clip(name: str, cls: Any) -> None:
+    """The default parameters validate and survive a config round trip; the clip is one finite,
+    non-negative value per row, within the row's max |w| times 20 (embeddings' widest SDClip),
+    zero for a zero row, deterministic, and it scales with the weights."""
+    import dataclasses
+
+    import torch
+
+    from underpar import config as cfglib
+
+    assert dataclasses.is_dataclass(cls), f"clip {name} must be a parameter dataclass"
+    clip = cls()
+    cfglib.validate(clip)
+    assert cfglib.from_dict(cls, cfglib.to_dict(clip)) == clip, name
+    w = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    w[5] = 0.0
+    for embedding in (False, True):
+        c = clip(w, 31, embedding)
+        assert c.shape == (6,) and torch.isfinite(c).all() and (c >= 0).all(), name
+        assert (c <= 20 * w.abs().amax(dim=1) + 1e-6).all() and c[5] == 0, name
+        assert torch.equal(clip(w, 31, embedding), c), f"{name} is not deterministic"
+        torch.testing.assert_close(clip(w * 4, 31, embedding), c * 4, msg=f"{name} does not scale")
 
 
 @check("compressor")

@@ -9,12 +9,14 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 import underpar
 from underpar.errors import ArtifactError
+from underpar.quant import container, rowquant
 from underpar.quant.base import COMPRESSORS, QUANTIZERS
 from underpar.quant.config import QuantConfig
 
@@ -39,25 +41,55 @@ CODE_GLOBS = (
 NOT_COUNTED = ("model/hf.py", "model/smollm2.py", "model/surgery.py")
 
 
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What `export` wrote: the model's byte count, the quantizer's stats and, for the grouped
+    container, the per-group report of every packing x compressor tried."""
+
+    model_bytes: int
+    stats: dict[str, int]
+    report: dict[str, Any]
+
+
+def export(
+    state_dict: Mapping[str, Tensor],
+    cfg: QuantConfig,
+    path: str | os.PathLike[str],
+    control_patterns: tuple[str, ...],
+    hessians: Mapping[str, Tensor] | None = None,
+) -> Exported:
+    """Quantize `state_dict` (GPTQ where `hessians` cover a tensor), encode, write to `path`."""
+    obj, stats = QUANTIZERS[cfg.scheme].quantize(state_dict, control_patterns, cfg, hessians)
+    return export_quantized(obj, cfg, path, stats)
+
+
+def export_quantized(obj: Mapping[str, Any], cfg: QuantConfig, path: str | os.PathLike[str],
+                     stats: Mapping[str, int] | None = None) -> Exported:
+    """Encode an already quantized object (e.g. from `gptq_quantize`) and write it to `path`.
+    The file appears complete or not at all."""
+    if cfg.container == "grouped":
+        blob, report = container.encode(obj, cfg.compressors, cfg.packings)
+    else:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        blob = COMPRESSORS[cfg.compressor].compress(buffer.getvalue())
+        report = {"container": "torch", "bytes": len(blob), "compressor": cfg.compressor}
+    report["tensors"] = tensor_table(obj)
+    _write_atomically(Path(path), blob)
+    return Exported(model_bytes=len(blob), stats=dict(stats or {}), report=report)
+
+
 def export_model(
     state_dict: Mapping[str, Tensor],
     cfg: QuantConfig,
     path: str | os.PathLike[str],
     control_patterns: tuple[str, ...],
 ) -> int:
-    """Quantize, torch.save, compress and write `state_dict` to `path`; the compressed byte
-    count. The file appears complete or not at all."""
-    obj, _stats = QUANTIZERS[cfg.scheme].quantize(
-        state_dict,
-        control_patterns,
-        clip_percentile=cfg.clip_percentile,
-        keep_float_max_numel=cfg.keep_float_max_numel,
-    )
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    blob = COMPRESSORS[cfg.compressor].compress(buffer.getvalue())
+    """Quantize, encode and write `state_dict` to `path`; the compressed byte count."""
+    return export(state_dict, cfg, path, control_patterns).model_bytes
 
-    path = Path(path)
+
+def _write_atomically(path: Path, blob: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A temporary name in the same folder makes os.replace an atomic rename.
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -68,16 +100,49 @@ def export_model(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    return len(blob)
+
+
+def tensor_table(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per tensor of a quantized object: its storage scheme, bits and stored bytes (codes at one
+    byte each, scales, LQER factors), before compression."""
+    rows = []
+    if obj.get("format") == rowquant.FORMAT:
+        for name, e in obj["tensors"].items():
+            if e["kind"] == "int":
+                lqer = e.get("lqer")
+                extra = 0 if lqer is None else sum(lqer[k].numel() * lqer[k].element_size()
+                                                    for k in ("a", "b", "a_scale", "b_scale"))
+                scheme = f"int{e['bits']} {e['method']}" + ("+lqer" if lqer else "")
+                stored = e["q"].numel() + 2 * e["scale"].numel() + extra
+                rows.append({"name": name, "scheme": scheme, "bits": e["bits"], "numel": e["q"].numel(), "bytes": stored})
+            else:
+                t = e["t"]
+                rows.append({"name": name, "scheme": str(t.dtype).removeprefix("torch."), "bits": 8 * t.element_size(),
+                             "numel": t.numel(), "bytes": t.numel() * t.element_size()})
+        return rows
+    for part, scheme in (("quantized", "int8"), ("passthrough", None)):
+        for name, t in obj.get(part, {}).items():
+            s = obj["scales"][name] if part == "quantized" else None
+            extra = 0 if s is None else s.numel() * s.element_size()
+            rows.append({"name": name, "scheme": scheme or str(t.dtype).removeprefix("torch."),
+                         "bits": 8 * t.element_size(), "numel": t.numel(), "bytes": t.numel() * t.element_size() + extra})
+    return rows
 
 
 def load_model(path: str | os.PathLike[str], cfg: QuantConfig) -> dict[str, Tensor]:
-    """The state dict from an artifact written by `export_model` with the same `cfg`."""
+    """The state dict from an artifact written by `export` with the same `cfg` (a grouped
+    artifact names its own compressors; a torch one needs `cfg.compressor`)."""
     path = Path(path)
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"artifact {path} does not exist; export the model first") from None
+    if container.is_grouped(blob):
+        try:
+            obj = container.decode(blob)
+        except ArtifactError as e:
+            raise ArtifactError(f"artifact {path} ({len(blob):,} bytes): {e}") from None
+        return rowquant.dequantize_mixed(obj)
     try:
         raw = COMPRESSORS[cfg.compressor].decompress(blob)
     except Exception as e:
@@ -86,7 +151,7 @@ def load_model(path: str | os.PathLike[str], cfg: QuantConfig) -> dict[str, Tens
             f"quant.compressor={cfg.compressor!r} ({e}); export the model again"
         ) from None
     try:
-        # The object is dicts of tensors and strings only, so the safe loader suffices.
+        # The object is dicts of tensors, strings and ints only, so the safe loader suffices.
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ArtifactError(f"artifact {path} is corrupt: it decompresses but holds no saved model ({e})") from None

@@ -1,15 +1,18 @@
 """The two kinds of export technique and their registries: a quantizer turns a state dict
 into a torch-saveable object and back; a compressor turns bytes into fewer bytes and back.
-Entries register where they are defined (int8.py, compress.py); `QuantConfig` names them."""
+Entries register where they are defined (int8.py, rowquant.py, compress.py); `QuantConfig` names them."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
 from underpar.registry import Registry
+
+if TYPE_CHECKING:
+    from underpar.quant.config import QuantConfig
 
 
 class Quantizer(Protocol):
@@ -19,11 +22,11 @@ class Quantizer(Protocol):
     def quantize(
         state_dict: Mapping[str, Tensor],
         control_patterns: tuple[str, ...],
-        *,
-        clip_percentile: float,
-        keep_float_max_numel: int,
+        cfg: QuantConfig,
+        hessians: Mapping[str, Tensor] | None = None,
     ) -> tuple[dict[str, Any], dict[str, int]]:
-        """(object for torch.save, stats); names containing a control pattern stay precise."""
+        """(object for torch.save, stats); names containing a control pattern stay precise.
+        `hessians` (weight name -> input Hessian, from GPTQ calibration) may be ignored."""
         ...
 
     @staticmethod

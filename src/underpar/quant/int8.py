@@ -10,13 +10,16 @@ Format (a plain dict of dicts, loadable with `torch.load(weights_only=True)`):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from underpar.errors import ArtifactError
 from underpar.quant.base import QUANTIZERS
+
+if TYPE_CHECKING:
+    from underpar.quant.config import QuantConfig
 
 FORMAT = "underpar-int8-v1"
 CLIP_PERCENTILE = 99.99984
@@ -137,5 +140,15 @@ def dequantize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
 class Int8:
     """Per-row int8 with fp16 scales; small and control tensors kept as floats."""
 
-    quantize = staticmethod(quantize_state_dict)
+    @staticmethod
+    def quantize(
+        state_dict: Mapping[str, Tensor],
+        control_patterns: tuple[str, ...],
+        cfg: QuantConfig,
+        hessians: Mapping[str, Tensor] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The baseline has no use for calibration Hessians: `hessians` is ignored."""
+        return quantize_state_dict(state_dict, control_patterns, clip_percentile=cfg.clip_percentile,
+                                   keep_float_max_numel=cfg.keep_float_max_numel)
+
     dequantize = staticmethod(dequantize_state_dict)
