@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Corpora, tokenizers and token shards.", no_args_is_help=True)
-eval_app = typer.Typer(help="Scoring: val_bpb of sanity baselines on prepared data (bpb), accuracy of a Hugging Face model on a task (task).", no_args_is_help=True)
+eval_app = typer.Typer(help="Scoring: val_bpb of a trained run or a sanity baseline on prepared data (bpb), accuracy of a Hugging Face model on a task (task).", no_args_is_help=True)
 config_app = typer.Typer(help="Presets and resolved configs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
@@ -75,21 +75,45 @@ def data_prepare(
 
 @eval_app.command("bpb")
 def eval_bpb(
-    model: str = typer.Option("unigram", help="uniform | unigram (a sanity baseline fitted on the train shards)."),
+    model: Optional[str] = typer.Option(None, help="uniform | unigram: a sanity baseline fitted on the train shards (default unigram without --run)."),
     source: str = typer.Option("builtin", help="Which prepared data (see `data prepare`)."),
     vocab: str = typer.Option("1024", metavar="INTEGER", help="With --source: which prepared data (ignored with --data)."),
-    data: Optional[str] = typer.Option(None, help="A prepared data folder (default: the one for source/vocab)."),
-    seq_len: str = typer.Option("1024", metavar="INTEGER", help="Tokens per scored window."),
+    data: Optional[str] = typer.Option(None, help="A prepared data folder (default: the one for source/vocab; with --run, the run's)."),
+    seq_len: Optional[str] = typer.Option(None, metavar="INTEGER", help="Tokens per scored window (default 1024; with --run, the run's train.seq_len)."),
+    run: Optional[str] = typer.Option(None, help="Score this pretrain run's model after its round trip (its model.int8.ptz)."),
+    artifact: Optional[str] = typer.Option(None, help="Score this artifact (with --run's config, or the config.json beside it)."),
+    stride: Optional[str] = typer.Option(None, metavar="INTEGER", help="With --run: also a sliding-window score, windows advanced by this many tokens (records: 64)."),
+    ttt: bool = typer.Option(False, "--ttt", help="With --run: also score-first test-time training (settings: --set eval.ttt.*)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="With --run: eval.*=v for the evaluation, any other path changes the run's config (e.g. model.attention.rope_scaling=ntk)."),
 ) -> None:
-    """Score a baseline model's exact val_bpb on prepared validation shards."""
-    from underpar.eval.baselines import score_baseline
+    """Exact val_bpb on prepared validation shards: of a trained run (--run/--artifact; plain,
+    sliding-window and score-first TTT) or of a sanity baseline (--model)."""
+    if run is None and artifact is None:
+        from underpar.eval.baselines import score_baseline
 
-    cfg = _data_config(source, vocab, data, None, [], scoring=True)
-    try:
-        length = int(seq_len)
-    except ValueError:
-        raise UnderparError(f"--seq-len: expected an integer, got {seq_len!r}") from None
-    result = score_baseline(cfg, model, seq_len=length)
+        given = [name for name, value in (("--stride", stride), ("--set", sets)) if value] + (["--ttt"] if ttt else [])
+        if given:
+            raise UnderparError(f"{', '.join(given)}: only with --run or --artifact (a trained model to score)")
+        cfg = _data_config(source, vocab, data, None, [], scoring=True)
+        try:
+            length = int(seq_len or "1024")
+        except ValueError:
+            raise UnderparError(f"--seq-len: expected an integer, got {seq_len!r}") from None
+        result = score_baseline(cfg, model or "unigram", seq_len=length)
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from underpar.eval.config import eval_config
+    from underpar.eval.score import score_run
+
+    if model is not None:
+        raise UnderparError("--model scores a baseline and --run/--artifact a trained model; give one of them")
+    # The options are EvalConfig fields, parsed and checked as --set eval.* is.
+    evals = [f"{key}={value}" for key, value in (("seq_len", seq_len), ("stride", stride)) if value is not None]
+    evals += ["ttt.enabled=true"] if ttt else []
+    evals += [s.split(".", 1)[1] for s in sets or [] if s.startswith("eval.")]
+    eval_cfg = eval_config(evals)
+    run_sets = [s for s in sets or [] if not s.startswith("eval.")]
+    result = score_run(run, artifact, data, eval_cfg, run_sets, warn=lambda m: typer.echo(f"warning: {m}", err=True))
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -6,7 +6,9 @@ eval.ttt.enabled=true)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
+from underpar import config as cfglib
 from underpar.config import bounded, choice, nested
 from underpar.errors import ConfigError
 
@@ -67,3 +69,18 @@ class EvalConfig:
         if self.stride > window:
             raise ConfigError(f"eval.stride = {self.stride} must not exceed the window eval.seq_len = {window}")
         return self.stride
+
+
+@dataclasses.dataclass
+class _Root:
+    eval: EvalConfig = nested(EvalConfig)
+
+
+def eval_config(assignments: Sequence[str], base: EvalConfig | None = None) -> EvalConfig:
+    """An EvalConfig from `key=value` assignments (paths inside the section, e.g.
+    "ttt.lr=0.002"), validated; errors name the field as eval.<key>."""
+    root = _Root(base or EvalConfig())
+    for assignment in assignments:
+        root = cfglib.override(root, f"eval.{assignment}")
+    cfglib.validate(root)
+    return root.eval
