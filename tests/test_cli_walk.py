@@ -52,6 +52,18 @@ CASES: dict[tuple[str, str], tuple[list[str], str]] = {
     ("config show", "--preset"): (["--preset", "nope"], "unknown preset 'nope'"),
     ("config show", "--track"): (["--track", "nope"], "unknown track 'nope'"),
     ("config show", "--set"): (["--track", "pretrain", "--set", "model.colour=red"], "unknown config key 'model.colour'"),
+    ("runs list", "--root"): (["--root", "{tmp}/missing"], "no run store at {tmp}/missing/runs.db"),
+    ("runs list", "--track"): (["--track", "prepare"], "--track 'prepare' is not valid; choose one of: pretrain"),
+    ("runs list", "--preset"): (["--preset", "nope"], "unknown preset 'nope'"),
+    ("runs list", "--status"): (["--status", "finished"], "--status 'finished' is not valid; choose one of: running, done"),
+    ("runs list", "--sweep"): (["--sweep", "a b"], "--sweep 'a b' is not a sweep name"),
+    ("runs list", "--where"): (["--where", "val_bpb<low"], "--where 'val_bpb<low': expected METRIC OP NUMBER"),
+    ("runs show", "run"): ([" "], "an empty run id"),
+    ("runs show", "--root"): (["x", "--root", "{tmp}/a-file"], "no run store at {tmp}/a-file/runs.db"),
+    ("runs rm", "runs"): (["x", ""], "an empty run id"),
+    ("runs rm", "--root"): (["x", "--root", "{tmp}"], "no run store at {tmp}/runs.db"),
+    ("sweep", "file"): (["{tmp}/missing.toml"], "sweep file {tmp}/missing.toml does not exist"),
+    ("sweep", "--worker"): (["{tmp}/missing.toml", "--worker", "2/2"], "--worker '2/2': expected i/n with 0 <= i < n"),
 }
 
 

@@ -244,7 +244,7 @@ def test_cli_run_is_quiet_with_progress(model_folders, tmp_path, monkeypatch, ca
     assert steps[0].startswith("step 1/2 | micro-batch 1/2 | ") and steps[0].endswith(" s into the step")
     assert re.search(r"^step 1/2 \| loss [\d.]+ \| lr \S+ \| \d+ ms \| [\d.]+ (steps/s|s/step) \| 50%, ~\d+ s to go$", steps[1])
     assert re.search(r"\| done in \d+ s$", steps[-1])
-    run_dir = next(tmp_path.iterdir())
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
     assert f"saved the fine-tuned model in {run_dir / 'model'}" in out
     assert out.index("saved the fine-tuned model") < out.index("basic_arithmetic: accuracy")
     assert "eval basic_arithmetic" in err and "3/3" in err  # the evaluation's progress bar
@@ -274,7 +274,7 @@ def test_ctrl_c_says_what_was_kept(model_folders, tmp_path, monkeypatch, capsys,
     code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(model_folders / "tiny"),
                               "--task", "basic_arithmetic", *args)
     assert code == 130 and err.strip().splitlines()[-1] == "interrupted", err
-    run_dir = next(tmp_path.iterdir())
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
     last = out.strip().splitlines()[-1]
     if where == "training":
         assert last == (f"interrupted at step 1 of training: nothing was saved (finetune keeps no checkpoints and "
@@ -301,7 +301,7 @@ def test_a_diverging_run_says_why_in_its_log(tokenizer, tmp_path, monkeypatch, c
     code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(tmp_path / "nan-model"),
                               "--task", "basic_arithmetic", *args)
     assert_one_line_error(code, err, "error: training loss became nan at step 1; try a lower optim.lr")
-    train_log = (next(runs.iterdir()) / "train.log").read_text()
+    train_log = (next(p for p in runs.iterdir() if p.is_dir()) / "train.log").read_text()
     assert train_log.endswith("stopped: training loss became nan at step 1; try a lower optim.lr\n")
 
 

@@ -100,7 +100,7 @@ def run_killed_at_step(cfg, step: int, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         track.run(cfg)
     monkeypatch.undo()
-    (killed_dir,) = Path(cfg.train.runs_root).iterdir()
+    (killed_dir,) = [p for p in Path(cfg.train.runs_root).iterdir() if p.is_dir()]  # beside the run store
     return killed_dir
 
 
@@ -136,7 +136,7 @@ def test_resume_without_checkpoint_is_a_clear_error_and_touches_nothing(data_dir
     with pytest.raises(KeyboardInterrupt):
         track.run(micro_config(data_dir, tmp_path, "train.checkpoint_every_steps=0"))
     monkeypatch.undo()
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert "no checkpoint was saved, so this run cannot be resumed" in (run_dir / "train.log").read_text()
     before = _files(run_dir)
     with pytest.raises(UnderparError, match="no checkpoint-rank0.pt to resume from"):
@@ -164,7 +164,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(data_dir, tmp_path, monk
     monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(TrainingError, match=r"training loss became nan at step 5.*step 4"):
         track.run(micro_config(data_dir, tmp_path))
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert torch.load(run_dir / "checkpoint-rank0.pt", weights_only=False)["step"] == 4
 
 
@@ -186,7 +186,7 @@ def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, compile):
         args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    (two_dir,) = (tmp_path / "two").iterdir()
+    (two_dir,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]
     two = json.loads((two_dir / "summary.json").read_text())
     assert two["world_size"] == 2 and two["steps"] == 4
     assert final_losses(two_dir) == pytest.approx(final_losses(single.run_dir), rel=2e-3)

@@ -20,6 +20,7 @@ import torch
 from underpar import config as cfglib
 from underpar import dist
 from underpar.errors import ConfigError, UnderparError
+from underpar.runs import store
 
 SUMMARY = "summary.json"
 CONFIG = "config.json"
@@ -63,9 +64,11 @@ class RunDir:
             while path.exists():
                 path, n = base.with_name(f"{base.name}-{n}"), n + 1
         try:
-            return cls(dist.broadcast_object(env, path), writer=env.is_main)
+            run_dir = cls(dist.broadcast_object(env, path), writer=env.is_main)
         except OSError as e:
             raise UnderparError(f"runs_root = {str(root)!r}: cannot create a run directory there ({e})") from None
+        run_dir._register()
+        return run_dir
 
     @classmethod
     def resume(cls, path: str | Path, env: dist.Env, needs: str) -> RunDir:
@@ -78,7 +81,23 @@ class RunDir:
                                 "overwrite its results, so start a new run instead")
         if not (path / needs).is_file():
             raise UnderparError(f"cannot resume {path}: it has no {needs} to resume from")
-        return cls(path, writer=env.is_main)
+        run_dir = cls(path, writer=env.is_main)
+        run_dir._register()
+        return run_dir
+
+    def _register(self) -> None:
+        """Index this run in its root's store (running, beaten while the process lives), with
+        the labels of whoever launched it (a sweep's job, the preset)."""
+        if self.writer:
+            where = environment()
+            labels = store.labels()
+            store.TRACKER.start(self.path.parent, self.path, device=where["device"], git_commit=where["git_commit"],
+                                sweep=labels.get("sweep"), job=labels.get("job"), preset=labels.get("preset"))
+
+    def fail(self, error: str, status: str = "failed") -> None:
+        """The run ends without a summary (failed, or killed when interrupted)."""
+        if self.writer:
+            store.TRACKER.end(self.path, status, error=" ".join(error.split()))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -86,6 +105,12 @@ class RunDir:
     def save_config(self, cfg: Any) -> None:
         if self.writer:
             cfglib.save_json(cfg, self.file(CONFIG))
+            data = cfglib.to_dict(cfg)
+            seed = data.get("seed", data.get("train", {}).get("seed"))
+            track = cfglib.track_of(cfg)
+            preset = store.labels().get("preset") or _preset_named(data.get("name"), track)
+            store.TRACKER.update(self.path, track=track, name=data.get("name"), seed=seed, preset=preset,
+                                 config={"track": track, "config": data})
 
     def log(self, message: str) -> None:
         """A line to train.log and the console."""
@@ -119,6 +144,7 @@ class RunDir:
             tmp = self.file(SUMMARY + ".tmp")
             tmp.write_text(json.dumps(_finite(data), indent=2) + "\n")
             os.replace(tmp, self.file(SUMMARY))
+            store.TRACKER.end(self.path, "done", summary=_finite(data))
 
 
 def check_run_name(name: str) -> None:
@@ -145,6 +171,12 @@ def resumed_config(path: str | Path) -> Any:
     if not (path / CONFIG).is_file():
         raise UnderparError(f"cannot resume {path}: it is not a run directory (no {CONFIG})")
     return cfglib.load_json(path / CONFIG)
+
+
+def _preset_named(name: Any, track: str) -> str | None:
+    """Every shipped preset names its runs after itself: a run so named (and of that preset's
+    track) came from it, unless a launcher labelled it otherwise."""
+    return name if cfglib.list_presets().get(name) == track else None
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
