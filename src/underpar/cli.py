@@ -102,18 +102,12 @@ def eval_bpb(
         result = score_baseline(cfg, model or "unigram", seq_len=length)
         typer.echo(json.dumps(result, indent=2))
         return
-    from underpar.eval.config import eval_config
-    from underpar.eval.score import score_run
+    from underpar.eval.score import score_run_options
 
     if model is not None:
         raise UnderparError("--model scores a baseline and --run/--artifact a trained model; give one of them")
-    # The options are EvalConfig fields, parsed and checked as --set eval.* is.
-    evals = [f"{key}={value}" for key, value in (("seq_len", seq_len), ("stride", stride)) if value is not None]
-    evals += ["ttt.enabled=true"] if ttt else []
-    evals += [s.split(".", 1)[1] for s in sets or [] if s.startswith("eval.")]
-    eval_cfg = eval_config(evals)
-    run_sets = [s for s in sets or [] if not s.startswith("eval.")]
-    result = score_run(run, artifact, data, eval_cfg, run_sets, warn=lambda m: typer.echo(f"warning: {m}", err=True))
+    result = score_run_options(run, artifact, data, seq_len, stride, ttt, sets or [],
+                               warn=lambda m: typer.echo(f"warning: {m}", err=True))
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -123,11 +117,15 @@ def pretrain(
         None, help="A pretrain preset (see `underpar config presets`); default: golf-baseline on a GPU, tiny-cpu without one."),
     sets: Optional[list[str]] = SetOption,
     resume: Optional[str] = typer.Option(None, help="Continue a stopped run from its run directory."),
+    seeds: Optional[str] = typer.Option(None, help="Run once per seed (comma-separated, e.g. 1337,42,2024) and write a group summary for `underpar compare`."),
 ) -> None:
     """Train a GPT under a wallclock cap; score val_bpb after the quantization round trip."""
     from underpar.runs.rundir import resumed_config
     from underpar.tracks import pretrain as track
 
+    from underpar.runs import group
+
+    seed_list = None if seeds is None else group.parse_seeds(seeds, resume)  # before any work
     if resume is not None:
         cfg = resumed_config(resume)
         for assignment in sets or []:
@@ -141,6 +139,8 @@ def pretrain(
             typer.echo(f"no --preset given: {preset}" + ("" if preset == "golf-baseline" else
                        " (no GPU here; golf-baseline, the 17M-parameter challenge baseline, is a GPU job)"), err=True)
         cfg = cfglib.resolve("pretrain", preset, sets or [])
+    if seed_list is not None:
+        return typer.echo(group.seeds_command(cfg, seed_list, track.run, say=lambda line: typer.echo(line, err=True)))
     summary = track.run(cfg, resume=resume)
     sizes = summary.artifact_bytes
     if sizes is not None:  # rank 0
@@ -150,6 +150,22 @@ def pretrain(
             f"artifact {sizes['total']:,} bytes = code {sizes['code']:,} + model {sizes['model']:,} (limit {sizes['limit']:,})\n"
             f"run directory {summary.run_dir} (summary.json, metrics.jsonl, loss.png)"
         )
+
+
+@app.command("compare")
+def compare(
+    baseline: str = typer.Argument(..., help="The baseline group: a group summary (group.json or its folder), run directories or a folder of runs; comma-separated."),
+    candidate: str = typer.Argument(..., help="The candidate group, given the same way."),
+    score: str = typer.Option("plain", help="plain (the round-trip val_bpb) | sliding | ttt."),
+    margin_nats: str = typer.Option("0.005", metavar="FLOAT", help="How much lower the candidate's val_loss must be (nats; the challenge: 0.005)."),
+    alpha: str = typer.Option("0.01", metavar="FLOAT", help="Significance level of the one-sided Welch t-test (the challenge: 0.01)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole comparison as JSON."),
+) -> None:
+    """Does the candidate group of seeds beat the baseline? Means, stds, differences in bpb and
+    nats, a one-sided Welch t-test against the margin, and the verdict."""
+    from underpar.runs.group import compare_command
+
+    typer.echo(compare_command(baseline, candidate, score, margin_nats, alpha, as_json))
 
 
 @app.command("finetune")

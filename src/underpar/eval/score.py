@@ -23,7 +23,7 @@ from underpar.data.dataset import PreparedData
 from underpar.data.tokenizer import ByteLUTs
 from underpar.errors import ArtifactError, DataError, UnderparError
 from underpar.eval.bpb import BpbMeter, evaluate_bpb
-from underpar.eval.config import EvalConfig
+from underpar.eval.config import EvalConfig, eval_config
 from underpar.eval.sliding import evaluate_sliding, scored_range
 from underpar.eval.ttt import evaluate_ttt
 
@@ -184,6 +184,16 @@ def score_run(run: str | None, artifact: str | None, data: str | None, eval_cfg:
         dist.teardown()
     return {"run": str(folder), "artifact": str(path), "data": str(prepared.dir),
             "scores": {name: dataclasses.asdict(s) for name, s in scores.items()}}
+
+
+def score_run_options(run: str | None, artifact: str | None, data: str | None, seq_len: str | None,
+                      stride: str | None, ttt: bool, sets: Sequence[str], warn: Callable[[str], None] = print) -> dict[str, Any]:
+    """`eval bpb --run`: the options are EvalConfig fields, parsed and checked as --set eval.*
+    is (before the run is read); other --set paths change the run's config."""
+    evals = [f"{key}={value}" for key, value in (("seq_len", seq_len), ("stride", stride)) if value is not None]
+    evals += ["ttt.enabled=true"] if ttt else []
+    evals += [s.split(".", 1)[1] for s in sets if s.startswith("eval.")]
+    return score_run(run, artifact, data, eval_config(evals), [s for s in sets if not s.startswith("eval.")], warn)
 
 
 def load_trained(cfg: Any, path: Path, device: torch.device) -> nn.Module:
