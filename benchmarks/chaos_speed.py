@@ -5,7 +5,11 @@ Reports ms/step averaged over whole sticky blocks (after the first, which includ
 peak memory over a short run, and steady-state peak memory (AdamW state created for every
 parameter first, as after every layer has trained once).
 
-    PYTHONPATH=src python3 benchmarks/chaos_speed.py --out $OUT [--arch qwen2.5-3b] [--blocks 3]
+    PYTHONPATH=src python3 benchmarks/chaos_speed.py --out $OUT [--arch qwen2.5-3b] [--blocks 3] [--only ...]
+
+"chaos-slice*" variants hoist and run the kept heads / channel groups / output groups as
+smaller matmuls (model/sliced.py, eager). Held-out loss measuring is off (eval.heldout_examples=0):
+this is a speed run on random tokens.
 """
 
 from __future__ import annotations
@@ -19,22 +23,30 @@ import sys
 import tempfile
 from pathlib import Path
 
+from underpar.runs.rundir import device_tag, environment
+
 RUNS = Path(tempfile.mkdtemp(prefix="chaos-speed-"))  # run directories; only the JSON goes to --out
 VARIANTS = {
     "full": ["method=full"],
-    "lisa": ["method=lisa", "method.interval=50"],
+    "lisa": ["method=lisa"],
     "chaos-mask": ["method=chaos", "method.strategy=mask"],
     "chaos-hoist": ["method=chaos", "method.strategy=hoist"],
     "chaos-hoist-identity": ["method=chaos", "method.strategy=hoist", "method.hoist_identity=true"],
     "chaos-hoist-identity-offload": ["method=chaos", "method.strategy=hoist", "method.hoist_identity=true",
                                      "method.optimizer_state=offload"],
+    "chaos-slice": ["method=chaos", "method.strategy=slice"],
+    "chaos-slice-identity": ["method=chaos", "method.strategy=slice", "method.hoist_identity=true"],
+    "chaos-slice-identity-offload": ["method=chaos", "method.strategy=slice", "method.hoist_identity=true",
+                                     "method.optimizer_state=offload"],
+    "chaos-slice-identity-reset": ["method=chaos", "method.strategy=slice", "method.hoist_identity=true",
+                                   "method.optimizer_state=reset"],
 }
 
 
 def one_run(name: str, sets: list[str], out: Path) -> dict:
     """Run the finetune track in a fresh process; returns its summary and per-step metrics."""
     args = [sys.executable, "-m", "underpar", "finetune", "--preset", "chaos-qwen2.5-3b"]
-    for s in sets + [f"train.runs_root={RUNS / name}"]:
+    for s in sets + [f"train.runs_root={RUNS / name}", "eval.heldout_examples=0"]:
         args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:
@@ -42,7 +54,7 @@ def one_run(name: str, sets: list[str], out: Path) -> dict:
     (run_dir,) = (RUNS / name).iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"summary": summary, "ms": [r["ms"] for r in rows]}
+    return {"summary": summary, "ms": [r["ms"] for r in rows if "ms" in r]}
 
 
 def main() -> None:
@@ -50,15 +62,20 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--arch", default="qwen2.5-3b")
     parser.add_argument("--blocks", type=int, default=4, help="sticky blocks of 50 steps; the first is warm-up")
-    parser.add_argument("--only", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tag", default="", help="prefix of the result file name, e.g. 'offload-'")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--interval", type=int, default=50, help="sticky_interval (LISA's interval too)")
     args = parser.parse_args()
     out = Path(args.out)
-    interval = 50
+    out.mkdir(parents=True, exist_ok=True)
+    interval = args.interval
     steps = args.blocks * interval
     results = {}
     for name in args.only:
-        base = VARIANTS[name] + [f"model.architecture={args.arch}", f"train.steps={steps}"]
+        block = "method.interval" if name == "lisa" else "method.sticky_interval"
+        base = VARIANTS[name] + [f"model.architecture={args.arch}", f"train.steps={steps}",
+                                 f"data.max_length={args.seq_len}", f"{block}={interval}"]
         short = one_run(name, base, out)
         steady = one_run(name + "-steady", base + ["train.steps=3", "train.preallocate_optimizer_state=true"], out)
         if "error" in short or "error" in steady:
@@ -88,10 +105,9 @@ def write(out: Path, args, interval: int, results: dict) -> dict:
             if base["peak_memory_bytes"]:  # CUDA only
                 r["peak_memory_vs_full"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
                 r["steady_memory_vs_full"] = r["steady_peak_memory_bytes"] / base["steady_peak_memory_bytes"]
-    record = {"benchmark": "chaos_speed", "arch": args.arch, "seq_len": 2048, "batch": 1,
-              "sticky_interval": interval, "blocks": args.blocks, "commit": os.environ.get("UNDERPAR_GIT_COMMIT"),
-              "results": results}
-    (out / f"chaos_speed-{args.tag}h100.json").write_text(json.dumps(record, indent=2) + "\n")
+    record = {"benchmark": "chaos_speed", "arch": args.arch, "seq_len": args.seq_len, "batch": 1,
+              "sticky_interval": interval, "blocks": args.blocks, **environment(), "results": results}
+    (out / f"chaos_speed-{args.tag}{device_tag()}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -14,7 +14,7 @@ from underpar.errors import ConfigError
 from underpar.model import hf
 from underpar.optim import Cosine
 from underpar.runs.rundir import RunDir
-from underpar.tracks import finetune, finetune_inputs
+from underpar.tracks import finetune, finetune_heldout, finetune_inputs
 from underpar.tracks.chaos import ChaosConfig
 from underpar.tracks.finetune_methods import FullConfig
 from clirun import run_main
@@ -44,6 +44,7 @@ def config(tmp_path, method, *sets):
         "train.steps=12", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.device=cpu",
         "optim.lr=3e-3", "optim.schedule.warmup_fraction=0", f"method={method}", *BLOCKS_OF_3.get(method, []),
         "eval.tasks=[\"basic_arithmetic\"]", "eval.examples=4", "eval.max_new_tokens=8", "eval.engine=loop",
+        "eval.heldout_examples=6",
         f"train.runs_root={tmp_path}", *sets])
 
 
@@ -56,8 +57,10 @@ def test_training_lowers_the_loss(tokenizer, tmp_path, method):
     assert summary.final_loss < summary.first_loss - 1.0, summary
     run_dir = RunDir(summary.run_dir)
     assert cfglib.load_json(run_dir.file("config.json")).method == config(tmp_path, method).method
-    rows = run_dir.metrics()
+    rows = [r for r in run_dir.metrics() if "train_loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
+    check_heldout_rows(run_dir.metrics(), summary, method)
+    assert run_dir.file("heldout_loss.png").stat().st_size > 0
     assert summary.eval["basic_arithmetic"]["n"] == 4
     if method == "chaos":
         blocks = [r["block"] for r in rows if "block" in r]
@@ -66,11 +69,32 @@ def test_training_lowers_the_loss(tokenizer, tmp_path, method):
         assert run_dir.file("chaos_modes.png").stat().st_size > 0
     # the model is whole again: a plain HF checkpoint that loads and gives the same logits
     saved = AutoModelForCausalLM.from_pretrained(run_dir.file("model"))
+    # the last held-out loss logged is the saved (full) model's, measured afresh
+    heldout, _ = finetune_heldout.build(config(tmp_path, method), tokenizer, 0, torch.device("cpu"),
+                                        tokenizer.pad_token_id)
+    assert heldout.loss(saved.eval()) == pytest.approx(summary.heldout_loss, rel=1e-5)
     ids = torch.tensor([[1, 2, 3, 4]])
     model.eval()
     assert len(saved.model.layers) == 8
     torch.testing.assert_close(saved(ids).logits, model(ids).logits)
     assert json.loads(run_dir.file("summary.json").read_text())["method"] == method
+
+
+def check_heldout_rows(rows, summary, method):
+    """Held-out rows: the base model at step 0, then the end of every block of 3 steps (and the
+    end); chaos also logs its sub-network's loss there and at each block's start, under its own
+    keys; the summary carries the first and last."""
+    full, trained, start = (finetune_heldout.FULL, finetune_heldout.TRAINED, finetune_heldout.TRAINED_AT_START)
+    ends = [r["step"] for r in rows if full in r]
+    assert ends == ([0, 12] if method == "full" else [0, 3, 6, 9, 12])
+    assert summary.heldout_loss_before == rows[0][full] and summary.heldout_loss == rows[-1][full]
+    assert summary.heldout_loss < summary.heldout_loss_before
+    if method == "chaos":
+        assert [r["step"] for r in rows if trained in r] == [3, 6, 9, 12]
+        assert [r["step"] for r in rows if start in r] == [1, 4, 7, 10]
+        assert summary.heldout_loss_trained_net == rows[-1][trained] != rows[-1][full]
+    else:
+        assert not any(trained in r or start in r for r in rows) and summary.heldout_loss_trained_net is None
 
 
 def test_sticky_interval_must_cover_accumulation(tmp_path):
@@ -114,7 +138,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 SMALL = ["data.train_examples=8", "data.max_length=128", "train.steps=4",
          "train.micro_batch_size=2", "train.grad_accum_steps=2", "optim.lr=3e-3", 'eval.tasks=["basic_arithmetic"]',
-         "eval.examples=3", "eval.max_new_tokens=4", "eval.batch_size=2"]
+         "eval.examples=3", "eval.max_new_tokens=4", "eval.batch_size=2", "eval.heldout_examples=4"]
 
 
 def sets(*assignments):
@@ -217,6 +241,12 @@ def test_bad_inputs_fail_fast_and_leave_nothing(model_folders, tmp_path, monkeyp
         assert "loading" in out and not runs.exists(), args  # (a hub id is probed before any download)
 
 
+def run_dir_in(root):
+    """The one run directory under `root` (the run store keeps its own files beside it)."""
+    (run_dir,) = [p for p in root.iterdir() if (p / "config.json").is_file()]
+    return run_dir
+
+
 def assert_one_line_error(code, err, expected):
     assert code == 2, err
     *before, last = err.strip().splitlines()
@@ -239,12 +269,16 @@ def test_cli_run_is_quiet_with_progress(model_folders, tmp_path, monkeypatch, ca
     assert [str(w.message) for w in caught if issubclass(w.category, (UserWarning, FutureWarning))] == []
     lines = out.splitlines()
     assert lines[:2] == [f"loading {model_folders / 'tiny'} ...", lines[1]] and lines[1].endswith(" s")
-    steps = [line for line in lines if line.startswith("step ")]
+    steps = [line for line in lines if line.startswith("step ") and "held-out" not in line]
     assert [s.split(" | ")[0] for s in steps] == ["step 1/2", "step 1/2", "step 2/2", "step 2/2"]
+    heldout = [line for line in lines if "held-out loss: " in line]
+    assert [re.sub(r"[\d.]+$", "X", line) for line in heldout] == [
+        "before training: held-out loss: full model (restored; saved and evaluated) X",
+        "step 2/2 | held-out loss: full model (restored; saved and evaluated) X"]
     assert steps[0].startswith("step 1/2 | micro-batch 1/2 | ") and steps[0].endswith(" s into the step")
     assert re.search(r"^step 1/2 \| loss [\d.]+ \| lr \S+ \| \d+ ms \| [\d.]+ (steps/s|s/step) \| 50%, ~\d+ s to go$", steps[1])
     assert re.search(r"\| done in \d+ s$", steps[-1])
-    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    run_dir = run_dir_in(tmp_path)
     assert f"saved the fine-tuned model in {run_dir / 'model'}" in out
     assert out.index("saved the fine-tuned model") < out.index("basic_arithmetic: accuracy")
     assert "eval basic_arithmetic" in err and "3/3" in err  # the evaluation's progress bar
@@ -274,7 +308,7 @@ def test_ctrl_c_says_what_was_kept(model_folders, tmp_path, monkeypatch, capsys,
     code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(model_folders / "tiny"),
                               "--task", "basic_arithmetic", *args)
     assert code == 130 and err.strip().splitlines()[-1] == "interrupted", err
-    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    run_dir = run_dir_in(tmp_path)
     last = out.strip().splitlines()[-1]
     if where == "training":
         assert last == (f"interrupted at step 1 of training: nothing was saved (finetune keeps no checkpoints and "
@@ -301,7 +335,7 @@ def test_a_diverging_run_says_why_in_its_log(tokenizer, tmp_path, monkeypatch, c
     code, out, err = run_main(monkeypatch, capsys, "finetune", "--model", str(tmp_path / "nan-model"),
                               "--task", "basic_arithmetic", *args)
     assert_one_line_error(code, err, "error: training loss became nan at step 1; try a lower optim.lr")
-    train_log = (next(p for p in runs.iterdir() if p.is_dir()) / "train.log").read_text()
+    train_log = (run_dir_in(runs) / "train.log").read_text()
     assert train_log.endswith("stopped: training loss became nan at step 1; try a lower optim.lr\n")
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from underpar.errors import ConfigError
+from underpar.model.sliced import SlicedLayer, kept_rows
 
 try:  # gradient checkpointing support for the wrappers (transformers >= 4.52)
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -120,17 +121,11 @@ class AttentionOnly(_LayerBase):
         self.self_attn = layer.self_attn
         _share_checkpointing(self, layer)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
-        out = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
+    def forward(self, hidden_states, **kwargs) -> torch.Tensor:
+        # The decoder passes everything by keyword, and its names change across transformers
+        # versions (5.17 `past_key_values`, 5.24 `cache`): pass them on as they came, as the
+        # decoder layer itself does.
+        out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         return hidden_states + (out[0] if isinstance(out, tuple) else out)
 
 
@@ -191,10 +186,11 @@ def _install_capture_hooks(decoder: nn.Module, new_modules: Sequence[nn.Module])
 
 
 def hoist(model: nn.Module, plan: Any, *, skip_identity: bool = False, stub_std: float = 0.01,
-          seed: int = 0) -> list[nn.Module]:
+          seed: int = 0, sliced: bool = False) -> list[nn.Module]:
     """Rebuild `layers` as the survivors of `plan.modes` in original order: whole layers for
     sacred/both/identity, `AttentionOnly`/`MlpOnly` for attn/mlp, nothing for dead (and identity
-    when `skip_identity`), with a `BiasStub` at the start of each removed run. Sets
+    when `skip_identity`), with a `BiasStub` at the start of each removed run. `sliced`: the
+    both/attn/mlp layers run only the plan's kept units instead (`sliced.SlicedLayer`). Sets
     `config.num_hidden_layers`, `config.layer_types` and each attention's `layer_idx` to match
     the pruned list until `restore`. Returns the new list's modules."""
     restore(model)
@@ -215,7 +211,10 @@ def hoist(model: nn.Module, plan: Any, *, skip_identity: bool = False, stub_std:
                 stand_ins.append(stub)
                 types.append(old_types[i] if old_types is not None else None)
             continue
-        module = {"attn": AttentionOnly, "mlp": MlpOnly}.get(modes[i], lambda x: x)(layer)
+        if sliced and modes[i] in ("both", "attn", "mlp"):
+            module = SlicedLayer(layer, modes[i], kept_rows(plan, i, layer_dims(model), ref.device))
+        else:
+            module = {"attn": AttentionOnly, "mlp": MlpOnly}.get(modes[i], lambda x: x)(layer)
         if module is not layer:
             stand_ins.append(module)
         new.append(module)
@@ -264,20 +263,21 @@ def _keep_mask(linear: nn.Linear, keep: Sequence[int], unit: int) -> torch.Tenso
     return mask
 
 
-def _mask_hook(mask: torch.Tensor):
+def _mask_hook(mask: torch.Tensor, in_eval: bool):
     def hook(module, args, output):
-        return output * mask
+        return output * mask if module.training or in_eval else output
     return hook
 
 
-def apply_masks(model: nn.Module, plan: Any, *, skip_identity: bool = False) -> None:
+def apply_masks(model: nn.Module, plan: Any, *, skip_identity: bool = False, in_eval: bool = False) -> None:
     """Multiply projection outputs by 0/1 channel masks (forward hooks), as the published Deep
     Chaos code does: masked outputs contribute zero and the matching weight rows (and the input
     columns of the next projection) get zero gradient. Per layer mode: both/attn mask q/k/v by
     kept KV heads (a kept KV head keeps its whole query group) and o_proj's output by kept hidden
     groups; both/mlp mask gate/up by kept channel groups and down_proj's output by kept hidden
     groups; a disabled half has its output projection zeroed; dead (and identity when skipped)
-    layers have both zeroed, i.e. run as x -> x; sacred/identity layers are untouched."""
+    layers have both zeroed, i.e. run as x -> x; sacred/identity layers are untouched. As in the
+    published hooks, masks act in training mode only unless `in_eval`."""
     remove_masks(model)
     dims = layer_dims(model)
     group_q = dims.num_heads // dims.num_kv_heads
@@ -307,7 +307,7 @@ def apply_masks(model: nn.Module, plan: Any, *, skip_identity: bool = False) -> 
             ]
         else:
             masks.append((mlp.down_proj, _keep_mask(mlp.down_proj, [], 1)))
-        handles += [module.register_forward_hook(_mask_hook(mask)) for module, mask in masks]
+        handles += [module.register_forward_hook(_mask_hook(mask, in_eval)) for module, mask in masks]
     decoder_of(model).__dict__[_MASKS] = handles
 
 

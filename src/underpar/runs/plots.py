@@ -67,3 +67,22 @@ def mode_heatmap(blocks: list[list[str]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def heldout_curve(rows: list[dict[str, Any]], path: Path, labels: dict[str, str], title: str = "") -> Path:
+    """Held-out loss (nats) against step, one line per key of `labels` found in the rows (e.g.
+    the full model and, for Deep Chaos, the hoisted or masked network that trains, which is a
+    different network and labelled so)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (key, label), style in zip(labels.items(), ("o-", "s--", "x:", "d-.")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, lw=1, markersize=4, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

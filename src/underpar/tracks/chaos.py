@@ -15,17 +15,21 @@ Semantics, following the team's published code (JuiceB0xC0de/lucky-pick-schedule
   like dead (removed when hoisting, zeroed when masking).
 - dead: hoist -> removed from the list, a frozen `x + b` stub at the start of each removed run;
   mask -> the layer's outputs are zeroed, so it runs as x -> x (no stub). Frozen here in both
-  (the published code freezes nothing: its masked dead layers get zero gradients, which AdamW
-  momentum and weight decay still act on).
+  by default; `masked_params="zero_grad"` is the published mask behaviour (nothing frozen: masked
+  parameters get zero gradients, which AdamW momentum and weight decay still act on).
 - attn / mlp: hoist -> the other half is skipped (`AttentionOnly` / `MlpOnly`); mask -> the
   other half's output is zeroed. The skipped half (and its norm) is frozen.
 - embeddings, final norm, lm_head: the published code never freezes them, so they train
   (`train_embeddings=True`).
-- masks (strategy "mask" only; hoisting runs active layers at full width, as published):
+- masks (strategy "mask"; "slice" hoists and runs the same kept units as smaller matmuls,
+  model/sliced.py; "hoist" runs active layers at full width, as published):
   projection outputs are multiplied by 0/1 masks in forward hooks, which zeroes both the
-  contribution and the gradient of the masked rows. Unlike the published hooks (which pass
-  through in eval mode) they apply in train and eval alike until removed, like hoisting does;
+  contribution and the gradient of the masked rows. MLP channels are kept in two stages (a
+  U(0.3, 0.7) share of the groups, then a U(0.35, 0.8) share of those), and the hooks act in
+  training mode only, both as published (`mask_in_eval=True`: in eval mode too); either way
   evaluate the full model inside `controller.restored()`.
+- active victims per block: underpar's bounds stay inside the configured fractions
+  (`active_count="strict"`); `"round"` is the published rounding (see the field).
 - stubs are seeded by (seed, original index of the run's first layer), so a run that starts at
   the same layer gets the same stub in every block, as in the published code.
 
@@ -70,12 +74,16 @@ class ChaosConfig(MethodConfig):
     p_mlp: float = bounded(0.25, 0.0, 1.0)
     p_identity: float = bounded(0.20, 0.0, 1.0)
     strategy: str = choice("hoist", CHAOS_STRATEGIES)
-    kv_heads_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask: fraction of KV heads kept
+    kv_heads_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask, slice: fraction of KV heads kept
     kv_heads_keep_max: float = bounded(0.7, 0.0, 1.0)
-    mlp_channels_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask: MLP channel groups kept
+    mlp_channels_keep_min: float = bounded(0.3, 0.0, 1.0)  # mask, slice: MLP channel groups kept
     mlp_channels_keep_max: float = bounded(0.7, 0.0, 1.0)
+    # mask, slice: second stage (the published `mlp_gate_survival`): of those kept groups, this fraction
+    # keeps running through gate/up/down; 1.0 and 1.0 = one stage
+    mlp_core_keep_min: float = bounded(0.35, 0.0, 1.0)
+    mlp_core_keep_max: float = bounded(0.80, 0.0, 1.0)
     mlp_group_size: int = bounded(128, 1)
-    hidden_keep_min: float = bounded(0.6, 0.0, 1.0)  # mask: o/down output groups kept
+    hidden_keep_min: float = bounded(0.6, 0.0, 1.0)  # mask, slice: o/down output groups kept
     hidden_keep_max: float = bounded(0.95, 0.0, 1.0)
     hidden_group_size: int = bounded(64, 1)
     hoist_identity: bool = False  # True: identity layers are skipped like dead ones (write-up)
@@ -84,15 +92,29 @@ class ChaosConfig(MethodConfig):
     stub_std: float = bounded(0.01, 0.0)
     seed: int = bounded(0, 0)
     optimizer_state: str = choice("keep", ["keep", "reset", "offload"])  # of params sitting out
+    # mask: hooks act in training mode only (published), or in eval mode too (True)
+    mask_in_eval: bool = False
+    # mask: parameters of dead layers and disabled halves are frozen ("freeze": no gradient, AdamW
+    # skips them), or keep training with the zero gradients the masks give them ("zero_grad",
+    # published: AdamW momentum and weight decay still move them)
+    masked_params: str = choice("freeze", ["freeze", "zero_grad"])
+    # active victims per block: "strict" = uniform in [ceil(n*min), floor(n*max)], forced-on layers
+    # capped at the maximum; "round" (published) = [max(1, round(n*min)), round(n*max)], every
+    # forced-on layer on even past the maximum
+    active_count: str = choice("strict", ["strict", "round"])
 
     def check(self) -> None:
-        for name in ("active_fraction", "kv_heads_keep", "mlp_channels_keep", "hidden_keep"):
+        for name in ("active_fraction", "kv_heads_keep", "mlp_channels_keep", "mlp_core_keep", "hidden_keep"):
             lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if lo > hi:
                 raise ConfigError(f"method.{name}_min = {lo} is larger than method.{name}_max = {hi}")
         total = self.p_both + self.p_attn + self.p_mlp + self.p_identity
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(f"method.p_both + p_attn + p_mlp + p_identity = {total:g}; they must sum to 1")
+        if self.masked_params != "freeze" and self.strategy != "mask":
+            raise ConfigError(f"method.masked_params = {self.masked_params!r} applies to method.strategy = 'mask' "
+                              f"only (strategy {self.strategy!r} takes what sits out out of the graph); "
+                              "leave it at 'freeze'")
 
     def check_with(self, train: Any) -> None:
         if self.sticky_interval < train.grad_accum_steps:
@@ -110,9 +132,9 @@ class ChaosConfig(MethodConfig):
 
 @dataclasses.dataclass
 class BlockPlan:
-    """One block's layout: a mode per original layer and, for strategy "mask", the kept units
-    per layer (KV-head indices, MLP channel-group indices, hidden-group indices of the o_proj
-    and down_proj outputs)."""
+    """One block's layout: a mode per original layer and, for strategies "mask" and "slice",
+    the kept units per layer (KV-head indices, MLP channel-group indices, hidden-group indices
+    of the o_proj and down_proj outputs)."""
 
     block: int
     modes: list[str]
@@ -170,10 +192,14 @@ class ChaosScheduler:
         self.sacred = resolve_layers(cfg.sacred_layers, num_layers)
         self.victims = [i for i in range(num_layers) if i not in self.sacred]
         n = len(self.victims)
-        lo = math.ceil(n * cfg.active_fraction_min - 1e-9)
-        hi = math.floor(n * cfg.active_fraction_max + 1e-9)
-        if lo > hi:
-            lo = hi = round(n * (cfg.active_fraction_min + cfg.active_fraction_max) / 2)
+        if cfg.active_count == "round":  # the published bounds
+            lo = max(1, round(n * cfg.active_fraction_min))
+            hi = max(lo, round(n * cfg.active_fraction_max))
+        else:
+            lo = math.ceil(n * cfg.active_fraction_min - 1e-9)
+            hi = math.floor(n * cfg.active_fraction_max + 1e-9)
+            if lo > hi:
+                lo = hi = round(n * (cfg.active_fraction_min + cfg.active_fraction_max) / 2)
         self.active_range = (lo, hi)
         self._plans: list[BlockPlan] = []
         self._on = {v: 0 for v in self.victims}  # streaks after the last computed block
@@ -198,6 +224,8 @@ class ChaosScheduler:
         forced_off = sorted((v for v in self.victims if self._on[v] >= cfg.force_off_after
                              and v not in forced_on), key=lambda v: self._on[v])
         free = [v for v in self.victims if v not in forced_on and v not in forced_off]
+        if cfg.active_count == "round":  # published: all forced-on, then fill up to the target
+            return set(forced_on) | set(rng.sample(free, min(max(0, target - len(forced_on)), len(free))))
         target = min(max(target, len(forced_on)), hi)
         active = forced_on[:target]
         active += rng.sample(free, min(target - len(active), len(free)))
@@ -232,6 +260,8 @@ class ChaosController(Controller):
     accumulation), train, and `ctl.end(optimizer)` when done. Evaluate and save inside
     `with ctl.restored():` (or `save_pretrained_restored`): the full model, with its original
     layer list and config."""
+
+    trains_a_different_network = True  # hoisted or masked: not the model that is saved
 
     def __init__(self, model: nn.Module, cfg: ChaosConfig):
         validate(cfg)
@@ -268,8 +298,11 @@ class ChaosController(Controller):
         self._undo()
         self.plan = self.scheduler.plan(block)
         self._apply()
-        cfg = self.cfg
-        surgery.set_trainable(self.model, self.plan.modes, train_embeddings=cfg.train_embeddings,
+        cfg, modes = self.cfg, self.plan.modes
+        if cfg.masked_params == "zero_grad":  # published: what the masks zero still "trains"
+            modes = ["both" if m in ("dead", "attn", "mlp") or (m == "identity" and cfg.hoist_identity) else m
+                     for m in modes]
+        surgery.set_trainable(self.model, modes, train_embeddings=cfg.train_embeddings,
                               train_identity=cfg.train_identity, skip_identity=cfg.hoist_identity)
         for p in self.params:
             if not p.requires_grad:

@@ -30,7 +30,7 @@ from underpar.model import hf
 from underpar.optim.schedule import SCHEDULES, Schedule
 from underpar.runs import plots
 from underpar.runs.rundir import RunDir, Summary, check_run_name, check_runs_root
-from underpar.tracks import chaos, lisa  # noqa: F401  (register the methods "chaos" and "lisa")
+from underpar.tracks import chaos, finetune_heldout, lisa  # chaos, lisa: register the methods
 from underpar.tracks.finetune_inputs import Inputs, batches, check_inputs
 from underpar.tracks.finetune_methods import METHODS, Controller, MethodConfig
 
@@ -106,6 +106,9 @@ class FTEvalConfig:
     batch_size: int = bounded(64, 1)
     engine: str = choice("static", ("static", "loop", "hf"))
     compile: bool = True  # static engine on CUDA: compile the decode step (CUDA graphs)
+    # held-out loss of the full model (and of the network that trains, for chaos) before training,
+    # at each block end and at the end, on this many validation examples of data.task (0 = off)
+    heldout_examples: int = bounded(64, 0)
 
     def check(self) -> None:
         if len(set(self.tasks)) != len(self.tasks):
@@ -140,9 +143,12 @@ class FinetuneSummary(Summary):
     training_seconds: float
     median_ms_per_step: float
     mean_ms_per_step: float
-    peak_memory_bytes: int | None  # CUDA only
+    peak_memory_bytes: int | None  # CUDA only, while training
     eval: dict[str, dict[str, Any]]  # task -> evaluate_task's result after training
     eval_before: dict[str, dict[str, Any]]  # the same before training (eval.before)
+    heldout_loss_before: float | None = None  # held-out loss of the model before training
+    heldout_loss: float | None = None  # ... of the full (restored) model after training
+    heldout_loss_trained_net: float | None = None  # ... of the last block's hoisted / masked network
 
 
 def lr_at(cfg: FTOptimConfig, step: int, total: int) -> float:
@@ -176,13 +182,18 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
     check_runs_root(cfg.train.runs_root, "train.runs_root")
     inputs = check_inputs(cfg, device, model, tokenizer)
     controller = cfg.method.controller(inputs.model)  # checks the method against the model (its layers)
+    pad_id = inputs.tokenizer.pad_token_id if inputs.tokenizer is not None else 0
+    heldout, note = finetune_heldout.build(cfg, inputs.tokenizer, inputs.model.config.vocab_size, device, pad_id)
+    if note:
+        print(note, flush=True)
+        inputs.notes.append(note)
     run_dir = RunDir.start(cfg.train.runs_root, cfg.name, dist.Env(0, 1, 0, device))
     run_dir.save_config(cfg)
     with open(run_dir.file("train.log"), "a") as log:  # already printed
         log.writelines(line + "\n" for line in inputs.notes)
     stage = Stage()
     try:
-        return train_and_evaluate(cfg, device, inputs, controller, run_dir, stage)
+        return train_and_evaluate(cfg, device, inputs, controller, run_dir, stage, heldout)
     except KeyboardInterrupt:
         run_dir.log(_interrupted(cfg, run_dir, stage))
         raise
@@ -199,7 +210,8 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
 
 
 def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs, controller: Controller,
-                       run_dir: RunDir, stage: Stage) -> FinetuneSummary:
+                       run_dir: RunDir, stage: Stage, heldout: finetune_heldout.HeldOut | None = None
+                       ) -> FinetuneSummary:
     model, tokenizer, encoded = inputs.model, inputs.tokenizer, inputs.encoded
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size
@@ -236,13 +248,22 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     micro_batches = batches(encoded, cfg, pad_id, steps)
-    step_ms, layouts = [], []
+    step_ms, layouts, heldout_rows = [], [], []
+    if heldout is not None:  # the base model (measuring is never training time)
+        heldout_rows.append(dict(step=0, **heldout.measure(controller, trained=False)))
+        run_dir.metric(**heldout_rows[-1])
+        run_dir.log(f"before training: {finetune_heldout.describe(heldout_rows[-1])}")
+    loss_name = "loss of the sub-network" if controller.trains_a_different_network else "loss"
     started = last_line = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
         layout = controller.begin(step, optimizer)  # a new block's layout, or None
+        at_start = {}
         if layout is not None:
             layouts.append(layout)
+            if heldout is not None:  # the loss jump a new layout makes, before it trains
+                at_start, spent = heldout.at_block_start(controller)
+                t0, started = t0 + spent, started + spent
         lr = lr_at(cfg.optim, step, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -274,13 +295,20 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
             row["block"] = layout
         if device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        row |= at_start
+        if heldout is not None and (step + 1 == steps or controller.block_of(step + 1) != controller.block_of(step)):
+            ends, spent = heldout.at_block_end(controller)  # the full model and the network that trains
+            heldout_rows.append(row := row | ends)
+            run_dir.log(f"step {step + 1}/{steps} | {finetune_heldout.describe(row)}")
+            started += spent  # measuring is not training time
         run_dir.metric(**row)
         if (step < LOGGED_FIRST_STEPS or (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == steps
                 or now - last_line >= LOG_EVERY_SECONDS):
             last_line = now
-            run_dir.log(f"step {step + 1}/{steps} | loss {total_loss:.4f} | lr {lr:.2e} | {step_ms[-1]:.0f} ms | "
+            run_dir.log(f"step {step + 1}/{steps} | {loss_name} {total_loss:.4f} | lr {lr:.2e} | {step_ms[-1]:.0f} ms | "
                         f"{_pace(step + 1, steps, now - started)}")
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started  # held-out measuring moved `started` on
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # training's, not eval's
     controller.end(optimizer)
 
     # ---- save the full model, evaluate it ------------------------------------------------------
@@ -297,7 +325,7 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
         acc = results[name]["accuracy"]
         run_dir.log(f"{name}: accuracy {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] on {results[name]['n']} examples")
 
-    losses = [r["train_loss"] for r in run_dir.metrics()]
+    losses = [r["train_loss"] for r in run_dir.metrics() if "train_loss" in r]
     summary = FinetuneSummary(
         name=cfg.name,
         run_dir=str(run_dir.path),
@@ -308,12 +336,19 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
         training_seconds=round(train_seconds, 3),
         median_ms_per_step=statistics.median(step_ms),
         mean_ms_per_step=statistics.mean(step_ms),
-        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        peak_memory_bytes=peak,
         eval=results,
         eval_before=results_before,
+        heldout_loss_before=heldout_rows[0][finetune_heldout.FULL] if heldout_rows else None,
+        heldout_loss=heldout_rows[-1][finetune_heldout.FULL] if heldout_rows else None,
+        heldout_loss_trained_net=heldout_rows[-1].get(finetune_heldout.TRAINED) if heldout_rows else None,
     )
     run_dir.save_summary(summary)
-    plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name} ({method})", x="step")
+    note = " (train loss of the hoisted/masked sub-network, not the saved model)" * controller.trains_a_different_network
+    plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name} ({method}){note}", x="step")
+    if heldout_rows:
+        plots.heldout_curve(run_dir.metrics(), run_dir.file("heldout_loss.png"), finetune_heldout.LABELS,
+                            title=f"{cfg.name} ({method}): held-out loss")
     controller.report(layouts, run_dir)  # e.g. chaos_modes.png
     return summary
 

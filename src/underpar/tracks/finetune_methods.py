@@ -16,7 +16,9 @@ registration; tests/test_registries.py checks that a block begins and ends clean
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,8 +36,22 @@ class Controller:
     """Drives one method on one model. This base is full fine-tuning: every parameter trains
     and nothing changes between steps."""
 
+    # Whether the network that trains inside a block differs from the full model that is saved
+    # and evaluated (Deep Chaos: hoisted or masked). The loop then logs both networks' held-out
+    # losses, each under its own name.
+    trains_a_different_network = False
+
     def __init__(self, model: nn.Module):
         self.model = model
+
+    def block_of(self, step: int) -> int:
+        """The block of optimizer step `step`; full fine-tuning is one block."""
+        return 0
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[nn.Module]:
+        """The full model (what is saved and evaluated) for the duration of the block."""
+        yield self.model
 
     def begin(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> list[Any] | None:
         """Called before optimizer step `step` (0-based). When the step starts a new block, set

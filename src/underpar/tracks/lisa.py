@@ -50,8 +50,11 @@ class LisaController(Controller):
         rng = random.Random(f"underpar.lisa/{self.cfg.seed}/{block}")
         return sorted(rng.sample(range(len(self.layers)), self.cfg.n_layers))
 
+    def block_of(self, step: int) -> int:
+        return step // self.cfg.interval
+
     def begin(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> list[int] | None:
-        block = step // self.cfg.interval
+        block = self.block_of(step)
         return None if block == self.block else self.begin_block(block)
 
     def begin_block(self, block: int) -> list[int]:

@@ -1,0 +1,161 @@
+"""Sliced sub-networks (Deep Chaos, strategy "slice"): an active layer runs only its kept KV
+heads (with their query groups), kept MLP channel groups and kept output ("hidden") groups as
+smaller matmuls, instead of full-size matmuls whose outputs masks then zero.
+
+The weights are not copied into new parameters: `sliced_linear` gathers the kept rows/columns
+of the full weight in its forward and again in its backward (nothing gathered is kept for the
+backward), and scatters the gradient back into a full-size gradient of the original parameter,
+so the optimizer, checkpoints and `restore` see the usual parameters. Numerically it is the
+masked forward with the zero rows left out: same outputs to rounding, same gradients of kept
+weights, exact zeros elsewhere. Eager (no compile); the shapes change every block.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # gradient checkpointing support for the wrappers (transformers >= 4.52)
+    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
+except ImportError:  # pragma: no cover
+    _LayerBase = nn.Module
+
+
+class _SlicedLinear(torch.autograd.Function):
+    """y = x @ W[rows][:, cols].T + b[rows]; `None` rows / cols = all of them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, cols):
+        ctx.save_for_backward(x, weight, rows, cols)
+        ctx.bias_shape = None if bias is None else bias.shape
+        b = None if bias is None or _opt(rows) is None else bias.index_select(0, rows)
+        return F.linear(x, _gather(weight, rows, cols), bias if _opt(rows) is None else b)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rows, cols = ctx.saved_tensors
+        rows, cols = _opt(rows), _opt(cols)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ _gather(weight, rows, cols)  # gathered again: nothing kept from forward
+        g_y = grad_y.reshape(-1, grad_y.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = _scatter(g_y.t() @ x.reshape(-1, x.shape[-1]), weight.shape, rows, cols)
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            g = g_y.sum(0)
+            grad_b = g if rows is None else g.new_zeros(ctx.bias_shape).index_copy_(0, rows, g)
+        return grad_x, grad_w, grad_b, None, None
+
+
+_ALL = torch.empty(0, dtype=torch.long)  # saved in place of None (save_for_backward needs tensors)
+
+
+def _opt(index: torch.Tensor | None) -> torch.Tensor | None:
+    return None if index is None or index.numel() == 0 else index
+
+
+def _gather(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    rows, cols = _opt(rows), _opt(cols)
+    w = weight if rows is None else weight.index_select(0, rows)
+    return w if cols is None else w.index_select(1, cols)
+
+
+def _scatter(g: torch.Tensor, shape: torch.Size, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    if rows is None and cols is None:
+        return g
+    full = g.new_zeros(shape)
+    if cols is None:
+        return full.index_copy_(0, rows, g)
+    if rows is None:
+        return full.index_copy_(1, cols, g)
+    full[rows.unsqueeze(1), cols.unsqueeze(0)] = g
+    return full
+
+
+def sliced_linear(x: torch.Tensor, linear: nn.Linear, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` restricted to output `rows` and input `cols` (LongTensors; None = all)."""
+    return _SlicedLinear.apply(x, linear.weight, linear.bias, _ALL if rows is None else rows,
+                               _ALL if cols is None else cols)
+
+
+def units_to_rows(units: list[int], size: int, device: torch.device) -> torch.Tensor:
+    """Row indices of the kept units (heads, channel groups) of `size` rows each."""
+    return torch.tensor([u * size + j for u in units for j in range(size)], dtype=torch.long, device=device)
+
+
+class SlicedLayer(_LayerBase):
+    """A decoder layer restricted to one block's kept units: `x + scatter(attn_kept(norm(x)))`
+    and/or `x + scatter(mlp_kept(norm(x)))` (`mode` "both", "attn" or "mlp"). Holds the layer's
+    own modules (shared, no copies) and the kept row indices; same call signature as the layer."""
+
+    def __init__(self, layer: nn.Module, mode: str, kept: dict[str, torch.Tensor]):
+        super().__init__()
+        self.mode, self.kept = mode, kept
+        if mode in ("both", "attn"):
+            self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
+        if mode in ("both", "mlp"):
+            self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        self.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False)
+        if hasattr(layer, "_gradient_checkpointing_func"):
+            self._gradient_checkpointing_func = layer._gradient_checkpointing_func
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, position_embeddings: Any = None,
+                **kwargs: Any) -> torch.Tensor:
+        h, k = hidden_states, self.kept
+        if self.mode in ("both", "attn"):
+            y = _attention(self.self_attn, self.input_layernorm(h), k["q"], k["kv"], attention_mask, position_embeddings)
+            h = h.index_add(-1, k["attn_out"], sliced_linear(y, self.self_attn.o_proj, k["attn_out"], k["q"]))
+        if self.mode in ("both", "mlp"):
+            mlp, x = self.mlp, self.post_attention_layernorm(h)
+            a = mlp.act_fn(sliced_linear(x, mlp.gate_proj, k["mlp"])) * sliced_linear(x, mlp.up_proj, k["mlp"])
+            h = h.index_add(-1, k["mlp_out"], sliced_linear(a, mlp.down_proj, k["mlp_out"], k["mlp"]))
+        return h
+
+
+def _attention(attn: nn.Module, x: torch.Tensor, q_rows: torch.Tensor, kv_rows: torch.Tensor,
+               attention_mask: Any, position_embeddings: Any) -> torch.Tensor:
+    """The Hugging Face attention of `attn` over its kept heads only: (batch, seq, kept q * head_dim)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    module = sys.modules[type(attn).__module__]  # the model's own rope and eager attention
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q = sliced_linear(x, attn.q_proj, q_rows).view(shape).transpose(1, 2)
+    k = sliced_linear(x, attn.k_proj, kv_rows).view(shape).transpose(1, 2)
+    v = sliced_linear(x, attn.v_proj, kv_rows).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = module.apply_rotary_pos_emb(q, k, cos, sin)
+    impl = attn.config._attn_implementation
+    if impl == "eager":
+        interface = module.eager_attention_forward
+    else:
+        interface = ALL_ATTENTION_FUNCTIONS[impl]
+    extra = {"sliding_window": attn.sliding_window} if getattr(attn, "sliding_window", None) else {}
+    out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **extra)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def kept_rows(plan: Any, i: int, dims: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """Row indices of layer `i`'s kept units under `plan` (a mask plan; see chaos_strategies)."""
+    kept = {}
+    if i in plan.kv_heads:
+        group_q = dims.num_heads // dims.num_kv_heads
+        q_heads = [h * group_q + j for h in plan.kv_heads[i] for j in range(group_q)]
+        kept["q"] = units_to_rows(q_heads, dims.head_dim, device)
+        kept["kv"] = units_to_rows(plan.kv_heads[i], dims.head_dim, device)
+        kept["attn_out"] = _clip(units_to_rows(plan.attn_hidden_groups[i], plan.hidden_group_size, device),
+                                 dims.hidden_size)
+    if i in plan.mlp_groups:
+        kept["mlp"] = _clip(units_to_rows(plan.mlp_groups[i], plan.mlp_group_size, device), dims.intermediate_size)
+        kept["mlp_out"] = _clip(units_to_rows(plan.mlp_hidden_groups[i], plan.hidden_group_size, device),
+                                dims.hidden_size)
+    return kept
+
+
+def _clip(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """A last group may be partial (size not a multiple of the group size)."""
+    return rows[rows < size]
