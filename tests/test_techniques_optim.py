@@ -1,10 +1,12 @@
 """Optimizer techniques of issue 12: the tidal and breathing schedules and the LR floor at known
-progress points, Muon and Adam weight decay, and weight averaging (EMA, SWA, LAWA): its math,
+progress points, Muon and Adam weight decay, Muon's variants (the fused step equals the unfused
+one, MuonEq-R, NuMuon's rank schedule and update), and weight averaging (EMA, SWA, LAWA): its math,
 that it leaves compiled graphs alone, that the averaged weights are the exported ones, and
 that a killed and resumed run averages exactly as an uninterrupted one."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -27,6 +29,7 @@ from underpar.optim import (
     build_averager,
     build_optimizers,
     decay_start,
+    set_muon_progress,
 )
 from underpar.quant import artifact
 from underpar.runs.rundir import RunDir
@@ -151,6 +154,216 @@ def test_every_parameter_group_has_its_own_lr_field() -> None:
         assert fields[name].metadata["range"] == (0.0, None), name
     cfg = cfglib.resolve("pretrain", None, ["optim.matrix_lr=0.11", "optim.embed_lr=0.8", "optim.head_lr=0.01"])
     assert (cfg.optim.matrix_lr, cfg.optim.embed_lr, cfg.optim.head_lr) == (0.11, 0.8, 0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# Muon variants: the fused step (PR #1584), MuonEq-R row normalization, NuMuon (PR #38)
+
+# Same-shape stacks of three and of one, sizes with and without a multiple of the SIMD width.
+_VARIANT_SHAPES = [(24, 16), (16, 40), (24, 16), (7, 5), (24, 16)]
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _conditioned(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Singular values 0.1..1 (condition number 10), so the Newton-Schulz iteration converges."""
+    n = min(rows, cols)
+    u, _ = torch.linalg.qr(_randn(rows, n, seed=seed))
+    v, _ = torch.linalg.qr(_randn(cols, n, seed=seed + 1))
+    return u @ torch.diag(torch.logspace(-1, 0, n)) @ v.T
+
+
+def _run_pair(steps: int, between=None, **muon) -> tuple[list[nn.Parameter], list[nn.Parameter], Muon, Muon]:
+    """The unfused and the fused Muon over copies of the same weights and grads for `steps`
+    steps, the momentum changing each step (the warmup); `between(step, fused_opt)` may
+    meddle with the fused optimizer before a step."""
+    plain = [nn.Parameter(_randn(*s, seed=i)) for i, s in enumerate(_VARIANT_SHAPES)]
+    fused = [nn.Parameter(p.detach().clone()) for p in plain]
+    a = Muon(plain, lr=0.04, momentum=0.85, weight_decay=0.1, **muon)
+    b = Muon(fused, lr=0.04, momentum=0.85, weight_decay=0.1, fused=True, **muon)
+    for step in range(steps):
+        if between is not None:
+            b = between(step, b) or b
+        for opt, params in ((a, plain), (b, fused)):
+            opt.param_groups[0]["momentum"] = 0.85 + 0.02 * step
+            for i, p in enumerate(params):
+                # step 1: the middle one of the three (24, 16) matrices has no grad
+                p.grad = None if (step == 1 and i == 2) else _randn(*p.shape, seed=100 + 10 * step + i)
+            opt.step()
+    return plain, fused, a, b
+
+
+@pytest.mark.parametrize("nesterov, row_normalize", [(True, False), (False, True)])
+def test_fused_muon_step_equals_the_unfused_step_bit_for_bit(nesterov: bool, row_normalize: bool) -> None:
+    """Eager fp32, as on a CPU: the same weights and momentum buffers, exactly, over steps with a
+    changing momentum, weight decay, and a step where one matrix of a stack has no grad."""
+    plain, fused, a, b = _run_pair(4, nesterov=nesterov, row_normalize=row_normalize)
+    assert all(torch.equal(p, q) for p, q in zip(plain, fused))
+    assert all(torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"]) for p, q in zip(plain, fused))
+
+
+def test_fused_muon_keeps_its_momentum_stacked() -> None:
+    """Each matrix's momentum buffer is a view of its shape's stack, and the stack stays the
+    same tensor from step to step (no gather or scatter); a loaded state (new tensors) is
+    copied into a new stack once, and the run goes on exactly as the unfused one."""
+    stacks = []
+
+    def watch(step: int, opt: Muon) -> Muon | None:
+        stacks.append({key: stack.data_ptr() for key, (stack, _) in opt._stacked.items()})
+        if step == 4:  # a round trip through a state dict, as warmup's restore or a resume
+            fresh = Muon(opt.param_groups[0]["params"], lr=0.04, momentum=0.85, fused=True)
+            fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+            return fresh
+
+    plain, fused, a, b = _run_pair(6, between=watch)
+    assert all(torch.equal(p, q) for p, q in zip(plain, fused))
+    three = tuple(id(fused[i]) for i in (0, 2, 4))
+    # built at step 0; one without a grad at step 1 stacks the other two; built again at step 2,
+    # then the same stack through step 3
+    assert three not in stacks[2] and stacks[3][three] == stacks[4][three]
+    stack, views = b._stacked[three]
+    for k, i in enumerate((0, 2, 4)):
+        buf = b.state[fused[i]]["momentum_buffer"]
+        assert buf is views[k] and buf.data_ptr() == stack[k].data_ptr()
+
+
+def test_compiled_fused_step_is_one_graph_that_the_momentum_does_not_recompile() -> None:
+    """The compiled step traces whole (fullgraph) and compiles once while the momentum warmup
+    changes its value every step (a 0-D tensor, not a constant); it matches the eager step.
+    aot_eager keeps this test fast: inductor's code is checked on the GPU (benchmarks/optimizer_step.py)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from underpar.optim.muon import BASELINE_NS, fused_step
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fused_step, backend=counter, fullgraph=True, dynamic=False)
+    buf, ref_buf, momentum = torch.zeros(3, 24, 16), torch.zeros(3, 24, 16), torch.zeros(())
+    for step in range(4):
+        grads = [_randn(24, 16, seed=10 * step + i) for i in range(3)]
+        m = 0.85 + 0.03 * step
+        update = compiled(grads, buf, momentum.fill_(m), True, True, BASELINE_NS.schedule(5), 0.0, 1e-7)
+        ref = fused_step(grads, ref_buf, m, True, True, BASELINE_NS.schedule(5), 0.0, 1e-7)
+        assert torch.equal(buf, ref_buf)
+        assert float((update.float() - ref.float()).norm() / ref.float().norm()) < 1e-2  # measured 0
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_muon_on_cuda_stays_within_bf16_of_the_unfused_step() -> None:
+    """On CUDA both steps are compiled (inductor): the fused one writes `grad + m * buf` where
+    the unfused one uses add's alpha, and inductor may contract a multiply-add, so they agree to
+    bf16 precision, not bit for bit; the fp32 momentum buffers to fp32 rounding."""
+    plain = [nn.Parameter(_randn(*s, seed=i).cuda()) for i, s in enumerate([(256, 512), (512, 512), (256, 512)])]
+    fused = [nn.Parameter(p.detach().clone()) for p in plain]
+    a, b = Muon(plain, lr=0.04, momentum=0.85), Muon(fused, lr=0.04, momentum=0.85, fused=True)
+    for step in range(3):
+        for opt, params in ((a, plain), (b, fused)):
+            opt.param_groups[0]["momentum"] = 0.85 + 0.05 * step
+            for i, p in enumerate(params):
+                p.grad = _randn(*p.shape, seed=100 + 10 * step + i).cuda()
+            opt.step()
+    for p, q, p0 in zip(plain, fused, [_randn(*p.shape, seed=i).cuda() for i, p in enumerate(plain)]):
+        assert float(((q - p0) - (p - p0)).norm() / (p - p0).norm()) < 0.02
+        torch.testing.assert_close(b.state[q]["momentum_buffer"], a.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+def test_row_normalize_is_muoneq_r_before_newton_schulz() -> None:
+    from underpar.optim.muon import BASELINE_NS, muon_scale, newton_schulz, row_normalized
+
+    g = _randn(24, 16, seed=3) * torch.linspace(0.1, 10.0, 24)[:, None]  # rows of very different size
+    unit = row_normalized(g)
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(24), rtol=1e-6, atol=0)
+    assert torch.equal(row_normalized(torch.zeros(2, 3)), torch.zeros(2, 3))  # eps: no 0 / 0
+
+    def one_step(**muon) -> torch.Tensor:
+        p = nn.Parameter(torch.zeros(24, 16))
+        p.grad = g.clone()
+        Muon([p], lr=1.0, momentum=0.0, nesterov=False, **muon).step()
+        return -p.detach()
+
+    expected = (newton_schulz(unit, 5, BASELINE_NS) * muon_scale(24, 16)).float()  # scaled in bf16, as Muon
+    assert torch.equal(one_step(row_normalize=True), expected)
+    assert float((one_step() - expected).norm() / expected.norm()) > 0.1  # a different step
+
+
+def test_numuon_rank_schedule() -> None:
+    from underpar.optim.muon import numuon_rank
+
+    # relative rank 0.25 + 0.75 * (1 + cos(pi p)) / 2 of min(rows, cols) = 32, rounded up
+    assert numuon_rank(0.0, 0.25, 64, 32) == 32
+    assert numuon_rank(0.5, 0.25, 64, 32) == 20  # ceil(0.625 * 32)
+    assert numuon_rank(1.0, 0.25, 32, 64) == 8
+    assert numuon_rank(0.25, 0.25, 32, 64) == math.ceil((0.25 + 0.75 * (1 + math.cos(math.pi / 4)) / 2) * 32)
+    assert numuon_rank(2.0, 0.25, 64, 32) == 8 and numuon_rank(-1.0, 0.25, 64, 32) == 32  # clamped
+    assert numuon_rank(1.0, 0.001, 64, 32) == 1 and numuon_rank(1.0, 1.0, 64, 32) == 32
+    ranks = [numuon_rank(i / 100, 0.1, 512, 512) for i in range(101)]
+    assert ranks[0] == 512 and ranks[-1] == 52 and all(x >= y for x, y in zip(ranks, ranks[1:]))
+
+
+def _numuon_update(g: torch.Tensor, progress: float, **muon) -> torch.Tensor:
+    p = nn.Parameter(torch.zeros_like(g))
+    p.grad = g.clone()
+    opt = Muon([p], lr=1.0, momentum=0.0, nesterov=False, **muon)
+    set_muon_progress([opt], progress)
+    opt.step()
+    return -p.detach().double()
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+@pytest.mark.parametrize("progress, rank", [(0.0, 32), (0.5, 20), (1.0, 8)])
+def test_numuon_update_is_the_top_k_polar_factor(shape: tuple[int, int], progress: float, rank: int) -> None:
+    """k singular values of the update are 1 (times Muon's shape scale), the rest ~0, and the
+    update is U_k V_k^T of the gradient's float64 SVD to bf16 precision (measured 0.2%)."""
+    from underpar.optim.muon import muon_scale
+
+    g = _conditioned(*shape, seed=5)
+    update = _numuon_update(g, progress, numuon=True) / muon_scale(*shape)
+    sv = torch.linalg.svdvals(update)
+    assert int((sv > 0.5).sum()) == rank and sv[:rank].sub(1).abs().max() < 1e-2 and (sv[rank:] < 1e-2).all()
+    U, _, Vh = torch.linalg.svd(g.double(), full_matrices=False)
+    ref = U[:, :rank] @ Vh[:rank]
+    assert float((update - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_numuon_at_full_rank_is_muons_direction() -> None:
+    """At progress 0 NuMuon's update is the exact polar factor U V^T that Muon's Newton-Schulz
+    approximates. What differs is only that approximation: Muon's Polar Express update is within
+    15% of it (measured 10%) and 0.99 in cosine (measured 0.995)."""
+    g = _conditioned(48, 32, seed=7)
+    numuon = _numuon_update(g, 0.0, numuon=True)
+    muon = _numuon_update(g, 0.0, ns="polar_express")
+    assert float((muon - numuon).norm() / numuon.norm()) < 0.15
+    assert float((muon * numuon).sum() / (muon.norm() * numuon.norm())) > 0.99
+
+
+def test_fused_numuon_equals_unfused_numuon() -> None:
+    plain, fused, _, _ = _run_pair(3, numuon=True, numuon_min_rank=0.5, row_normalize=True)
+    assert all(torch.equal(p, q) for p, q in zip(plain, fused))
+
+
+def test_muon_variant_fields_reach_the_optimizer() -> None:
+    model = nn.Module()
+    model.tok_emb = nn.Embedding(8, 4)
+    model.blocks = nn.ModuleList([nn.Linear(4, 4, bias=False)])
+    muon, adam = build_optimizers(model, OptimConfig(), tie_embeddings=True)
+    group = muon.param_groups[0]
+    assert not muon.fused and not group["row_normalize"] and not group["numuon"] and group["progress"] == 0.0
+    cfg = OptimConfig()
+    for setting in ("muon_fused=true", "muon_row_normalize=true", "numuon=true", "numuon_min_rank=0.1"):
+        cfg = cfglib.override(cfg, setting)
+    cfglib.validate(cfg)
+    muon, adam = build_optimizers(model, cfg, tie_embeddings=True)
+    group = muon.param_groups[0]
+    assert muon.fused and group["row_normalize"] and group["numuon"] and group["numuon_min_rank"] == 0.1
+    set_muon_progress([muon, adam], 0.7)
+    assert group["progress"] == 0.7 and "progress" not in adam.param_groups[0]
+    with pytest.raises(ConfigError, match=r"optim.numuon_min_rank = 0.0 must be above 0.*\(0, 1\]"):
+        cfglib.validate(cfglib.override(OptimConfig(), "numuon_min_rank=0"), prefix="optim")
+    with pytest.raises(ConfigError, match="numuon_min_rank"):
+        cfglib.validate(cfglib.override(OptimConfig(), "numuon_min_rank=1.5"), prefix="optim")
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ from underpar.optim.build import (
     muon_momentum_at,
     set_lr,
     set_muon_momentum,
+    set_muon_progress,
 )
 from underpar.optim.groups import describe_param_table, format_param_table, param_rules
-from underpar.optim.muon import NS_COEFFICIENTS, Muon, newton_schulz
+from underpar.optim.muon import NS_COEFFICIENTS, Muon, newton_schulz, numuon_rank
 from underpar.optim.schedule import (
     SCHEDULES,
     Breathing,
@@ -47,7 +48,9 @@ __all__ = [
     "muon_momentum",
     "muon_momentum_at",
     "newton_schulz",
+    "numuon_rank",
     "param_rules",
     "set_lr",
     "set_muon_momentum",
+    "set_muon_progress",
 ]

@@ -1,9 +1,10 @@
 """OptimConfig and the optimizers it builds: Muon for block matrices, Adam for the rest,
 one param group per learning-rate field, each group carrying its `base_lr`.
 
-Per step the trainer calls set_lr(opts, cfg.schedule(progress)) and
-set_muon_momentum(opts, muon_momentum_at(cfg, step)), and after it the averager's
-update(step, progress) (build_averager; a no-op unless optim.averaging is set).
+Per step the trainer calls set_lr(opts, cfg.schedule(progress)),
+set_muon_momentum(opts, muon_momentum_at(cfg, step)) and set_muon_progress(opts, progress)
+(NuMuon's rank schedule reads it), and after it the averager's update(step, progress)
+(build_averager; a no-op unless optim.averaging is set).
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ class OptimConfig:
     ns_coefficients: str = choice("baseline", NS_COEFFICIENTS)
     # decoupled, on Muon's matrices: p *= 1 - lr * wd before each update (records: 0.04)
     muon_weight_decay: float = bounded(0.0, 0.0)
+    # MuonEq-R (PR #1260, on in the records as MUON_ROW_NORMALIZE=1): each row of the update
+    # divided by its L2 norm before Newton-Schulz
+    muon_row_normalize: bool = False
+    # PR #1584's fused step: momentum + Nesterov + normalization + Newton-Schulz as one compiled
+    # function per shape stack, momentum buffers kept stacked; the same math (systems only)
+    muon_fused: bool = False
+    # NuMuon (PR #38): the update is U_k V_k^T of the top-k SVD of the momentum direction, k on a
+    # cosine schedule over progress from full rank down to numuon_min_rank, a fraction of the
+    # full rank min(rows, cols) (optim/muon.py: numuon_rank). Eager (an SVD per stack)
+    numuon: bool = False
+    numuon_min_rank: float = bounded(0.25, 0.0, 1.0)
     # Adam
     beta1: float = bounded(0.9, 0.0, 1.0)
     beta2: float = bounded(0.95, 0.0, 1.0)
@@ -53,6 +65,11 @@ class OptimConfig:
     averaging: AveragingConfig = variant(AVERAGING, "none")
 
     def check(self) -> None:
+        if self.numuon_min_rank <= 0:
+            raise ConfigError(
+                f"optim.numuon_min_rank = {self.numuon_min_rank} must be above 0: it is the fraction "
+                "of the full rank NuMuon's update keeps at the end of training, in (0, 1]"
+            )
         abc = NS_COEFFICIENTS[self.ns_coefficients].abc
         if len(abc) > 1 and self.muon_backend_steps != len(abc):
             raise ConfigError(
@@ -65,17 +82,13 @@ def build_optimizers(
     model: nn.Module, cfg: OptimConfig, tie_embeddings: bool
 ) -> list[torch.optim.Optimizer]:
     """[Muon, Adam] (either left out when it has no parameters), following the param table."""
-    groups: dict[tuple[str, str], list[nn.Parameter]] = {}
+    groups: dict[tuple[str, str, float], list[nn.Parameter]] = {}
     for a in assign_params(model, cfg, tie_embeddings):
-        groups.setdefault((a.rule.optimizer, a.rule.lr_field), []).append(a.param)
+        groups.setdefault((a.rule.optimizer, a.rule.lr_field, a.lr), []).append(a.param)
 
     def param_groups(kind: str) -> list[dict]:
-        out = []
-        for (opt, field), ps in groups.items():
-            if opt == kind:
-                lr = getattr(cfg, field)
-                out.append({"params": ps, "lr": lr, "base_lr": lr, "lr_field": field})
-        return out
+        return [{"params": ps, "lr": lr, "base_lr": lr, "lr_field": field}
+                for (opt, field, lr), ps in groups.items() if opt == kind]
 
     optimizers: list[torch.optim.Optimizer] = []
     muon_groups = param_groups("muon")
@@ -89,6 +102,10 @@ def build_optimizers(
                 backend_steps=cfg.muon_backend_steps,
                 ns=cfg.ns_coefficients,
                 weight_decay=cfg.muon_weight_decay,
+                row_normalize=cfg.muon_row_normalize,
+                numuon=cfg.numuon,
+                numuon_min_rank=cfg.numuon_min_rank,
+                fused=cfg.muon_fused,
             )
         )
     adam_groups = param_groups("adam")
@@ -126,6 +143,15 @@ def set_muon_momentum(optimizers: list[torch.optim.Optimizer], value: float) -> 
         if isinstance(opt, Muon):
             for group in opt.param_groups:
                 group["momentum"] = value
+
+
+def set_muon_progress(optimizers: list[torch.optim.Optimizer], progress: float) -> None:
+    """Training progress in [0, 1] into every Muon group, for NuMuon's rank schedule (no
+    effect on the other Muon variants). Call it every step, as set_muon_momentum."""
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["progress"] = progress
 
 
 def muon_momentum_at(cfg: OptimConfig, step: int) -> float:
