@@ -399,8 +399,8 @@ def _params_and_grads() -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:
     return params, grads
 
 
-def _run_muon(params: list[nn.Parameter], grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    opt = Muon(params, lr=0.04, momentum=0.95)
+def _run_muon(params: list[nn.Parameter], grads: list[list[torch.Tensor]], fused: bool = False) -> list[torch.Tensor]:
+    opt = Muon(params, lr=0.04, momentum=0.95, fused=fused)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
@@ -413,8 +413,9 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        result = _run_muon(*_params_and_grads())
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        for fused in (False, True):
+            result = _run_muon(*_params_and_grads(), fused=fused)
+            torch.save(result, os.path.join(out_dir, f"rank{rank}{'-fused' if fused else ''}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -429,7 +430,7 @@ def _free_port() -> int:
 def test_distributed_muon_matches_single_process(tmp_path) -> None:
     single = _run_muon(*_params_and_grads())
     mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        sharded = torch.load(tmp_path / f"rank{rank}.pt")
+    for name in ("rank0", "rank1", "rank0-fused", "rank1-fused"):  # the fused step (eager) too
+        sharded = torch.load(tmp_path / f"{name}.pt")
         for a, b in zip(single, sharded):
-            assert torch.equal(a, b)  # each slot is written by one rank; the sum is exact
+            assert torch.equal(a, b), name  # each slot is written by one rank; the sum is exact
