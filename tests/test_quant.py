@@ -13,8 +13,8 @@ import underpar
 from underpar.config import from_dict, validate
 from underpar.errors import ArtifactError, ConfigError
 from underpar.model.precision import CONTROL_PATTERNS
-from underpar.quant import artifact
-from underpar.quant.artifact import account, code_bytes, code_files, export_model, load_model
+from underpar.quant import artifact, codewrap
+from underpar.quant.artifact import account, code_bytes, code_files, compressed_code, export_model, load_model
 from underpar.quant.base import COMPRESSORS
 from underpar.quant.config import QuantConfig
 from underpar.quant.int8 import (
@@ -115,7 +115,10 @@ def test_byte_accounting_sums_exactly(tmp_path):
     assert acct.model == model_bytes == os.path.getsize(path)
     assert acct.code + acct.model == acct.total
     assert acct.limit == 16_000_000
-    assert acct.code == sum(os.path.getsize(f) for f in acct.files) == code_bytes(acct.files)
+    assert acct.code_raw == sum(os.path.getsize(f) for f in acct.files) == code_bytes(acct.files)
+    # the counted code is the files as one compressed self-extracting script
+    assert (acct.code_wrapper, acct.code) == compressed_code(acct.files) and acct.code < acct.code_raw / 2
+    assert acct.as_dict()["headroom"] == acct.limit - acct.total
 
     files = code_files()
     assert list(acct.files) == files == sorted(files) == code_files()  # deterministic
@@ -133,11 +136,12 @@ def test_byte_accounting_sums_exactly(tmp_path):
 
 
 def test_over_limit_is_an_error_with_the_numbers():
-    code = code_bytes(code_files())
+    raw = code_bytes(code_files())
+    _, code = compressed_code(code_files())
     with pytest.raises(ArtifactError) as info:
         account(1_000_000, limit=1_000_000)
     msg = str(info.value)
-    for number in (code + 1_000_000, code, 1_000_000, code):  # total, code, model/limit, excess
+    for number in (code + 1_000_000, code, raw, 1_000_000, code):  # total, code, raw code, model/limit, excess
         assert f"{number:,}" in msg
     assert "quant.scheme" in msg
     assert account(1_000_000 - code, limit=1_000_000).total == 1_000_000  # exactly at the limit
@@ -201,3 +205,22 @@ def test_default_config_is_the_baseline():
     assert (cfg.scheme, cfg.clip_percentile, cfg.keep_float_max_numel, cfg.compressor) == (
         "int8", 99.99984, 65_536, "zlib",
     )
+
+
+@pytest.mark.parametrize("method", codewrap.METHODS)
+def test_code_wrapper_reproduces_the_source_exactly(method, tmp_path):
+    root = Path(underpar.__file__).parent
+    files = code_files()[:3]
+    source = codewrap.bundle(files, root)
+    assert source.count("# ==== ") == 3 and files[0].read_text() in source
+    script = codewrap.wrap(source, method)
+    assert codewrap.unwrap(script) == source
+    # executed, a wrapper runs its payload: a tiny program prints through it
+    program = tmp_path / "wrapped.py"
+    program.write_bytes(codewrap.wrap("import sys\nprint('under' + 'par', 'é', sys.argv[1:])\n", method))
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(program), "x"], capture_output=True, check=True, text=True)
+    assert out.stdout == "underpar é ['x']\n"
+    with pytest.raises(ArtifactError, match="unknown code wrapper"):
+        codewrap.wrap(source, "gzip")

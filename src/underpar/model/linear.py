@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from underpar.quant.qat import fake_quantize_rows
+
 
 def rms_norm(x: Tensor) -> Tensor:
     """RMS norm over the last dim with no learned weight (eps = the dtype's machine eps)."""
@@ -21,7 +23,11 @@ class RMSNorm(nn.Module):
 
 class CastedLinear(nn.Linear):
     """A bias-free linear whose weight stays fp32 (optimizer quality) and is cast to the
-    input's dtype at matmul time (bf16 compute)."""
+    input's dtype at matmul time (bf16 compute). With `qat_bits` set (a training stage, see
+    quant/qat.py) the weight is fake-quantized per row first; 0, the default, leaves the
+    forward exactly the plain one."""
+
+    qat_bits: int = 0
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -31,4 +37,7 @@ class CastedLinear(nn.Linear):
             nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        if self.qat_bits:
+            w = fake_quantize_rows(w, self.qat_bits)
+        return F.linear(x, w.to(x.dtype))
