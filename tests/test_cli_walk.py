@@ -69,6 +69,8 @@ CASES: dict[tuple[str, str], tuple[list[str], str]] = {
     ("runs rm", "runs"): (["x", ""], "an empty run id"),
     ("runs rm", "--root"): (["x", "--root", "{tmp}"], "no run store at {tmp}/runs.db"),
     ("sweep", "file"): (["{tmp}/missing.toml"], "sweep file {tmp}/missing.toml does not exist"),
+    ("report", "file"): (["{tmp}/missing.toml"], "sweep file {tmp}/missing.toml does not exist"),
+    ("report", "--out"): (["{tmp}/missing.toml", "--out", "{tmp}/a-file"], "--out {tmp}/a-file is a file, not a folder"),
     ("sweep", "--worker"): (["{tmp}/missing.toml", "--worker", "2/2"], "--worker '2/2': expected i/n with 0 <= i < n"),
 }
 

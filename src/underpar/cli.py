@@ -336,6 +336,20 @@ def sweep(
         sys.exit(1)
 
 
+@app.command("report")
+def report(
+    file: str = typer.Argument(..., help="The sweep file (its runs are read from the store under its runs_root)."),
+    out: Optional[str] = typer.Option(None, help="Output folder (default: <runs_root>/sweeps/<name>/)."),
+) -> None:
+    """A markdown experiment log of a sweep (a table per phase, best config, progression, p-values) with PNG plots."""
+    from underpar.runs import report as reportlib
+    from underpar.runs import sweep as sweeplib
+
+    reportlib.check_out(out)
+    plan = sweeplib.load(file)
+    typer.echo(f"report {reportlib.write(plan, out)}")
+
+
 def main() -> None:
     """Every mistake the user can fix ends in one `error: ...` line and exit code 2 (no
     traceback, no usage box); Ctrl-C ends with exit code 130 after the track said what it kept.

@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,23 @@ def db_path(root: str | Path) -> Path:
     return Path(root) / DB_NAME
 
 
+_local = threading.local()
+
+
+def _connection(path: Path, timeout: float) -> sqlite3.Connection:
+    """This thread's open connection to `path`: kept open, since closing the last connection
+    checkpoints and removes the WAL, which costs more than the writes themselves. WAL with
+    synchronous=NORMAL survives a killed process (only a power cut may lose the last commits)."""
+    cache = _local.__dict__.setdefault("connections", {})
+    key = (str(path.absolute()), os.getpid())
+    if key not in cache:
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=NORMAL")
+        cache[key] = db
+    return cache[key]
+
+
 class Store:
     """The runs database under `root`. Each call opens its own short connection, so one Store
     may be used from several threads, and many processes may write at once (SQLite's locks
@@ -83,18 +101,15 @@ class Store:
     def connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
         """A connection in one transaction (committed on success, rolled back on an error);
         `immediate` takes the write lock at once, for read-then-write decisions (claims)."""
-        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        db.row_factory = sqlite3.Row
+        db = _connection(self.path, self.timeout)
+        db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
-            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             yield db
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        finally:
-            db.close()
 
     # ---- runs
 
@@ -288,8 +303,6 @@ class Tracker:
         entry = self.holds.setdefault(store.path, [store, 0])
         entry[1] += 1
         if self.thread is None or not self.thread.is_alive():
-            import threading
-
             self.thread = threading.Thread(target=self._beat, name="underpar-heartbeat", daemon=True)
             self.thread.start()
 

@@ -308,7 +308,7 @@ def _end(store: storelib.Store, sweep: Sweep, job: Job, status: str, error: str)
 
 
 def results(sweep: Sweep) -> dict[str, dict[str, Any]]:
-    """job key -> {"status", "run" (its store row, or None)}: the run a job's claim names, else
+    """job key -> {"status", "run" (its store row, or None), "error"}: the run a job's claim names, else
     the latest run labelled with the job."""
     store = storelib.Store(sweep.runs_root, create=False)
     claims = store.jobs(sweep.name)
@@ -321,5 +321,6 @@ def results(sweep: Sweep) -> dict[str, dict[str, Any]]:
             labelled = [r for r in runs.values() if r["sweep"] == sweep.name and r["job"] == job.key]
             run = labelled[-1] if labelled else None
         status = (claim["status"] if claim else None) or (run["status"] if run else "not run")
-        out[job.key] = {"status": "done" if run and run["status"] == "done" else status, "run": run}
+        error = (claim or {}).get("error") or (run or {}).get("error")
+        out[job.key] = {"status": "done" if run and run["status"] == "done" else status, "run": run, "error": error}
     return out
