@@ -270,6 +270,19 @@ def test_run_end_to_end(full_run, loaded):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_population_engine_scores_like_one_candidate_at_a_time(full_run, model_dir, loaded, tmp_path):
+    """decode.population=4: candidates decoded 4 at a time in one forward (6 = a chunk of 4 and a
+    padded chunk of 2) give the same completions (digests), rewards, ensembles and diagnostics."""
+    _, summary_full, before, _, _ = full_run
+    model, tokenizer = loaded
+    summary = randopt.run(config(model_dir, tmp_path, "diagnostics.bpb_documents=2", "decode.population=4"),
+                          model, tokenizer)
+    by_index = lambda rows: sorted(rows, key=lambda r: r["index"])  # noqa: E731
+    assert by_index(population_rows(Path(summary.run_dir))) == by_index(population_rows(Path(summary_full.run_dir)))
+    assert table(summary) == table(summary_full)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tmp_path, monkeypatch, capsys):
     cfg_full, summary_full, before, _, _ = full_run
     model, tokenizer = loaded
@@ -326,6 +339,8 @@ def test_config_errors_name_the_problem(model_dir, tmp_path):
         config(model_dir, tmp_path, tests='["nope"]')
     with pytest.raises(ConfigError, match="task=path"):
         config(model_dir, tmp_path, 'task_paths=["gsm8k"]')
+    with pytest.raises(ConfigError, match="decode.population"):
+        config(model_dir, tmp_path, "decode.population=0")
 
 
 

@@ -11,9 +11,11 @@ transfer, pairwise merges, held-out bits per byte) -> summary.json + plot. Every
 progress bar or a line; Ctrl-C says what is kept and how to resume. The model holds the base
 weights again when `run` returns, also when it fails.
 
-Speed: weights are rebuilt in place from a resident base copy (one fused pass per tensor, no
-restore pass), and every prompt set is generated as whole batches of one fixed row count, so
-one static decoder, built and compiled once in an untimed warm-up, serves every call.
+Speed: weights are rebuilt in place from a resident base copy (one fused launch over the flat
+parameter buffer, no restore pass), and every prompt set is generated as whole batches of one
+fixed row count, so one static decoder, built and compiled once in an untimed warm-up, serves
+every call. decode.population = P > 1 decodes P candidates in one forward (randopt_population.py)
+for the search, the ensemble members and the K=1 seeds; base, merges and bpb stay one at a time.
 
 Beside this file: randopt_search.py (the population, selection, prompt sets, scoring),
 randopt_diagnostics.py (population statistics, K=1 transfer, merges, held-out bpb) and
@@ -46,8 +48,9 @@ from underpar.runs.rundir import CONFIG, RunDir, check_run_name, check_runs_root
 from underpar.tracks import randopt_diagnostics as diagnose
 from underpar.tracks.randopt_search import (
     POPULATION_FILE, Answerer, Candidates, PromptSet, correct, draw_population, k1_indices, load_examples,
-    map_with_progress, merge_pairs, rank, read_population, score_candidate, tokenize_prompts, top_k,
+    map_with_progress, merge_pairs, rank, read_population, say_how_to_resume, score_candidate, tokenize_prompts, top_k,
 )
+from underpar.tracks.randopt_population import PopulationScorer
 from underpar.tracks.randopt_summary import Diagnostics, EnsembleResult, RandOptSummary, SearchStats, report
 
 # Fields that define the population and its train rewards: a resumed run must keep them.
@@ -63,6 +66,12 @@ class RODecodeConfig:
     batch_size: int = bounded(32, 1)  # rows of the one decoder; sets are padded to whole batches
     engine: str = choice("static", ENGINES)
     compile: bool = True  # static engine on CUDA: the decode step becomes a CUDA graph
+    # candidates decoded together in one forward (stacked weights, Llama-family models; on CUDA
+    # a CUDA graph per step when compile is on); 1 = one candidate at a time through `engine`
+    population: int = bounded(1, 1)
+
+    def engine_config(self) -> DecodeConfig:
+        return DecodeConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k != "population"})
 
 
 @dataclasses.dataclass
@@ -221,7 +230,10 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
     train, *tests = [tokenize_prompts(tokenizer, name, ex) for name, ex in zip([cfg.task, *cfg.test_tasks], examples)]
     space = PerturbSpace(model, cfg.include, cfg.exclude)
     rows_per_batch = min(cfg.decode.batch_size, max(len(s.ids) for s in [train, *tests]))
-    answerer = Answerer(model, tokenizer, DecodeConfig(**dataclasses.asdict(cfg.decode)), rows_per_batch)
+    answerer = Answerer(model, tokenizer, cfg.decode.engine_config(), rows_per_batch)
+    P = cfg.decode.population
+    batched = PopulationScorer(model, tokenizer, space, cfg.decode.engine_config(), rows_per_batch, P, cfg.backend,
+                               [train, *tests]) if P > 1 else None
     N = cfg.population
     candidates = Candidates(space, draw_population(N, cfg.sigmas, cfg.seed), cfg.backend)
     run_dir = run_dir or RunDir.start(cfg.runs_root, cfg.name, env)
@@ -258,6 +270,11 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
             return {"index": i, "seed": seed, "sigma": sigma,
                     **score_candidate(answerer, space, train, seed, sigma, cfg.backend)}
 
+        def score_chunk(chunk: list[int]) -> list[dict[str, Any]]:
+            drawn = [candidates.drawn[i] for i in chunk]
+            return [{"index": i, "seed": seed, "sigma": sigma, **row}
+                    for i, (seed, sigma), row in zip(chunk, drawn, batched.score(drawn, train))]
+
         def arrived(pairs: list[tuple[int, dict]]) -> str:
             for _, row in pairs:
                 rows[row["index"]] = row
@@ -267,7 +284,8 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
             return f"best {max(r['reward'] for r in rows.values()):.3f}"
 
         search_start = time.perf_counter()
-        map_with_progress(env, "population", "seeds", missing, score, done=len(rows), on_round=arrived)
+        map_with_progress(env, "population", "seeds", missing, score if batched is None else score_chunk,
+                          done=len(rows), on_round=arrived, chunk=P)
         search_seconds = time.perf_counter() - search_start
         rows = [rows[i] for i in range(N)]
         lap("search")
@@ -284,8 +302,14 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
             candidates.apply(i)
             return [answerer.answers(s) for s in sets]
 
+        def answers_many(label: str, unit: str, indices: list[int], sets: list[PromptSet]) -> list[list[list[str | None]]]:
+            if batched is None:
+                return map_with_progress(env, label, unit, indices, lambda i: answers_of(i, sets))
+            return map_with_progress(env, label, unit, indices, chunk=P,
+                                     fn=lambda chunk: batched.answers([candidates.drawn[i] for i in chunk], sets))
+
         # ---- 5. ensembles: each member answers each test set once; majority vote per K -------
-        answered = map_with_progress(env, "ensemble members", "members", members, lambda i: answers_of(i, tests))
+        answered = answers_many("ensemble members", "members", members, tests)
         member_answers = dict(zip(members, answered))
         ensembles = []
         for t, s in enumerate(tests):
@@ -307,8 +331,7 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         singles_k1 = k1_indices(cfg.diagnostics.k1_seeds, ranked, len(members), cfg.seed)
         extra = [i for i in singles_k1 if i not in member_answers]
         first_answers = {m: member_answers[m][0] for m in members}
-        first_answers.update(zip(extra, map_with_progress(env, f"K=1 seeds on {first.name}", "seeds", extra,
-                                                          lambda i: answers_of(i, [first])[0])))
+        first_answers.update(zip(extra, (a[0] for a in answers_many(f"K=1 seeds on {first.name}", "seeds", extra, [first]))))
         single = {i: mean(correct(first, a)) for i, a in first_answers.items()}  # accuracy of each seed alone
         k1 = diagnose.transfer_stats(rows, singles_k1, single, first_base, first.name) if singles_k1 else None
         lap("k1")
@@ -334,7 +357,7 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
                         + " | ".join(f"K={e['k']} {e['bpb']:.5f}" for e in bpb["ensembles"]))
         lap("bpb")
     except KeyboardInterrupt:
-        _say_how_to_resume(run_dir, pop_file, N)
+        say_how_to_resume(run_dir, pop_file, N)
         raise
     finally:
         space.restore()
@@ -363,16 +386,3 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
 def _printer(env: dist.Env):
     """Rank 0's console lines before the run directory exists (RunDir.log afterwards)."""
     return lambda message: print(message, flush=True) if env.is_main else None
-
-
-def _say_how_to_resume(run_dir: RunDir, pop_file: Path, population: int) -> None:
-    """On Ctrl-C: what the run directory keeps, and the command that continues it."""
-    scored = 0
-    if pop_file.is_file():
-        for line in pop_file.read_text().splitlines():
-            try:
-                scored += isinstance(json.loads(line), dict)
-            except json.JSONDecodeError:  # a line torn by the interrupt: rescored on resume
-                pass
-    run_dir.log(f"interrupted: {scored} of {population} candidates are scored and kept in {pop_file}; "
-                f"continue with `underpar randopt --resume {run_dir.path}` (only the missing ones are scored)")

@@ -90,24 +90,32 @@ def read_population(path: Path, population: Sequence[tuple[int, float]], writer:
 
 
 def map_with_progress(env: dist.Env, label: str, unit: str, items: Sequence[Any], fn: Callable[[Any], Any],
-                      done: int = 0, on_round: Callable[[list[tuple[int, Any]]], str | None] | None = None) -> list[Any]:
+                      done: int = 0, on_round: Callable[[list[tuple[int, Any]]], str | None] | None = None,
+                      chunk: int = 1) -> list[Any]:
     """`dist.sharded_map(env, items, fn)` behind a progress bar on rank 0: count, rate in `unit`/s,
     elapsed, ETA. `done` = items finished before (a resumed search): they count towards the
-    total, not the rate. `on_round(pairs)` sees each round and may return text for the bar."""
+    total, not the rate. `on_round(pairs)` sees each round and may return text for the bar.
+    `chunk` > 1: `fn` takes a list of up to `chunk` items and returns one result per item (a
+    population decoded together); the rank sharding, rounds and the bar go by chunks, the
+    results and `on_round`'s (index, result) pairs by items."""
     if not items:
         return []
     start, count = time.perf_counter(), 0
+    groups = [list(items[k:k + chunk]) for k in range(0, len(items), chunk)] if chunk > 1 else items
     with progress() as bar:
         task = bar.add_task(label, total=done + len(items), completed=done, info="")
 
         def arrived(pairs: list[tuple[int, Any]]) -> None:
             nonlocal count
+            if chunk > 1:
+                pairs = [(g * chunk + k, r) for g, results in pairs for k, r in enumerate(results)]
             count += len(pairs)
             extra = on_round(pairs) if on_round is not None else None
             rate = count / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=len(pairs), info=f"{rate:.3g} {unit}/s" + (f", {extra}" if extra else ""))
 
-        return dist.sharded_map(env, items, fn, on_round=arrived)
+        results = dist.sharded_map(env, groups, fn, on_round=arrived)
+    return [r for group in results for r in group] if chunk > 1 else results
 
 
 # ---------------------------------------------------------------- the candidates' weights
@@ -200,7 +208,24 @@ def score_candidate(answerer: Answerer, space: PerturbSpace, prompts: PromptSet,
     space.apply(seed, sigma, backend)
     stats = GenerationStats()
     texts = answerer.texts(prompts, stats)
-    rewards = [prompts.task.reward(text, e) for text, e in zip(texts, prompts.examples)]
-    digest = hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
-    return {"reward": mean(rewards), "tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4),
-            "digest": digest}
+    return {**score_texts(prompts, texts), "tokens": stats.generated_tokens, "seconds": round(stats.seconds, 4)}
+
+
+def score_texts(prompts: PromptSet, texts: Sequence[str]) -> dict[str, Any]:
+    """The mean task reward of one candidate's completions and a digest of them (equal digests:
+    the same completions, whichever engine decoded them)."""
+    rewards = [prompts.task.reward(text, e) for text, e in zip(texts, prompts.examples, strict=True)]
+    return {"reward": mean(rewards), "digest": hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()[:16]}
+
+
+def say_how_to_resume(run_dir: Any, pop_file: Path, population: int) -> None:
+    """On Ctrl-C: what the run directory keeps, and the command that continues it."""
+    scored = 0
+    if pop_file.is_file():
+        for line in pop_file.read_text().splitlines():
+            try:
+                scored += isinstance(json.loads(line), dict)
+            except json.JSONDecodeError:  # a line torn by the interrupt: rescored on resume
+                pass
+    run_dir.log(f"interrupted: {scored} of {population} candidates are scored and kept in {pop_file}; "
+                f"continue with `underpar randopt --resume {run_dir.path}` (only the missing ones are scored)")
