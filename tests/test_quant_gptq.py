@@ -11,7 +11,6 @@ from underpar.data.shards import TokenLoader
 from underpar.errors import ArtifactError
 from underpar.model.config import GPTConfig
 from underpar.model.gpt import build
-from underpar.model.precision import CONTROL_PATTERNS
 from underpar.quant import artifact
 from underpar.quant.calibrate import Calibration, gptq_quantize
 from underpar.quant.clip import round_to_nearest, row_scales

@@ -189,6 +189,9 @@ def test_grouped_round_trip_is_bit_exact_and_picks_the_smallest(tmp_path):
     schemes = {row["name"]: row["scheme"] for row in exported.report["tensors"]}
     assert schemes["tok_emb.weight"].startswith("int8 rtn") and schemes["blocks.0.attn_scale"] == "float32"
     assert sum("+lqer" in s for s in schemes.values()) == 2
+    shares = sum(row["compressed_bytes"] for row in exported.report["tensors"])
+    assert abs(shares - (exported.model_bytes - exported.report["overhead_bytes"])) <= len(sd)  # rounding only
+    assert exported.report["bytes_per_parameter"] == exported.model_bytes / sum(t.numel() for t in sd.values())
 
 
 def test_corrupt_truncated_and_foreign_grouped_artifacts(tmp_path):

@@ -76,6 +76,12 @@ def export_quantized(obj: Mapping[str, Any], cfg: QuantConfig, path: str | os.Pa
         blob = COMPRESSORS[cfg.compressor].compress(buffer.getvalue())
         report = {"container": "torch", "bytes": len(blob), "compressor": cfg.compressor}
     report["tensors"] = tensor_table(obj)
+    compressed = report.pop("tensor_compressed_bytes", None)
+    for row in report["tensors"]:
+        if compressed is not None:  # the grouped container's estimate (share of its groups)
+            row["compressed_bytes"] = compressed.get(row["name"], 0)
+    if stats and stats.get("param_count"):
+        report["bytes_per_parameter"] = len(blob) / stats["param_count"]
     _write_atomically(Path(path), blob)
     return Exported(model_bytes=len(blob), stats=dict(stats or {}), report=report)
 

@@ -137,12 +137,17 @@ def encode(obj: Mapping[str, Any], compressors: list[str], packings: list[str]) 
                     jobs[group, layout, c] = (len(data), pool.submit(COMPRESSORS[c].compress, data))
         results = {key: (raw_len, future.result()) for key, (raw_len, future) in jobs.items()}
     streams, blobs, report_groups = [], [], []
+    tensor_bytes: dict[str, float] = {}
     for group, parts in plan.items():
         candidates = {(layout, c): results[group, layout, c] for layout in _layouts(parts, packings) for c in usable}
         (layout, c), (raw_len, blob) = min(candidates.items(), key=lambda kv: len(kv[1][1]))
         streams.append({"group": group, "layout": layout, "compressor": c, "length": len(blob), "raw": raw_len})
         blobs.append(blob)
         sizes = {f"{lay}+{comp}": len(b) for (lay, comp), (_, b) in candidates.items()}
+        # A tensor's share of its group's compressed bytes, in proportion to its raw bytes there.
+        for name, _, kind, numel, bits in parts:
+            raw = pack.packed_size(numel, bits, layout) if kind == "codes" else numel * _stride(parts)
+            tensor_bytes[name] = tensor_bytes.get(name, 0.0) + len(blob) * raw / max(raw_len, 1)
         report_groups.append({"group": group, "tensors": len({p[0] for p in parts}), "chosen": f"{layout}+{c}",
                               "bytes": len(blob), "sizes": sizes})
     manifest = zlib.compress(json.dumps({"format": FORMAT, "tensors": meta, "streams": streams},
@@ -153,7 +158,8 @@ def encode(obj: Mapping[str, Any], compressors: list[str], packings: list[str]) 
     per_compressor = {c: overhead + sum(min(v for k, v in g["sizes"].items() if k.endswith(f"+{c}"))
                                         for g in report_groups) for c in usable}
     report = {"container": "grouped", "bytes": len(data), "overhead_bytes": overhead, "groups": report_groups,
-              "single_compressor_bytes": per_compressor, "skipped_compressors": sorted(set(compressors) - set(usable))}
+              "single_compressor_bytes": per_compressor, "skipped_compressors": sorted(set(compressors) - set(usable)),
+              "tensor_compressed_bytes": {name: round(b) for name, b in tensor_bytes.items()}}
     return data, report
 
 
