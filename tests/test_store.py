@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from underpar import dist
+from underpar.errors import UnderparError
 from underpar.runs import store as storelib
 from underpar.runs.rundir import RunDir, Summary
 from underpar.runs.store import Store, live_status
@@ -39,6 +40,19 @@ def test_a_run_registers_finishes_and_keeps_its_numbers(tmp_path):
     (row,) = store.runs()
     assert row["status"] == "done" and row["error"] is None
     assert row["metrics"] == {"val_bpb": 2.5, "artifact_bytes.total": 10}
+
+
+def test_the_journal_mode_is_chosen_when_the_store_is_made(tmp_path, monkeypatch):
+    with Store(tmp_path / "local").connect() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    monkeypatch.setenv(storelib.JOURNAL_ENV, "delete")  # a store shared across nodes
+    with Store(tmp_path / "shared").connect() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    with Store(tmp_path / "local").connect() as db:  # an existing store keeps its mode
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    monkeypatch.setenv(storelib.JOURNAL_ENV, "memory")
+    with pytest.raises(UnderparError, match="UNDERPAR_STORE_JOURNAL = 'memory' is not valid; choose one of: wal, delete"):
+        Store(tmp_path / "other")
 
 
 def test_a_dead_or_silent_process_reads_killed_never_done(tmp_path):

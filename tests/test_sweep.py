@@ -26,7 +26,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 SWEEP = """
 name = "toy"
 preset = "tiny-cpu"
-set = ["train.runs_root={root}", "train.max_steps=${{TOY_STEPS}}"]
+set = ["train.runs_root={root}", "train.max_steps=${{TOY_STEPS}}", "train.val_every_steps=${{TOY_UNSET:-7}}"]
 seeds = [1, 2]
 
 [[phase]]
@@ -87,6 +87,7 @@ def test_a_sweep_file_becomes_checked_jobs(tmp_path):
         "lr/lr-optim.matrix_lr=0.06/seed=1", "lr/lr-optim.matrix_lr=0.06/seed=2"]
     job = plan.jobs[-1]
     assert job.config.optim.matrix_lr == 0.06 and job.config.model.mlp.activation == "leaky_relu2"
+    assert job.config.train.val_every_steps == 7  # ${TOY_UNSET:-7}: the default
     assert job.config.train.seed == 2 and job.config.train.max_steps == 3 and job.config.name == "toy.lr.lr-optim.matrix_lr-0.06.s2"
     assert plan.phases[1].baseline == "lr-optim.matrix_lr=0.02" and plan.metric == "val_bpb" and plan.runs_root == str(tmp_path / "runs")
 

@@ -26,6 +26,10 @@ from typing import Any
 from underpar.errors import UnderparError
 
 DB_NAME = "runs.db"
+# WAL (the default) lets readers and one writer work at once, but only for processes on one
+# host; a store shared by several nodes must use the rollback journal ("delete") on a
+# filesystem whose POSIX locks work across nodes.
+JOURNAL_ENV = "UNDERPAR_STORE_JOURNAL"
 STATUSES = ("running", "done", "failed", "killed")
 HEARTBEAT_SECONDS = 15.0
 STALE_SECONDS = 120.0  # a running row not beaten for this long belongs to a dead process
@@ -90,9 +94,14 @@ class Store:
             raise UnderparError(f"no run store at {self.path}: no run has been started with runs_root = {str(root)!r}")
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
+            journal = os.environ.get(JOURNAL_ENV, "wal").lower()
+            if journal not in ("wal", "delete"):
+                raise UnderparError(f"{JOURNAL_ENV} = {journal!r} is not valid; choose one of: wal, delete")
+            new = not self.path.is_file()
             db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-            try:  # WAL: readers never block the writer; set once, it stays with the file
-                db.execute("PRAGMA journal_mode=WAL")
+            try:  # the journal mode is chosen when the file is made and stays with it
+                if new:
+                    db.execute(f"PRAGMA journal_mode={journal}")
                 db.executescript(_SCHEMA)
             finally:
                 db.close()

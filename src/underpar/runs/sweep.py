@@ -47,7 +47,7 @@ TOP_KEYS = ("name", "description", "preset", "set", "seeds", "seed_key", "metric
 PHASE_KEYS = ("name", "description", "baseline", "set", "variant", "grid")
 VARIANT_KEYS = ("name", "description", "set")
 GRID_KEYS = ("name", "description", "set", "axes")
-_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")  # ${NAME}, ${NAME:-default}, $NAME
 
 
 @dataclasses.dataclass
@@ -205,20 +205,27 @@ def _tables(data: dict[str, Any], key: str, where: str, required: bool = False) 
 
 
 def _overrides(data: dict[str, Any], where: str) -> list[str]:
-    """`set`: a list of "a.b=value" strings, ${VAR} / $VAR expanded; an unset variable is an
-    error (a silently empty value once cost a wave of runs)."""
+    """`set`: a list of "a.b=value" strings, ${VAR} / $VAR / ${VAR:-default} expanded; an unset
+    variable without a default is an error (a silently empty value once cost a wave of runs)."""
     sets = data.get("set", [])
     if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
         raise ConfigError(f"{where}: set = {sets!r}; expected a list of \"section.key=value\" strings")
     out = []
     for text in sets:
-        missing = [a or b for a, b in _VAR.findall(text) if (a or b) not in os.environ]
+        missing = [m[1] or m[3] for m in _VAR.finditer(text) if (m[1] or m[3]) not in os.environ and m[2] is None]
         if missing:
             raise ConfigError(f"{where}: override {text!r} uses ${missing[0]}, which is not set; export it or write the value")
         if "=" not in text:
             raise ConfigError(f"{where}: override {text!r} must look like section.key=value")
-        out.append(_VAR.sub(lambda m: os.environ[m.group(1) or m.group(2)], text))
+        out.append(_VAR.sub(_expand, text))
     return out
+
+
+def _expand(match: re.Match) -> str:
+    name, default, bare = match.groups()
+    if name and name not in os.environ and default is not None:
+        return default
+    return os.environ[name or bare]
 
 
 def _toml_value(value: Any) -> str:
