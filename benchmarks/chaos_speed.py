@@ -51,7 +51,7 @@ def one_run(name: str, sets: list[str], out: Path) -> dict:
     result = subprocess.run(args, capture_output=True, text=True, env=os.environ)
     if result.returncode != 0:
         return {"error": result.stderr[-2000:]}
-    (run_dir,) = (RUNS / name).iterdir()
+    (run_dir,) = [p for p in (RUNS / name).iterdir() if (p / "summary.json").is_file()]  # the run store sits beside
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"summary": summary, "ms": [r["ms"] for r in rows if "ms" in r]}
@@ -73,9 +73,9 @@ def main() -> None:
     steps = args.blocks * interval
     results = {}
     for name in args.only:
-        block = "method.interval" if name == "lisa" else "method.sticky_interval"
-        base = VARIANTS[name] + [f"model.architecture={args.arch}", f"train.steps={steps}",
-                                 f"data.max_length={args.seq_len}", f"{block}={interval}"]
+        block = {"full": [], "lisa": [f"method.interval={interval}"]}.get(name, [f"method.sticky_interval={interval}"])
+        base = VARIANTS[name] + block + [f"model.architecture={args.arch}", f"train.steps={steps}",
+                                         f"data.max_length={args.seq_len}"]
         short = one_run(name, base, out)
         steady = one_run(name + "-steady", base + ["train.steps=3", "train.preallocate_optimizer_state=true"], out)
         if "error" in short or "error" in steady:

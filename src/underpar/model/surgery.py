@@ -95,10 +95,11 @@ class BiasStub(nn.Module):
     not receive the previous survivor's output verbatim. `b ~ N(0, std^2)` is a non-persistent
     buffer: never trained, never in a state dict, rebuilt identically from its seed."""
 
-    def __init__(self, hidden_size: int, std: float, seed: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hidden_size: int, std: float, seed: int, dtype: torch.dtype, device: torch.device,
+                 bias: torch.Tensor | None = None):
         super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        bias = torch.randn(hidden_size, generator=gen) * std
+        if bias is None:  # `bias` given: a calibrated stub (Deep Chaos stub="mean")
+            bias = torch.randn(hidden_size, generator=torch.Generator().manual_seed(seed)) * std
         self.register_buffer("bias", bias.to(dtype=dtype, device=device), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -186,11 +187,13 @@ def _install_capture_hooks(decoder: nn.Module, new_modules: Sequence[nn.Module])
 
 
 def hoist(model: nn.Module, plan: Any, *, skip_identity: bool = False, stub_std: float = 0.01,
-          seed: int = 0, sliced: bool = False) -> list[nn.Module]:
+          seed: int = 0, sliced: bool = False, stub_biases: dict[int, torch.Tensor] | None = None
+          ) -> list[nn.Module]:
     """Rebuild `layers` as the survivors of `plan.modes` in original order: whole layers for
     sacred/both/identity, `AttentionOnly`/`MlpOnly` for attn/mlp, nothing for dead (and identity
     when `skip_identity`), with a `BiasStub` at the start of each removed run. `sliced`: the
-    both/attn/mlp layers run only the plan's kept units instead (`sliced.SlicedLayer`). Sets
+    both/attn/mlp layers run only the plan's kept units instead (`sliced.SlicedLayer`);
+    `stub_biases` (by a run's first layer) replace the random stub biases. Sets
     `config.num_hidden_layers`, `config.layer_types` and each attention's `layer_idx` to match
     the pruned list until `restore`. Returns the new list's modules."""
     restore(model)
@@ -206,7 +209,8 @@ def hoist(model: nn.Module, plan: Any, *, skip_identity: bool = False, stub_std:
     for i, layer in enumerate(layers):
         if i in removed:
             if i - 1 not in removed:
-                stub = BiasStub(ref.numel(), stub_std, stub_seed(seed, i), ref.dtype, ref.device)
+                stub = BiasStub(ref.numel(), stub_std, stub_seed(seed, i), ref.dtype, ref.device,
+                                bias=(stub_biases or {}).get(i))
                 new.append(stub)
                 stand_ins.append(stub)
                 types.append(old_types[i] if old_types is not None else None)

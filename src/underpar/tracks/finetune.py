@@ -21,7 +21,7 @@ import torch
 from underpar import config as cfglib
 from underpar import dist
 from underpar.config import bounded, choice, nested, variant
-from underpar.data.sft import packed_attention_mask
+from underpar.data.sft import collate, packed_attention_mask
 from underpar.data.tasks import TASKS, get_task
 from underpar.errors import ConfigError, TrainingError, UnderparError
 from underpar.eval.accuracy import check_scored, evaluate_task
@@ -30,7 +30,7 @@ from underpar.model import hf
 from underpar.optim.schedule import SCHEDULES, Schedule
 from underpar.runs import plots
 from underpar.runs.rundir import RunDir, Summary, check_run_name, check_runs_root
-from underpar.tracks import chaos, finetune_heldout, lisa  # chaos, lisa: register the methods
+from underpar.tracks import chaos, finetune_heldout, lisa  # noqa: F401  (chaos, lisa register their methods)
 from underpar.tracks.finetune_inputs import Inputs, batches, check_inputs
 from underpar.tracks.finetune_methods import METHODS, Controller, MethodConfig
 
@@ -248,6 +248,8 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     micro_batches = batches(encoded, cfg, pad_id, steps)
+    size = cfg.train.micro_batch_size  # what a method may calibrate on: the first training rows
+    controller.use_calibration([collate(encoded[i : i + size], pad_id) for i in range(0, min(len(encoded), 8 * size), size)])
     step_ms, layouts, heldout_rows = [], [], []
     if heldout is not None:  # the base model (measuring is never training time)
         heldout_rows.append(dict(step=0, **heldout.measure(controller, trained=False)))

@@ -43,6 +43,11 @@ class Controller:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.calibration: list[dict[str, torch.Tensor]] = []
+
+    def use_calibration(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Training micro-batches a method may measure the model on (Deep Chaos mean stubs)."""
+        self.calibration = batches
 
     def block_of(self, step: int) -> int:
         """The block of optimizer step `step`; full fine-tuning is one block."""
