@@ -204,3 +204,62 @@ def test_ids_outside_the_vocabulary_name_the_file(tmp_path):
     loader.next_batch(40, 8)  # the first file is fine
     with pytest.raises(DataError, match=message):
         loader.next_batch(40, 8)
+
+
+def test_batches_are_independent_tensors(tmp_path):
+    """Each call's tensors are the caller's: later calls do not write into earlier batches."""
+    _make_shards(tmp_path, [30, 25])
+    loader = TokenLoader(str(tmp_path / "*.bin"))
+    kept = [loader.next_batch(12, 4) for _ in range(6)]  # crosses the file boundary and wraps
+    stream = torch.cat([torch.cat([x.flatten(), y.flatten()[-1:]]) for x, y in kept])
+    assert torch.equal(stream, torch.arange(6 * 13) % 55)
+    x, y = TokenLoader(str(tmp_path / "*.bin")).next_batch(12, 4, device="cpu")
+    assert torch.equal(x, kept[0][0]) and torch.equal(y, kept[0][1])
+
+
+def test_other_ranks_spans_are_never_read(tmp_path):
+    """Rank 0's spans lie in the first shard, rank 1's in a damaged second one: rank 0 never
+    opens it (no check fails), rank 1 is stopped by the vocabulary check."""
+    paths = _make_shards(tmp_path, [17, 17])
+    raw = bytearray(paths[1].read_bytes())
+    raw[HEADER_BYTES : HEADER_BYTES + 2] = b"\xff\xff"
+    paths[1].write_bytes(bytes(raw))
+    rank0 = TokenLoader(paths, rank=0, world_size=2, vocab_size=1024)
+    for _ in range(3):
+        x, _ = rank0.next_batch(16, 8)
+        assert torch.equal(x.flatten(), torch.arange(16))
+    with pytest.raises(DataError, match="token id 65535 at position 0"):
+        TokenLoader(paths, rank=1, world_size=2, vocab_size=1024).next_batch(16, 8)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_batches_equal_cpu_batches_under_a_busy_stream(tmp_path):
+    """Pinned double buffers and asynchronous copies: the same tokens as the CPU path, kept
+    batches stay intact, across files, a batch-size change and a resume, while the stream is
+    busy (so copies are still queued when the host refills a buffer)."""
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        write_shard(tmp_path / f"s_{i}.bin", rng.integers(0, 1024, size=int(rng.integers(3000, 9000))))
+    files = sorted(tmp_path.glob("*.bin"))
+    cpu, gpu = TokenLoader(files, 1, 2), TokenLoader(files, 1, 2)
+    busy = torch.randn(2048, 2048, device="cuda")
+    sizes = [(1024, 64)] * 6 + [(2048, 128)] * 5
+    want = [cpu.next_batch(n, s) for n, s in sizes]
+    got = []
+    for n, s in sizes:
+        for _ in range(4):
+            busy = torch.tanh(busy @ busy / 2048)
+        got.append(gpu.next_batch(n, s, device="cuda"))
+    for (xw, yw), (xg, yg) in zip(want, got):
+        assert xg.is_cuda and xg.dtype == torch.int64
+        assert torch.equal(xg.cpu(), xw) and torch.equal(yg.cpu(), yw)
+    assert gpu.state_dict() == cpu.state_dict()
+    resumed = TokenLoader(files, 1, 2)
+    resumed.load_state_dict(gpu.state_dict())
+    x, y = resumed.next_batch(1024, 64, device="cuda")
+    xc, yc = cpu.next_batch(1024, 64)
+    assert torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)

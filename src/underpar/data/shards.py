@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -165,19 +165,21 @@ class TokenLoader:
         self._file_index, self._position = 0, 0
         self._open_index: int | None = None
         self._open_tokens: np.ndarray | None = None
+        self._staged: list[tuple[torch.Tensor, torch.cuda.Event]] | None = None  # CUDA batches only
+        self._staged_turn = 0
 
-    def _tokens(self) -> np.ndarray:
-        if self._open_index != self._file_index:  # one file open at a time
-            self._open_tokens = read_shard(self.files[self._file_index])
+    def _tokens(self, file_index: int) -> np.ndarray:
+        if self._open_index != file_index:  # one file open at a time
+            self._open_tokens = read_shard(self.files[file_index])
             if self.vocab_size is not None:
-                check_ids(self.files[self._file_index], self._open_tokens, self.vocab_size)
-            self._open_index = self._file_index
+                check_ids(self.files[file_index], self._open_tokens, self.vocab_size)
+            self._open_index = file_index
         assert self._open_tokens is not None
         return self._open_tokens
 
-    def _take(self, count: int, keep: bool) -> list[np.ndarray]:
-        """Advance the stream by `count` tokens; return them in chunks if `keep`."""
-        chunks = []
+    def _pieces(self, count: int) -> Iterator[tuple[int, int, int]]:
+        """Advance the stream by `count` tokens, yielding (file index, start, length) of each
+        piece within one file; a piece counts as consumed once the caller asks for the next."""
         while count > 0:
             available = self._lengths[self._file_index] - self._position
             if available == 0:
@@ -185,26 +187,67 @@ class TokenLoader:
                 self._position = 0
                 continue
             k = min(count, available)
-            if keep:
-                chunks.append(self._tokens()[self._position : self._position + k])
+            yield self._file_index, self._position, k
             self._position += k
             count -= k
-        return chunks
 
-    def next_batch(self, tokens_per_rank: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (tokens_per_rank // seq_len, seq_len) int64."""
+    def _skip(self, count: int) -> None:
+        """Advance without reading (other ranks' spans): no file is opened."""
+        for _ in self._pieces(count):
+            pass
+
+    def _fill(self, out: np.ndarray) -> None:
+        """The next len(out) tokens of the stream, converted into `out` in place."""
+        filled = 0
+        for file_index, start, k in self._pieces(len(out)):
+            out[filled : filled + k] = self._tokens(file_index)[start : start + k]
+            filled += k
+
+    def _staging(self, span: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """The next of two pinned host buffers of `span` int64 tokens, free to overwrite: the
+        copy that last read it (two calls ago) has finished. Two, so that filling one overlaps
+        the copy of the other; reallocated when the batch size changes."""
+        if self._staged is None or self._staged[0][0].numel() != span:
+            self._staged = [(torch.empty(span, dtype=torch.int64, pin_memory=True),
+                             torch.cuda.Event()) for _ in range(2)]
+            self._staged_turn = 0
+        buffer, copied = self._staged[self._staged_turn]
+        self._staged_turn ^= 1
+        copied.synchronize()  # returns at once for an event never recorded
+        return buffer, copied
+
+    def next_batch(self, tokens_per_rank: int, seq_len: int,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each (tokens_per_rank // seq_len, seq_len) int64, on
+        `device` (default: the CPU).
+
+        The ids go from the shards straight into one int64 buffer (no per-piece arrays, no
+        concatenation, no second converted copy). For a CUDA `device` that buffer is one of
+        two reused pinned ones and the host-to-device copy is asynchronous, so the host can
+        queue the next micro-step while it runs; the returned tensors are fresh on the device
+        (the caller may keep them), and a pinned buffer is refilled only after its copy has
+        completed (an event per buffer).
+        """
         if seq_len <= 0 or tokens_per_rank <= 0 or tokens_per_rank % seq_len:
             raise DataError(
                 f"tokens_per_rank ({tokens_per_rank}) must be a positive multiple of seq_len ({seq_len}); "
                 "adjust the batch size, grad accumulation or world size"
             )
         span = tokens_per_rank + 1
-        # Other ranks' spans are skipped without reading them.
-        self._take(self.rank * span, keep=False)
-        local = np.concatenate(self._take(span, keep=True)).astype(np.int64)
-        self._take((self.world_size - self.rank - 1) * span, keep=False)
-        local_t = torch.from_numpy(local)
-        return local_t[:-1].reshape(-1, seq_len), local_t[1:].reshape(-1, seq_len)
+        device = torch.device("cpu" if device is None else device)
+        self._skip(self.rank * span)  # other ranks' spans are skipped without reading them
+        if device.type == "cuda":
+            host, copied = self._staging(span)
+            self._fill(host.numpy())
+            local = torch.empty(span, dtype=torch.int64, device=device)
+            local.copy_(host, non_blocking=True)
+            copied.record(torch.cuda.current_stream(device))
+        else:
+            local = torch.empty(span, dtype=torch.int64)
+            self._fill(local.numpy())
+            local = local.to(device)
+        self._skip((self.world_size - self.rank - 1) * span)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
     def state_dict(self) -> dict[str, int]:
         """Plain ints that locate the next token; identical on every rank."""
