@@ -99,3 +99,19 @@ def test_refusals_name_the_way_out(model):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ConfigError, match="decode.population=1"):
         PopulationDecoder(gpt2, PerturbSpace(gpt2), 2, 2, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_equal_one_candidate_at_a_time_in_fp32():
+    model = make_model("llama").cuda()
+    tokenizer = make_tokenizer(eos=None)
+    space = PerturbSpace(model)
+    cfg = DecodeConfig(max_new_tokens=70, engine="static")  # past one 64-slot bucket: two graphs
+    reference = one_at_a_time(model, space, tokenizer, POPULATION, cfg)
+    decoder = PopulationDecoder(model, space, size=4, rows=len(PROMPTS), max_len=64 + 70)
+    assert decoder.graphs_on
+    got = generate_population(decoder, tokenizer, POPULATION, PROMPTS, cfg)
+    assert [[c.token_ids for c in row] for row in got] == reference
+    again = generate_population(decoder, tokenizer, POPULATION[::-1], PROMPTS, cfg)  # replays
+    assert again[::-1] == got and len(decoder._graphs) == 2

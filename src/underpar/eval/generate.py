@@ -40,6 +40,10 @@ class DecodeConfig:
     engine: str = choice("static", ENGINES)
     stop_strings: list[str] = items([])
     compile: bool = False  # static engine on CUDA only: torch.compile the decode step
+    # compiled step: Inductor's deterministic mode (reduction kernels get one config by rule
+    # instead of the fastest of several timed on the device at first run, a choice that can
+    # differ between processes and changes the reduction order, hence bf16 greedy paths)
+    deterministic: bool = False
     check_every: int = bounded(16, 1)  # decode steps between host syncs ("all finished?")
 
     def check(self) -> None:
@@ -113,7 +117,7 @@ def generate(
     if cfg.engine == "static" and prompts:
         rows = min(cfg.batch_size, len(prompts))
         longest = -(-len(prompts[order[0]]) // LENGTH_BUCKET) * LENGTH_BUCKET
-        decoder = _static_decoder(model, rows, longest + cfg.max_new_tokens, cfg.compile)
+        decoder = _static_decoder(model, rows, longest + cfg.max_new_tokens, cfg.compile, cfg.deterministic)
     results: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
     was_training = model.training
     model.eval()  # dropout off: greedy decoding is deterministic
@@ -255,14 +259,17 @@ class _StaticDecoder:
     (like `generate`'s own compiled call) so repeated calls, e.g. RandOpt scoring with weights
     changed in place, reuse one compiled graph; a different shape replaces it."""
 
-    def __init__(self, model, key: tuple, compile: bool) -> None:
+    def __init__(self, model, key: tuple, compile: bool, deterministic: bool = False) -> None:
         from transformers import StaticCache
 
         self.model, self.key = model, key
         self.rows, self.max_len = key[0], key[1]
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
         self.compiled = compile
-        self._compiled_step = torch.compile(self._step, mode="reduce-overhead") if compile else None
+        # reduce-overhead = CUDA graphs; options cannot be combined with a mode, so spell it out
+        options = {"triton.cudagraphs": True, "deterministic": True} if deterministic else None
+        self._compiled_step = (torch.compile(self._step, options=options) if deterministic
+                               else torch.compile(self._step, mode="reduce-overhead")) if compile else None
 
     def __deepcopy__(self, memo):  # a copied model builds its own decoder
         return None
@@ -293,14 +300,14 @@ class _StaticDecoder:
         return (*_prefill(self.model, ids_bp, mask_bp, mask_bl, self.cache, eos_t, pad_id), step)
 
 
-def _static_decoder(model, rows: int, max_len: int, compile: bool) -> _StaticDecoder:
+def _static_decoder(model, rows: int, max_len: int, compile: bool, deterministic: bool = False) -> _StaticDecoder:
     param = next(model.parameters())
     compile = compile and param.device.type == "cuda"
-    key = (rows, max_len, compile, str(param.device), param.dtype)
+    key = (rows, max_len, compile, str(param.device), param.dtype, compile and deterministic)
     decoder = getattr(model, "_underpar_static_decoder", None)
     # A decoder with room for longer sequences serves shorter ones too: one graph, no recompiles.
     if decoder is None or decoder.key[0] != rows or decoder.key[2:] != key[2:] or decoder.max_len < max_len:
-        decoder = _StaticDecoder(model, key, compile)
+        decoder = _StaticDecoder(model, key, compile, deterministic)
         model._underpar_static_decoder = decoder
     return decoder
 

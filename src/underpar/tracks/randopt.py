@@ -66,8 +66,10 @@ class RODecodeConfig:
     batch_size: int = bounded(32, 1)  # rows of the one decoder; sets are padded to whole batches
     engine: str = choice("static", ENGINES)
     compile: bool = True  # static engine on CUDA: the decode step becomes a CUDA graph
+    deterministic: bool = False  # compiled static step: Inductor's deterministic mode (see DecodeConfig)
     # candidates decoded together in one forward (stacked weights, Llama-family models; on CUDA
-    # a CUDA graph per step when compile is on); 1 = one candidate at a time through `engine`
+    # a CUDA graph per step when compile is on; reproducible: no kernel is chosen by timing);
+    # 1 = one candidate at a time through `engine`
     population: int = bounded(1, 1)
 
     def engine_config(self) -> DecodeConfig:
