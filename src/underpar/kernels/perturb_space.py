@@ -74,6 +74,7 @@ class PerturbSpace:
         _check_range(0, self.numel)
         one_kind = len({(p.dtype, p.device) for p in self.params}) == 1
         self.flat = flat and one_kind
+        self.master: Tensor | None = None  # fp32 base for ES updates, made by the first one
         self.live_flat: Tensor | None = None
         self.base_flat: Tensor | None = None
         with torch.no_grad():
@@ -139,6 +140,27 @@ class PerturbSpace:
             perturb(self.base_flat, out_flat, [(int(s), to_f32(sig)) for s, sig in terms], 0, backend)
         else:
             out_flat.copy_(self.base_flat)
+
+    def update_base(self, terms: Terms, backend: str = "auto") -> None:
+        """An ES step: base <- base + sum(c_k * R(seed_k)), accumulated in an fp32 master copy
+        (kept from the first update on, so updates far below a bf16 weight's spacing add up)
+        and rounded once into the base; the live weights become the new base. Never
+        materializes noise: each term is one pass of the fused kernel over the flat layout
+        (the torch path: one chunked pass for all terms; the sums are the same fp32 additions
+        in the same order, so both give the same bits)."""
+        if not self.flat:
+            raise ValueError("update_base needs the flat layout (every selected tensor of one dtype and device)")
+        terms = [(int(s), to_f32(c)) for s, c in terms]
+        with torch.no_grad():
+            if self.master is None:
+                self.master = self.base_flat.float()  # a copy, also when the base is fp32
+            if resolve_backend(backend, self.master, 2) == "triton":
+                for k in range(0, len(terms), 2):
+                    perturb(self.master, self.master, terms[k:k + 2], 0, "triton")  # in place, elementwise
+            elif terms:
+                perturb(self.master, self.master, terms, 0, "torch")
+            self.base_flat.copy_(self.master)
+            self.live_flat.copy_(self.base_flat)
 
     def restore(self) -> None:
         """Live weights <- base, exactly."""
