@@ -71,6 +71,13 @@ CASES: dict[tuple[str, str], tuple[list[str], str]] = {
     ("sweep", "file"): (["{tmp}/missing.toml"], "sweep file {tmp}/missing.toml does not exist"),
     ("report", "file"): (["{tmp}/missing.toml"], "sweep file {tmp}/missing.toml does not exist"),
     ("report", "--out"): (["{tmp}/missing.toml", "--out", "{tmp}/a-file"], "--out {tmp}/a-file is a file, not a folder"),
+    ("record", "runs"): (["{tmp}/no-run", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a"], "{tmp}/no-run is not a run directory"),
+    ("record", "--out"): (["{tmp}", "--out", "{tmp}/a-file", "--author", "A", "--github-id", "a"], "--out {tmp}/a-file exists and is not an empty folder"),
+    ("record", "--author"): (["{tmp}", "--out", "{tmp}/rec", "--author", " ", "--github-id", "a"], "--author is empty"),
+    ("record", "--github-id"): (["{tmp}", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a b"], "--github-id 'a b' is not a GitHub user name"),
+    ("record", "--name"): (["{tmp}", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a", "--name", "a/b"], "--name 'a/b'"),
+    ("record", "--previous"): (["{tmp}/no-run", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a", "--previous", "{tmp}/missing"], "{tmp}/missing does not exist"),
+    ("record", "--wrapper"): (["{tmp}", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a", "--wrapper", "zip"], "--wrapper 'zip' is not valid"),
     ("sweep", "--worker"): (["{tmp}/missing.toml", "--worker", "2/2"], "--worker '2/2': expected i/n with 0 <= i < n"),
 }
 

@@ -47,7 +47,8 @@ def test_report_tables_from_a_store(tmp_path, monkeypatch, capsys):
     assert "| 2 | lr-optim.matrix_lr=0.06 | matrix LR | 1.9610 | 3 | -0.0805 | - | 1 done, 1 failed |" in text
     assert "- Best result: lr/lr-optim.matrix_lr=0.02 = 1.9215 ± 0.0007 (n=2) (-0.1200 vs baseline)" in text
     assert ("underpar pretrain --preset tiny-cpu --set train.runs_root=" + str(tmp_path / "runs") +
-            " --set train.max_steps=3 --set model.mlp.activation=leaky_relu2 --set optim.matrix_lr=0.02\n") in text
+            " --set train.max_steps=3 --set train.val_every_steps=7 --set model.mlp.activation=leaky_relu2"
+            " --set optim.matrix_lr=0.02\n") in text
     assert re.search(r"\n\+ act/leaky: +1.9415  \(-0.1000\)\n\+ lr/lr-optim.matrix_lr=0.02: +1.9215  \(-0.1200\)\n", text)
     assert "| lr/lr-optim.matrix_lr=0.06/seed=2 | failed | - | RuntimeError: boom |" in text
     assert text.rstrip().endswith("_Yours to write: what worked, what did not, what to try next._")

@@ -260,94 +260,11 @@ def config_show(
     typer.echo(json.dumps(cfglib.to_dict(cfg), indent=2))
 
 
-# ---- the run store, sweeps and reports (runs/store.py, runs/sweep.py, runs/report.py)
+# ---- the run store, sweeps, reports and records (runs/commands.py)
 
-runs_app = typer.Typer(help="The run store: every run of every track under a runs root (runs.db).", no_args_is_help=True)
-app.add_typer(runs_app, name="runs")
-RootOption = typer.Option("runs", "--root", help="The runs root holding runs.db (a track's runs_root).")
+from underpar.runs.commands import register as _register_runs_commands  # noqa: E402
 
-
-def _store(root: str):
-    from underpar.runs.store import Store
-
-    return Store(root, create=False)
-
-
-@runs_app.command("list")
-def runs_list(
-    root: str = RootOption,
-    track: Optional[str] = typer.Option(None, help="pretrain | finetune | randopt."),
-    preset: Optional[str] = typer.Option(None, help="Runs started from this preset."),
-    status: Optional[str] = typer.Option(None, help="running | done | failed | killed (a dead running run reads killed)."),
-    sweep: Optional[str] = typer.Option(None, help="Runs of this sweep."),
-    where: Optional[list[str]] = typer.Option(None, help="A metric range, e.g. 'val_bpb<2.1' or 'steps>=100' (repeatable)."),
-) -> None:
-    """List runs, oldest first, filtered."""
-    from underpar.runs import listing
-
-    listing.check_filters(track, preset, status, sweep, where or [])
-    rows = listing.select(_store(root), track, preset, status, sweep, where or [])
-    typer.echo(listing.table(rows))
-
-
-@runs_app.command("show")
-def runs_show(run: str = typer.Argument(..., help="A run id (or a unique part of it, or its directory)."), root: str = RootOption) -> None:
-    """A run's whole record: config, summary metrics, status, times, commit, device."""
-    from underpar.runs import listing
-
-    listing.check_ref(run)
-    typer.echo(listing.show(_store(root).get(run)))
-
-
-@runs_app.command("rm")
-def runs_rm(
-    runs: list[str] = typer.Argument(..., help="Run ids (or unique parts of them)."),
-    root: str = RootOption,
-    delete_files: bool = typer.Option(False, "--delete-files", help="Delete the run directories too."),
-) -> None:
-    """Forget runs in the store (their directories stay unless --delete-files)."""
-    from underpar.runs import listing
-
-    for ref in runs:
-        listing.check_ref(ref)
-    for line in listing.remove(_store(root), runs, delete_files):
-        typer.echo(line)
-
-
-@app.command("sweep")
-def sweep(
-    file: str = typer.Argument(..., help="A sweep file (TOML: preset, phases of variants, seeds; see README)."),
-    worker: str = typer.Option("0/1", help="i/n: run jobs i, i+n, ... (one worker per GPU, or $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)."),
-    rerun_failed: bool = typer.Option(False, "--rerun-failed", help="Run failed jobs again (killed ones always rerun)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Check the file and list the jobs; run nothing."),
-) -> None:
-    """Run a sweep, resumably: finished jobs are skipped; workers sharing the store never run a job twice."""
-    from underpar.runs import sweep as sweeplib
-
-    share = sweeplib.parse_worker(worker)
-    plan = sweeplib.load(file)  # every job checked before any runs
-    if dry_run:
-        for i, job in enumerate(plan.jobs):
-            typer.echo(f"{i % share[1]}/{share[1]}  {job.key}  {' '.join(job.sets) or '(the base config)'}")
-        return
-    tally = sweeplib.run_sweep(plan, share, rerun_failed, say=lambda line: typer.echo(line, err=True))
-    typer.echo(", ".join(f"{n} {what}" for what, n in tally.items() if n) or "nothing to do")
-    if tally["failed"]:
-        sys.exit(1)
-
-
-@app.command("report")
-def report(
-    file: str = typer.Argument(..., help="The sweep file (its runs are read from the store under its runs_root)."),
-    out: Optional[str] = typer.Option(None, help="Output folder (default: <runs_root>/sweeps/<name>/)."),
-) -> None:
-    """A markdown experiment log of a sweep (a table per phase, best config, progression, p-values) with PNG plots."""
-    from underpar.runs import report as reportlib
-    from underpar.runs import sweep as sweeplib
-
-    reportlib.check_out(out)
-    plan = sweeplib.load(file)
-    typer.echo(f"report {reportlib.write(plan, out)}")
+_register_runs_commands(app)
 
 
 def main() -> None:
