@@ -43,6 +43,10 @@ METHODS = {
                              "method.active_count=round"],
     "chaos-hoist": ["method=chaos", "method.strategy=hoist"],
     "chaos-slice": ["method=chaos", "method.strategy=slice"],
+    # opt-in repairs (each one change against chaos-hoist)
+    "chaos-hoist-mean-stub": ["method=chaos", "method.strategy=hoist", "method.stub=mean"],
+    "chaos-hoist-frozen-identity": ["method=chaos", "method.strategy=hoist", "method.train_identity=false"],
+    "chaos-hoist-dead-cap": ["method=chaos", "method.strategy=hoist", "method.active_fraction_min=0.5"],
 }
 
 

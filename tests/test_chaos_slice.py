@@ -41,8 +41,19 @@ def test_sliced_linear_matches_indexing_and_scatters_gradients(bias, which):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sliced_equals_masked_forward_and_gradients(arch):
-    base = tiny(arch, seed=5).train()
-    x = tokens(seed=3, seq_len=12)
+    compare_sliced_and_masked(arch, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliced_equals_masked_on_cuda(arch):
+    compare_sliced_and_masked(arch, "cuda")
+
+
+def compare_sliced_and_masked(arch, device):
+    base = tiny(arch, seed=5).train().to(device)
+    x = tokens(seed=3, seq_len=12).to(device)
     grads, losses, plans = {}, {}, {}
     for strategy in ("mask", "slice"):
         model = copy.deepcopy(base)

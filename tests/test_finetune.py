@@ -350,3 +350,26 @@ def test_random_architecture_says_what_it_ignores_and_warns_when_large(tmp_path,
         "warning: tiny-llama has 238,400 parameters; on a CPU that is ~0 GB of float32 weights, gradients and AdamW state "
         "and minutes per step (it is a GPU job)",
         "building tiny-llama with random weights ..."]
+
+
+def test_heldout_comes_from_a_validation_split_only(tokenizer, tmp_path):
+    """A local training file serves every split, so it gives no held-out loss (said why); a
+    folder with validation.jsonl does; eval.heldout_examples=0 turns it off."""
+    record = {"question": "What is 2 + 3?", "answer": "5"}
+    (tmp_path / "one.jsonl").write_text(json.dumps(record) + "\n")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text(json.dumps(record) + "\n")
+
+    def build(*sets):
+        cfg = config(tmp_path, "full", "data.task=gsm_symbolic", *sets)
+        return finetune_heldout.build(cfg, tokenizer, 0, torch.device("cpu"), tokenizer.pad_token_id)
+
+    heldout, note = build(f"data.path={tmp_path / 'one.jsonl'}")
+    assert heldout is None and note.startswith("no held-out loss: data.path") and "would not be held out" in note
+    heldout, note = build(f"data.path={folder}")
+    assert len(heldout.batches) == 1 and note.startswith("held-out loss on 1 validation examples of gsm_symbolic")
+    assert build("eval.heldout_examples=0") == (None, "")
+    heldout, note = build("data.task=gsm8k", "data.path=" + str(folder))
+    assert heldout is None and "gsm8k has no validation split" in note

@@ -72,8 +72,8 @@ def _scatter(g: torch.Tensor, shape: torch.Size, rows: torch.Tensor | None, cols
         return full.index_copy_(0, rows, g)
     if rows is None:
         return full.index_copy_(1, cols, g)
-    full[rows.unsqueeze(1), cols.unsqueeze(0)] = g
-    return full
+    wide = g.new_zeros(len(rows), shape[1]).index_copy_(1, cols, g)  # two copies beat a 2-D index_put
+    return full.index_copy_(0, rows, wide)
 
 
 def sliced_linear(x: torch.Tensor, linear: nn.Linear, rows: torch.Tensor | None = None,

@@ -161,6 +161,7 @@ class ChaosController(Controller):
         self.params = list(model.parameters())  # all of them: hoisted ones leave model.parameters()
         self._requires_grad = [(p, p.requires_grad) for p in self.params]
         self._offloaded: dict[torch.Tensor, torch.device] = {}
+        self._host: dict[tuple[torch.Tensor, str], torch.Tensor] = {}  # optimizer_state="offload"
 
     def block_of(self, step: int) -> int:
         return step // self.cfg.sticky_interval
@@ -243,9 +244,10 @@ class ChaosController(Controller):
         for key, value in state.items():
             if not torch.is_tensor(value) or value.shape != p.shape:
                 continue  # 'step' and other scalars stay where the optimizer keeps them
-            if to_cpu:
-                state[key] = torch.empty_like(value, device="cpu", pin_memory=pin)
-                state[key].copy_(value, non_blocking=pin)
+            if to_cpu:  # pinned host buffers are made once and reused (pinning is slow)
+                if (p, key) not in self._host:
+                    self._host[p, key] = torch.empty_like(value, device="cpu", pin_memory=pin)
+                state[key] = self._host[p, key].copy_(value, non_blocking=pin)
             else:
                 state[key] = value.to(self._offloaded[p], non_blocking=True)
         if to_cpu:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -107,6 +108,10 @@ def build(cfg: FinetuneConfig, tokenizer: Any, vocab_size: int, device: torch.de
         if "validation" not in task.splits:
             return None, (f"no held-out loss: task {task.name} has no validation split "
                           "(eval.heldout_examples applies to tasks with one)")
+        folder = Path(cfg.data.path).expanduser() if cfg.data.path else None
+        if folder is not None and not any((folder / f"validation{ext}").is_file() for ext in (".jsonl", ".json")):
+            return None, (f"no held-out loss: data.path {cfg.data.path} has no validation.jsonl beside its "
+                          "training data (a single file serves every split: it would not be held out)")
         examples = task.load("validation", limit=n, seed=cfg.data.seed, path=cfg.data.path or None)
         rows, _ = encode_sft_examples(tokenizer, examples, task, cfg.data.max_length)
         if not rows:
