@@ -116,6 +116,9 @@ def record(
     if wrapper not in ("lzma", "brotli", "none"):
         raise UnderparError(f"--wrapper {wrapper!r} is not valid; choose one of: lzma, brotli, none")
     sub = recordlib.write(runs, out, author, github_id, name, previous, None if wrapper == "none" else wrapper)
+    if "bundled_from" in sub["code"]:
+        typer.echo(f"warning: the runs were made at commit {sub['git_commit']}, but train_gpt.py bundles the package as it "
+                   f"is now ({sub['code']['bundled_from']}); check out {sub['git_commit']} and record again to ship what ran", err=True)
     typer.echo(f"{out}: val_bpb {sub['val_bpb']:.5f} over {len(sub['seeds'])} seed(s); bytes_total {sub['bytes_total']:,} "
                f"= code {sub['bytes_code']:,} (train_gpt.py) + model {sub['bytes_model']:,}")
 

@@ -17,7 +17,7 @@ from typing import Any
 from underpar import config as cfglib
 from underpar.errors import UnderparError
 from underpar.runs import script
-from underpar.runs.rundir import CONFIG, SUMMARY
+from underpar.runs.rundir import CONFIG, SUMMARY, git_commit
 
 # Fields that may differ between the seeds of one record (everything else must match).
 PER_SEED = ("name", "train.seed", "train.runs_root")
@@ -106,6 +106,9 @@ def write(paths: list[str], out: str | Path, author: str, github_id: str, name: 
     }
     if comparison is not None:
         submission["comparison"] = comparison
+    here = git_commit()
+    if commit and here and commit != here:  # the script bundles the package as it is now
+        submission["code"]["bundled_from"] = here
     (out / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
     (out / "README.md").write_text(_readme(submission, config))
     return submission
