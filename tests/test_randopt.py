@@ -102,6 +102,16 @@ def test_majority_vote_hand_table():
     assert vote_all(table, "numeric") == ["1", "2", None]
 
 
+def test_paired_mcnemar_by_hand():
+    from underpar.tracks.randopt_diagnostics import paired
+
+    assert paired([True, False, False, True, False], [True, True, True, False, False]) == \
+        {"gained": 2, "lost": 1, "mcnemar_p": 1.0}
+    assert paired([False] * 10, [True] * 10) == {"gained": 10, "lost": 0, "mcnemar_p": 2 / 2**10}
+    assert paired([True, False] * 6, [False, True] * 6)["mcnemar_p"] == 1.0  # 6 vs 6
+    assert paired([True] * 3, [True] * 3) == {"gained": 0, "lost": 0, "mcnemar_p": 1.0}
+
+
 def test_ensemble_probabilities_are_averaged_stably():
     logp = [[torch.tensor([-0.1, -2.0, -800.0], dtype=torch.float64)],
             [torch.tensor([-3.0, -0.5, -900.0], dtype=torch.float64)]]
@@ -236,6 +246,9 @@ def test_run_end_to_end(full_run, loaded):
     assert [e.ratios for e in summary.ensembles] == [[0.1, 0.2], [0.5]] * 2
     assert "| length_mod3 | 1 (0.1, 0.2) |" in randopt.report(summary)
     assert summary.test_examples == {"length_mod3": 5, "basic_arithmetic": 5}
+    # paired against the base: the accuracy difference is gained minus lost questions
+    assert all(e.gained - e.lost == round(e.delta * e.accuracy["n"]) for e in summary.ensembles)
+    assert all(0 < e.mcnemar_p <= 1 for e in summary.ensembles)
     assert [e.task for e in summary.ensembles] == ["length_mod3"] * 2 + ["basic_arithmetic"] * 2
     assert summary.population["top"][0]["index"] == ranked[0]
     # K=1 ensemble = the top seed alone = the K=1 diagnostic's train-selected seed

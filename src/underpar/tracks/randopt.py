@@ -320,10 +320,11 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
                 voters = members[:k]
                 voted = vote_all([member_answers[m][t] for m in voters], s.task.answer_kind, [keys[m] for m in voters])
                 acc, base_acc = accuracy_ci(correct(s, voted)), base["test"][s.name]
+                vs_base = diagnose.paired(correct(s, base_answers[1 + t]), correct(s, voted))
                 singles = [mean(correct(s, member_answers[m][t])) for m in voters]
                 ensembles.append(EnsembleResult(task=s.name, ratios=ratios, k=k, accuracy=acc, base=base_acc,
                                                 delta=acc["mean"] - base_acc["mean"], members_mean_accuracy=mean(singles),
-                                                best_member_accuracy=max(singles)))
+                                                best_member_accuracy=max(singles), **vs_base))
                 run_dir.log(f"{s.name} K={k}: ensemble {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] "
                             f"vs base {base_acc['mean']:.3f}")
         lap("ensembles")

@@ -22,6 +22,17 @@ from underpar.tracks.randopt_search import MERGE_OPS, Candidates, map_with_progr
 # ---------------------------------------------------------------- population statistics
 
 
+def paired(base: Sequence[bool], other: Sequence[bool]) -> dict[str, Any]:
+    """`other` against `base` on the same questions: questions only `other` gets right (gained),
+    only `base` gets right (lost), and the exact two-sided McNemar p-value: twice the binomial
+    tail of the smaller count among the discordant pairs at p = 1/2 (capped at 1)."""
+    gained = sum(o and not b for b, o in zip(base, other, strict=True))
+    lost = sum(b and not o for b, o in zip(base, other, strict=True))
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "mcnemar_p": min(1.0, 2 * tail)}
+
+
 def population_stats(rows: Sequence[dict], ranked: Sequence[int], base_train: float) -> dict[str, Any]:
     """Train-reward statistics of a scored population (rows have seed, sigma, reward), overall
     and per sigma, the share above the base model's train accuracy, and the top 10."""

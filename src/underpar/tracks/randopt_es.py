@@ -38,12 +38,14 @@ Scorer = Callable[[list[tuple[int, float]]], Sequence[float]]  # (seed, signed s
 
 @dataclasses.dataclass
 class ESConfig:
-    """Defaults after ES at scale (sigma 1e-3, lr 5e-4); N = 2 x pairs evaluations per iteration."""
+    """N = 2 x pairs evaluations per iteration. ES at scale (sigma 1e-3, N = 30) steps by
+    alpha / N * sum z_i eps_i with alpha = 5e-4; this lr multiplies the 1 / (N sigma) estimator
+    instead, so the same step is lr = alpha * sigma = 5e-7 (the default)."""
 
     iterations: int = bounded(4, 1)
     pairs: int = bounded(8, 1)
     sigma: float = 1e-3
-    lr: float = 5e-4
+    lr: float = 5e-7
     seed: int = bounded(0, 0)  # draws every iteration's seeds
 
     def check(self) -> None:

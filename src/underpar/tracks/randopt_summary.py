@@ -29,6 +29,11 @@ class EnsembleResult:
     delta: float  # ensemble minus base accuracy
     members_mean_accuracy: float
     best_member_accuracy: float
+    # paired against the base on the same questions: right only with the ensemble / only with
+    # the base, and the exact two-sided McNemar p-value of that split
+    gained: int = 0
+    lost: int = 0
+    mcnemar_p: float = 1.0
 
 
 @dataclasses.dataclass

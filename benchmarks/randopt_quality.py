@@ -1,0 +1,136 @@
+"""Where RandOpt helps (issue 18): on tasks where SmolLM2-135M-Instruct is mid-range, the base model
+against top-K majority-vote ensembles (K in --ks) with Wilson intervals and an exact McNemar test
+on the same questions, the K=1 train-reward/test-accuracy Spearman, and ES after the same number
+of candidate evaluations (antithetic pairs, z-scored rewards, fp32 master, tracks/randopt_es.py),
+for each task and global seed. One process, one model load; candidates are decoded --size at a
+time (decode.population). The JSON is rewritten after every (task, seed), so a call cut short
+keeps what finished; split a long grid over calls with --tasks / --global-seeds.
+
+    PYTHONPATH=src python3 benchmarks/randopt_quality.py --out $OUT [--tasks basic_arithmetic chain_sum] \\
+        [--global-seeds 0 1 2] [--population 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from underpar import config as cfglib
+from underpar.eval.stats import accuracy_ci
+from underpar.kernels.perturb_space import PerturbSpace
+from underpar.model import hf
+from underpar.runs.rundir import device_tag, environment
+from underpar.tracks import randopt
+from underpar.tracks import randopt_es as es
+from underpar.tracks.randopt_diagnostics import paired
+from underpar.tracks.randopt_population import PopulationScorer
+from underpar.tracks.randopt_search import correct, load_examples, tokenize_prompts
+
+RUNS = tempfile.mkdtemp(prefix="randopt-quality-")
+
+
+def es_run(model, tokenizer, cfg: randopt.RandOptConfig, args, task: str, seed: int) -> dict:
+    """ES from the base with population // (2 pairs) iterations, scored on the same train slice;
+    the final weights answer the test set. The model holds the base again afterwards."""
+    train = tokenize_prompts(tokenizer, task, load_examples(task, "train", cfg.train_examples, cfg.data_seed))
+    test = tokenize_prompts(tokenizer, task, load_examples(task, "test", cfg.test_examples, cfg.data_seed))
+    space = PerturbSpace(model)
+    original = space.live_flat.clone()
+    rows = min(cfg.decode.batch_size, max(len(train.ids), len(test.ids)))
+    scorer = PopulationScorer(model, tokenizer, space, cfg.decode.engine_config(), rows, args.size, "auto", [train, test])
+    base_correct = correct(test, scorer.answers([(0, 0.0)], [test])[0][0])  # sigma 0: the base itself
+
+    def score(population):
+        rewards = []
+        for k in range(0, len(population), args.size):
+            rewards += [r["reward"] for r in scorer.score(population[k:k + args.size], train)]
+        return rewards
+
+    es_cfg = es.ESConfig(iterations=max(1, args.population // (2 * args.es_pairs)), pairs=args.es_pairs,
+                         sigma=args.es_sigma, lr=args.es_lr, seed=seed)
+    started = time.perf_counter()
+    history = es.run_es(space, score, es_cfg, Path(tempfile.mkdtemp(prefix="es-")) / es.ES_FILE)
+    seconds = time.perf_counter() - started
+    final = correct(test, scorer.answers([(0, 0.0)], [test])[0][0])
+    with torch.no_grad():
+        space.live_flat.copy_(original)  # the base for the next run
+    return {"config": dataclasses.asdict(es_cfg), "evaluations": 2 * es_cfg.pairs * es_cfg.iterations,
+            "seconds": seconds, "train_mean_reward": [h["mean_reward"] for h in history],
+            "test": accuracy_ci(final), "base_test": accuracy_ci(base_correct), **paired(base_correct, final)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", nargs="+", default=["basic_arithmetic", "chain_sum"])
+    parser.add_argument("--global-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--population", type=int, default=256)
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--train-examples", type=int, default=64)
+    parser.add_argument("--test-examples", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--size", type=int, default=16, help="candidates decoded together (decode.population)")
+    parser.add_argument("--k1-seeds", type=int, default=64, help="-1 = the whole population")
+    parser.add_argument("--es-pairs", type=int, default=16)
+    parser.add_argument("--es-sigma", type=float, default=1e-3)
+    parser.add_argument("--es-lr", type=float, default=5e-7)
+    parser.add_argument("--no-es", action="store_true")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra randopt config overrides")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model, tokenizer = hf.load_model(args.model)
+    record = {"benchmark": "randopt_quality", "model": args.model, "args": vars(args), "runs": [],
+              "load_seconds": time.time() - started, **environment()}
+    path = out / f"randopt_quality-{device_tag()}.json"
+    for task in args.tasks:
+        for seed in args.global_seeds:
+            cfg = cfglib.resolve("randopt", "randopt-smollm2", [
+                f"task={task}", f"test_tasks={json.dumps([task])}", f"seed={seed}", f"name=quality-{task}-{seed}",
+                f"population={args.population}", f"sigmas={json.dumps(args.sigmas)}",
+                f"top_ratios={json.dumps([k / args.population for k in args.ks])}",
+                f"train_examples={args.train_examples}", f"test_examples={args.test_examples}",
+                f"decode.max_new_tokens={args.max_new_tokens}", f"decode.batch_size={args.batch_size}",
+                f"decode.population={args.size}", f"diagnostics.k1_seeds={args.k1_seeds}",
+                "diagnostics.merge_pairs=0", "diagnostics.bpb_documents=0", f"runs_root={RUNS}", *args.sets])
+            summary = dataclasses.asdict(randopt.run(cfg, model, tokenizer))
+            run = {"task": task, "global_seed": seed, **{k: summary[k] for k in (
+                "base", "population", "search", "ensembles", "diagnostics", "timing")}}
+            if not args.no_es:
+                run["es"] = es_run(model, tokenizer, cfg, args, task, seed)
+            record["runs"].append(run)
+            record["seconds"] = time.time() - started
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            print(f"{task} seed {seed} done at {record['seconds']:.0f} s", flush=True)
+    print(f"wrote {path}")
+    print(table(record))
+
+
+def table(record: dict) -> str:
+    lines = ["| task | seed | base [95% CI] | K | ensemble [95% CI] | gained / lost | McNemar p | K=1 Spearman | ES (evals) [95% CI] | ES p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda a: f"{a['mean']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]"  # noqa: E731
+    for run in record["runs"]:
+        k1 = run["diagnostics"]["k1"]
+        rho = "-" if not k1 or k1["spearman"] is None else f"{k1['spearman']:+.2f}"
+        e = run.get("es")
+        es_text, es_p = (f"{fmt(e['test'])} ({e['evaluations']})", f"{e['mcnemar_p']:.3f}") if e else ("-", "-")
+        for ens in run["ensembles"]:
+            lines.append(f"| {run['task']} | {run['global_seed']} | {fmt(ens['base'])} | {ens['k']} | {fmt(ens['accuracy'])} | "
+                         f"{ens['gained']} / {ens['lost']} | {ens['mcnemar_p']:.3f} | {rho} | {es_text} | {es_p} |")
+    lines.append(f"\n{record['device']}, torch {record['torch']}, {record.get('seconds', 0):.0f} s in all")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
