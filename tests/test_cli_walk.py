@@ -78,6 +78,8 @@ CASES: dict[tuple[str, str], tuple[list[str], str]] = {
     ("record", "--name"): (["{tmp}", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a", "--name", "a/b"], "--name 'a/b'"),
     ("record", "--previous"): (["{tmp}/no-run", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a", "--previous", "{tmp}/missing"], "{tmp}/missing does not exist"),
     ("record", "--wrapper"): (["{tmp}", "--out", "{tmp}/rec", "--author", "A", "--github-id", "a", "--wrapper", "zip"], "--wrapper 'zip' is not valid"),
+    ("runs merge", "other"): (["{tmp}/missing"], "no run store at {tmp}/missing/runs.db"),
+    ("runs merge", "--root"): (["{tmp}/missing", "--root", "{tmp}/a-file"], "--root {tmp}/a-file is a file, not a runs root folder"),
     ("sweep", "--worker"): (["{tmp}/missing.toml", "--worker", "2/2"], "--worker '2/2': expected i/n with 0 <= i < n"),
 }
 

@@ -185,3 +185,22 @@ def test_runs_list_show_rm(tmp_path, monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "runs", "rm", "run1", *root)
     assert code == 0 and (tmp_path / "2026-run1").is_dir() and "stays" in out
     assert listed() == ["2026-run0"]
+
+
+def test_merge_brings_another_nodes_runs_and_finished_jobs(tmp_path, monkeypatch, capsys):
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    here.register("r-here", tmp_path / "here" / "r-here", sweep="sw", job="a")
+    here.finish("r-here", "done", summary={"val_bpb": 1.0})
+    here.claim("sw", "a", "0/2")
+    here.end_job("sw", "a", "done", run_id="r-here")
+    there.register("r-there", "/elsewhere/r-there", sweep="sw", job="b")
+    there.finish("r-there", "done", summary={"val_bpb": 2.0})
+    there.claim("sw", "b", "1/2")
+    there.end_job("sw", "b", "done", run_id="r-there")
+    (tmp_path / "here" / "r-there").mkdir()  # its directory was copied over
+    code, out, err = run_main(monkeypatch, capsys, "runs", "merge", str(tmp_path / "there"), "--root", str(tmp_path / "here"))
+    assert code == 0 and out.startswith("1 run(s) and 1 sweep job(s) merged"), err
+    rows = {r["id"]: r for r in here.runs()}
+    assert rows["r-there"]["run_dir"] == str((tmp_path / "here" / "r-there").absolute()) and rows["r-there"]["metrics"] == {"val_bpb": 2.0}
+    assert {k: v["status"] for k, v in here.jobs("sw").items()} == {"a": "done", "b": "done"}
+    assert here.merge(there) == (0, 0)  # merging again adds nothing

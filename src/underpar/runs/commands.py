@@ -5,6 +5,7 @@ and record.py."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -62,6 +63,21 @@ def runs_rm(
         listing.check_ref(ref)
     for line in listing.remove(_store(root), runs, delete_files):
         typer.echo(line)
+
+
+@runs_app.command("merge")
+def runs_merge(
+    other: str = typer.Argument(..., help="Another runs root (with its runs.db), e.g. one node's."),
+    root: str = RootOption,
+) -> None:
+    """Copy another store's runs and sweep claims into this one (stores of nodes that could not share one)."""
+    from underpar.runs.store import Store
+
+    if Path(root).exists() and not Path(root).is_dir():
+        raise UnderparError(f"--root {root} is a file, not a runs root folder")
+    source = _store(other)
+    added, taken = Store(root).merge(source)
+    typer.echo(f"{added} run(s) and {taken} sweep job(s) merged from {source.path} into {Path(root) / 'runs.db'}")
 
 
 @app.command("sweep")

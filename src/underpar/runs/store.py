@@ -184,6 +184,32 @@ class Store:
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
             db.execute("UPDATE jobs SET run_id = NULL WHERE run_id = ?", (run_id,))
 
+    def merge(self, other: Store) -> tuple[int, int]:
+        """Copy another store's runs and sweep claims into this one (the stores of several nodes
+        that could not share one): runs it lacks are added, with their directory re-pointed here
+        when a folder of that id sits under this root; a job takes the other store's claim
+        when that one is done and this one is not. Returns (runs added, jobs taken)."""
+        if other.path.resolve() == self.path.resolve():
+            raise UnderparError(f"{other.path} is this store; merge another runs root into it")
+        with other.connect() as db:
+            runs = [dict(r) for r in db.execute("SELECT * FROM runs")]
+            jobs = [dict(r) for r in db.execute("SELECT * FROM jobs")]
+        added = taken = 0
+        with self.connect(immediate=True) as db:
+            for row in runs:
+                if (self.root / row["id"]).is_dir():
+                    row["run_dir"] = str((self.root / row["id"]).absolute())
+                keys = ", ".join(row)
+                added += db.execute(f"INSERT OR IGNORE INTO runs ({keys}) VALUES ({', '.join('?' * len(row))})",
+                                    list(row.values())).rowcount
+            for row in jobs:
+                mine = db.execute("SELECT status FROM jobs WHERE sweep = ? AND job = ?", (row["sweep"], row["job"])).fetchone()
+                if row["status"] == "done" and (mine is None or mine["status"] != "done") or mine is None:
+                    keys = ", ".join(row)
+                    db.execute(f"INSERT OR REPLACE INTO jobs ({keys}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+                    taken += 1
+        return added, taken
+
     # ---- sweep jobs
 
     def claim(self, sweep: str, job: str, worker: str, rerun_failed: bool = False) -> str | None:
