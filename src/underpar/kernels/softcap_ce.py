@@ -86,8 +86,11 @@ if triton is not None:
         """(z + cap, sigmoid) with z = cap * tanh(x / cap); (x, unused) without a cap."""
         if CAPPED:
             s = tl.sigmoid(x * scale_in)
-            return scale_out * s, s
-        return x, x
+            z = scale_out * s
+        else:
+            s = x
+            z = x
+        return z, s
 
     @triton.jit
     def _fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, n_rows, n_cols, stride_x, shift,
