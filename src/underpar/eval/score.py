@@ -60,10 +60,12 @@ def final_scores(
     rank: int = 0,
     world_size: int = 1,
     plain: bool = True,
+    skip: Sequence[str] = (),
 ) -> dict[str, Score]:
     """The scores `cfg` asks for, by name: "plain" (windows of eval.seq_len, unless `plain` is
     False, e.g. when the caller scored it already), "sliding" (eval.stride > 0) and "ttt"
-    (eval.ttt.enabled; sliding windows inside when eval.stride > 0). `model` has `.logits(x)`
+    (eval.ttt.enabled; sliding windows inside when eval.stride > 0), less the names in `skip`.
+    `model` has `.logits(x)`
     and `model(x, y)` -> mean loss; TTT leaves its weights as they were."""
     cfglib.validate(cfg, "eval")
     seq_len, stride = cfg.window(train_seq_len), cfg.stride_for(train_seq_len)
@@ -82,6 +84,7 @@ def final_scores(
                                   rank, world_size, tick)
             return Score.of(result.meter, seq_len, stride or seq_len, started, chunks=result.chunks, updates=result.updates)
         runs.append(("ttt", ttt))
+    runs = [(name, score) for name, score in runs if name not in skip]
     scores = {}
     was_training = model.training
     model.eval()
@@ -161,7 +164,7 @@ def check_tokenizer(trained: dict[str, Any] | None, data: PreparedData, cfg: Any
 
 
 def score_run(run: str | None, artifact: str | None, data: str | None, eval_cfg: EvalConfig,
-              sets: Sequence[str] = (), warn: Callable[[str], None] = print) -> dict[str, Any]:
+              sets: Sequence[str] = (), warn: Callable[[str], None] = print, skip: Sequence[str] = ()) -> dict[str, Any]:
     """Load a run's artifact into its model (the round trip the run was scored after) and
     score it on `data` (a prepared folder; default the run's own). `sets` change the run's
     config first (e.g. model.attention.rope_scaling for a longer eval.seq_len)."""
@@ -179,7 +182,7 @@ def score_run(run: str | None, artifact: str | None, data: str | None, eval_cfg:
         luts = prepared.byte_luts(cfg.model.vocab_size, env.device)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if env.device.type == "cuda" else nullcontext
         scores = final_scores(model, prepared.val_tokens, luts, eval_cfg, cfg.train.seq_len, autocast,
-                              env.rank, env.world_size)
+                              env.rank, env.world_size, skip=skip)
     finally:
         dist.teardown()
     return {"run": str(folder), "artifact": str(path), "data": str(prepared.dir),
