@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16], help="population engine: candidates per forward")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="population engine: candidates per forward")
     parser.add_argument("--chunks", type=int, default=2, help="timed chunks of the largest size")
     parser.add_argument("--static-candidates", type=int, default=4)
     parser.add_argument("--hf-candidates", type=int, default=1)

@@ -121,9 +121,9 @@ class PopulationDecoder:
         return y if bias is None else y + bias[:, None, :]
 
     def _norm(self, x_pnd: Tensor, name: str) -> Tensor:
-        """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order)."""
-        h = x_pnd.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order); one fused
+        normalization instead of HF's five elementwise passes (a launch-bound step counts them)."""
+        h = F.rms_norm(x_pnd.float(), (x_pnd.shape[-1],), eps=self.eps)
         return self.weights[name + ".weight"][:, None, :] * h.to(x_pnd.dtype)
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
