@@ -14,7 +14,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from underpar import config as cfglib
 from underpar.errors import UnderparError
 from underpar.runs import script
 from underpar.runs.rundir import CONFIG, SUMMARY, git_commit
