@@ -71,6 +71,20 @@ def test_the_artifact_scores_what_the_run_reported_and_other_text_too(trained):
     assert 1.0 < other["scores"]["plain"]["val_bpb"] < 20
 
 
+def test_text_is_encoded_with_the_run_tokenizer(trained, tmp_path):
+    summary, second, _ = trained
+    root = second.parent
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for doc in sorted((root / "other").iterdir())[:15]:  # what same_tokenizer_folder encoded
+        shutil.copy(doc, texts / doc.name)
+    from_text = score_run(summary.run_dir, None, str(texts), EvalConfig(), warn=pytest.fail)
+    from_folder = score_run(summary.run_dir, None, str(second), EvalConfig(), warn=pytest.fail)
+    a, b = from_text["scores"]["plain"], from_folder["scores"]["plain"]
+    assert from_text["data"] == str(texts)
+    assert (a["val_bpb"], a["val_loss"], a["tokens"], a["bytes"]) == (b["val_bpb"], b["val_loss"], b["tokens"], b["bytes"])
+
+
 def test_another_tokenizer_is_refused(trained):
     summary, _, foreign = trained
     with pytest.raises(DataError, match="prepared with a different tokenizer"):

@@ -78,7 +78,7 @@ def eval_bpb(
     model: Optional[str] = typer.Option(None, help="uniform | unigram: a sanity baseline fitted on the train shards (default unigram without --run)."),
     source: str = typer.Option("builtin", help="Which prepared data (see `data prepare`)."),
     vocab: str = typer.Option("1024", metavar="INTEGER", help="With --source: which prepared data (ignored with --data)."),
-    data: Optional[str] = typer.Option(None, help="A prepared data folder (default: the one for source/vocab; with --run, the run's)."),
+    data: Optional[str] = typer.Option(None, help="A prepared data folder (default: the one for source/vocab; with --run, the run's); with --run also text: .txt/.md/.jsonl files."),
     seq_len: Optional[str] = typer.Option(None, metavar="INTEGER", help="Tokens per scored window (default 1024; with --run, the run's train.seq_len)."),
     run: Optional[str] = typer.Option(None, help="Score this pretrain run's model after its round trip (its model.int8.ptz)."),
     artifact: Optional[str] = typer.Option(None, help="Score this artifact (with --run's config, or the config.json beside it)."),

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 from underpar import config as cfglib
 from underpar import dist, ui
+from underpar.data import corpora
 from underpar.data.config import DataConfig
 from underpar.data.dataset import PreparedData
-from underpar.data.tokenizer import ByteLUTs
+from underpar.data.manifest import MANIFEST
+from underpar.data.tokenizer import ByteLUTs, build_byte_luts
 from underpar.errors import ArtifactError, DataError, UnderparError
 from underpar.eval.bpb import BpbMeter, evaluate_bpb
 from underpar.eval.config import EvalConfig, eval_config
@@ -166,27 +168,57 @@ def check_tokenizer(trained: dict[str, Any] | None, data: PreparedData, cfg: Any
 def score_run(run: str | None, artifact: str | None, data: str | None, eval_cfg: EvalConfig,
               sets: Sequence[str] = (), warn: Callable[[str], None] = print, skip: Sequence[str] = ()) -> dict[str, Any]:
     """Load a run's artifact into its model (the round trip the run was scored after) and
-    score it on `data` (a prepared folder; default the run's own). `sets` change the run's
-    config first (e.g. model.attention.rope_scaling for a longer eval.seq_len)."""
+    score it on `data` (a prepared folder, default the run's own, or text: `scored_tokens`).
+    `sets` change the run's config first (e.g. model.attention.rope_scaling for a longer
+    eval.seq_len)."""
     cfg, folder, path = run_config(run, artifact)
     for assignment in sets:
         cfg = cfglib.override(cfg, assignment)
     cfglib.validate(cfg)
     cfglib.validate(eval_cfg, "eval")
-    data_cfg = cfg.data if data is None else DataConfig(out=str(data))
-    prepared = PreparedData.open(data_cfg)
-    check_tokenizer(run_tokenizer(cfg, folder), prepared, cfg, warn)
+    tokens, tokenizer, where = scored_tokens(cfg, folder, data, warn)
     env = dist.setup(cfg.train.device)
     try:
         model = load_trained(cfg, path, env.device)
-        luts = prepared.byte_luts(cfg.model.vocab_size, env.device)
+        luts = build_byte_luts(tokenizer, cfg.model.vocab_size).to(env.device)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if env.device.type == "cuda" else nullcontext
-        scores = final_scores(model, prepared.val_tokens, luts, eval_cfg, cfg.train.seq_len, autocast,
+        scores = final_scores(model, tokens, luts, eval_cfg, cfg.train.seq_len, autocast,
                               env.rank, env.world_size, skip=skip)
     finally:
         dist.teardown()
-    return {"run": str(folder), "artifact": str(path), "data": str(prepared.dir),
+    return {"run": str(folder), "artifact": str(path), "data": where,
             "scores": {name: dataclasses.asdict(s) for name, s in scores.items()}}
+
+
+def text_source(path: Path) -> str | None:
+    """"text" or "jsonl" when `path` is text to score (a .txt/.md/.jsonl file, or a folder of
+    them that is not a prepared data folder); None for a prepared folder."""
+    if path.is_file():
+        return "jsonl" if path.suffix == ".jsonl" else "text" if path.suffix in (".txt", ".md") else None
+    if path.is_dir() and not (path / MANIFEST).exists():
+        if any(path.rglob("*.jsonl")):
+            return "jsonl"
+        if any(path.rglob("*.txt")) or any(path.rglob("*.md")):
+            return "text"
+    return None
+
+
+def scored_tokens(cfg: Any, folder: Path, data: str | None, warn: Callable[[str], None]) -> tuple[Tensor, Any, str]:
+    """(tokens, tokenizer, where) of what `--data` names: a prepared folder's validation split
+    (made with the run's tokenizer: checked), or text (.txt/.md files: one document each;
+    .jsonl: the "text" field) encoded with the run's tokenizer, each document after a BOS."""
+    if data is not None and (source := text_source(Path(data))) is not None:
+        try:
+            tokenizer = PreparedData.open(cfg.data).tokenizer
+        except DataError as e:
+            raise DataError(f"--data {data} is text, to be encoded with the run's tokenizer, which lives in "
+                            f"its data folder: {e}") from None
+        documents = corpora.load_documents(source, str(data))
+        ids = [t for doc in tokenizer.encode_documents(documents) for t in (tokenizer.bos_id, *doc)]
+        return torch.tensor(ids, dtype=torch.int32), tokenizer, str(data)
+    prepared = PreparedData.open(cfg.data if data is None else DataConfig(out=str(data)))
+    check_tokenizer(run_tokenizer(cfg, folder), prepared, cfg, warn)
+    return prepared.val_tokens, prepared.tokenizer, str(prepared.dir)
 
 
 def score_run_options(run: str | None, artifact: str | None, data: str | None, seq_len: str | None,
