@@ -119,3 +119,37 @@ def test_config_errors_name_the_field():
         cfglib.validate(cfglib.override(EvalConfig(), "ttt.optimizer=lion"), "eval")
     with pytest.raises(ConfigError, match="eval.stride = 64 must not exceed eval.seq_len = 32"):
         cfglib.validate(EvalConfig(seq_len=32, stride=64))
+
+
+def _ttt_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        result = run(tiny_gpt("none"), stream(700), dataclasses.replace(FAST, batch_seqs=3), rank=rank, world_size=world_size)
+        torch.save({"sums": result.meter.sums, "updates": result.updates}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_as_one(tmp_path):
+    """Each step's sequences split across 2 gloo ranks (3 per step: one rank gets 1, the other 2,
+    and both step together); the averaged gradients give one process's trajectory."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single = run(tiny_gpt("none"), stream(700), dataclasses.replace(FAST, batch_seqs=3))
+    mp.spawn(_ttt_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(ranks[0]["sums"], ranks[1]["sums"]) and ranks[0]["updates"] == single.updates
+    assert ranks[0]["sums"][2] == single.meter.tokens and ranks[0]["sums"][1] == single.meter.bytes
+    assert float(ranks[0]["sums"][0]) == pytest.approx(single.meter.nll_sum, rel=1e-5)
