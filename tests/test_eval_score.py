@@ -91,6 +91,23 @@ def test_another_tokenizer_is_refused(trained):
         score_run(summary.run_dir, None, foreign, EvalConfig(), warn=pytest.fail)
 
 
+def test_without_the_run_data_folder_the_vocabulary_is_compared_and_a_warning_given(trained, tmp_path):
+    summary, second, foreign = trained
+    moved = tmp_path / "run"
+    shutil.copytree(summary.run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["config"]["data"]["out"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    (moved / "summary.json").unlink()  # no recorded tokenizer either
+    warnings = []
+    result = score_run(str(moved), None, str(second), EvalConfig(), warn=warnings.append)
+    assert result["scores"]["plain"]["tokens"] > 0 and len(warnings) == 1 and "cannot be compared" in warnings[0]
+    config["config"]["data"]["vocab_size"] = 300
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="trained with data.vocab_size = 300"):
+        score_run(str(moved), None, str(second), EvalConfig(), warn=warnings.append)
+
+
 def test_the_run_and_artifact_must_exist(trained, tmp_path):
     summary, _, _ = trained
     with pytest.raises(UnderparError, match="is not a run directory"):
