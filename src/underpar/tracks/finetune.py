@@ -302,7 +302,7 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
             ends, spent = heldout.at_block_end(controller)  # the full model and the network that trains
             heldout_rows.append(row := row | ends)
             run_dir.log(f"step {step + 1}/{steps} | {finetune_heldout.describe(row)}")
-            started += spent  # measuring is not training time
+            started, now = started + spent, time.perf_counter()  # measuring is not training time
         run_dir.metric(**row)
         if (step < LOGGED_FIRST_STEPS or (step + 1) % cfg.train.log_every_steps == 0 or step + 1 == steps
                 or now - last_line >= LOG_EVERY_SECONDS):
