@@ -36,6 +36,9 @@ LABELS = {
 }
 
 
+RANDOM_ROWS = 4  # held-out rows of a random-init architecture (random tokens: nothing to learn)
+
+
 @dataclasses.dataclass
 class HeldOut:
     """Collated held-out batches; `loss(model)` is their token-weighted mean loss (nats)."""
@@ -98,7 +101,8 @@ def build(cfg: FinetuneConfig, tokenizer: Any, vocab_size: int, device: torch.de
     n = cfg.eval.heldout_examples
     if n == 0:
         return None, ""
-    if tokenizer is None:  # random-init speed runs: random rows of the training length
+    if tokenizer is None:  # random-init speed runs: a few random rows (it only shows the networks differ)
+        n = min(n, RANDOM_ROWS)
         generator = torch.Generator().manual_seed(cfg.data.seed + 1_000_003)
         ids = torch.randint(0, vocab_size, (n, cfg.data.max_length), generator=generator).tolist()
         rows = [{"input_ids": r, "labels": r} for r in ids]
