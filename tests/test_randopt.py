@@ -296,6 +296,52 @@ def test_population_engine_scores_like_one_candidate_at_a_time(full_run, model_d
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_es_method_runs_resumes_and_saves_a_model(custom_task, model_dir, loaded, tmp_path, monkeypatch):
+    """--method es: ES iterations on the train reward, es.jsonl per iteration, the final weights
+    tested and saved as a Hugging Face folder, the base back in the model; a run killed in its
+    second iteration resumes to the same weights; decode.population=4 gives the same run."""
+    from transformers import AutoModelForCausalLM
+
+    from underpar.tracks import randopt_es
+
+    model, tokenizer = loaded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    es_sets = ["method=es", "es.iterations=3", "es.pairs=2", "es.sigma=0.03", "es.lr=3e-4"]
+    whole = randopt.run(config(model_dir, tmp_path / "whole", *es_sets), model, tokenizer)
+    assert isinstance(whole, randopt_es.ESSummary) and whole.evaluations == 12 and len(whole.iterations) == 3
+    log = [json.loads(line) for line in (Path(whole.run_dir) / randopt_es.ES_FILE).read_text().splitlines()]
+    assert [row["iteration"] for row in log] == [0, 1, 2] and any(row["terms"] for row in log)
+    assert set(whole.test) == {"length_mod3", "basic_arithmetic"}
+    assert all(t["gained"] - t["lost"] == round(t["delta"] * t["accuracy"]["n"]) for t in whole.test.values())
+    saved = AutoModelForCausalLM.from_pretrained(whole.model_dir).state_dict()
+    assert any(not torch.equal(saved[k], before[k]) for k in before)  # the ES weights, not the base
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base again
+
+    real, calls = randopt_es.score_candidate, []
+
+    def killed_in_second_iteration(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(randopt_es, "score_candidate", killed_in_second_iteration)
+    with pytest.raises(KeyboardInterrupt):
+        randopt.run(config(model_dir, tmp_path / "killed", *es_sets), model, tokenizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    (run_dir,) = [p for p in (tmp_path / "killed").iterdir() if p.is_dir()]
+    assert len((run_dir / randopt_es.ES_FILE).read_text().splitlines()) == 1
+    calls.clear()
+    monkeypatch.setattr(randopt_es, "score_candidate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = randopt.run(None, model, tokenizer, resume=run_dir)
+    assert len(calls) == 8  # iterations 2 and 3 only
+    assert resumed.iterations == whole.iterations and resumed.test == whole.test
+    again = AutoModelForCausalLM.from_pretrained(resumed.model_dir).state_dict()
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+    batched = randopt.run(config(model_dir, tmp_path / "batched", *es_sets, "decode.population=4"), model, tokenizer)
+    assert batched.iterations == whole.iterations and batched.test == whole.test
+
+
 def test_kill_and_resume_scores_only_the_missing(full_run, model_dir, loaded, tmp_path, monkeypatch, capsys):
     cfg_full, summary_full, before, _, _ = full_run
     model, tokenizer = loaded

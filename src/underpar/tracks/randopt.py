@@ -39,7 +39,6 @@ from underpar.config import bounded, choice, items, nested
 from underpar.data.tasks import TASKS, get_task
 from underpar.errors import ConfigError, UnderparError
 from underpar.eval.ensemble import vote_all
-from underpar.eval.generate import ENGINES, DecodeConfig
 from underpar.eval.stats import accuracy_ci, mean
 from underpar.kernels.perturb import BACKENDS, check_backend
 from underpar.kernels.perturb_space import PerturbSpace
@@ -47,33 +46,17 @@ from underpar.model import hf
 from underpar.runs.rundir import CONFIG, RunDir, check_run_name, check_runs_root
 from underpar.tracks import randopt_diagnostics as diagnose
 from underpar.tracks.randopt_search import (
-    POPULATION_FILE, Answerer, Candidates, PromptSet, correct, draw_population, k1_indices, load_examples,
+    POPULATION_FILE, Answerer, Candidates, PromptSet, RODecodeConfig, correct, draw_population, k1_indices, load_examples,
     map_with_progress, merge_pairs, rank, read_population, say_how_to_resume, score_candidate, tokenize_prompts, top_k,
 )
+from underpar.tracks.randopt_es import ES_FILE, ESConfig, ESSummary
+from underpar.tracks.randopt_es import run_track as run_es_track
 from underpar.tracks.randopt_population import PopulationScorer
 from underpar.tracks.randopt_summary import Diagnostics, EnsembleResult, RandOptSummary, SearchStats, report
 
 # Fields that define the population and its train rewards: a resumed run must keep them.
 SEARCH_FIELDS = ("model", "dtype", "task", "train_examples", "task_paths", "data_seed", "population",
-                 "sigmas", "seed", "include", "exclude", "backend", "decode")
-
-
-@dataclasses.dataclass
-class RODecodeConfig:
-    """Greedy decoding of every prompt set (see underpar.eval.generate)."""
-
-    max_new_tokens: int = bounded(128, 1)
-    batch_size: int = bounded(32, 1)  # rows of the one decoder; sets are padded to whole batches
-    engine: str = choice("static", ENGINES)
-    compile: bool = True  # static engine on CUDA: the decode step becomes a CUDA graph
-    deterministic: bool = False  # compiled static step: Inductor's deterministic mode (see DecodeConfig)
-    # candidates decoded together in one forward (stacked weights, Llama-family models; on CUDA
-    # a CUDA graph per step when compile is on; reproducible: no kernel is chosen by timing);
-    # 1 = one candidate at a time through `engine`
-    population: int = bounded(1, 1)
-
-    def engine_config(self) -> DecodeConfig:
-        return DecodeConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k != "population"})
+                 "sigmas", "seed", "include", "exclude", "backend", "decode", "method", "es")
 
 
 @dataclasses.dataclass
@@ -111,6 +94,8 @@ class RandOptConfig:
     exclude: list[str] = items([])
     backend: str = choice("auto", BACKENDS)  # perturbation kernel: auto = Triton on CUDA
     decode: RODecodeConfig = nested(RODecodeConfig)
+    method: str = choice("randopt", ("randopt", "es"))  # es: iterative updates instead (randopt_es.py)
+    es: ESConfig = nested(ESConfig)  # method = es only
     diagnostics: RODiagnosticsConfig = nested(RODiagnosticsConfig)
     runs_root: str = "runs"
 
@@ -156,7 +141,7 @@ class RandOptConfig:
 
 
 def run(cfg: RandOptConfig | None = None, model: Any = None, tokenizer: Any = None,
-        resume: str | Path | None = None) -> RandOptSummary:
+        resume: str | Path | None = None) -> RandOptSummary | ESSummary:
     """RandOpt per `cfg`. A caller may pass a loaded (model, tokenizer), e.g. one model for
     several global seeds: the weights are the base again when this returns. `resume` = a run
     directory: its config.json (unless `cfg` is given; it must define the same search) and
@@ -200,7 +185,7 @@ def saved_config(run_dir: str | Path) -> RandOptConfig:
     return cfglib.load_json(path)
 
 
-def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: str | Path | None) -> RandOptSummary:
+def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: str | Path | None) -> RandOptSummary | ESSummary:
     timing: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -260,6 +245,9 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         run_dir.log(f"base: train {base['train']['mean']:.3f} | "
                     + " | ".join(f"{n} {a['mean']:.3f}" for n, a in base["test"].items()))
         lap("base")
+        if cfg.method == "es":
+            return run_es_track(cfg, env, run_dir, model, tokenizer, space, answerer, batched, train, tests, base,
+                                base_answers, timing)
 
         # ---- 3. population search: one JSON line per candidate as it arrives -----------------
         rows = read_population(pop_file, candidates.drawn, env.is_main) if resume is not None else {}
@@ -360,7 +348,9 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
                         + " | ".join(f"K={e['k']} {e['bpb']:.5f}" for e in bpb["ensembles"]))
         lap("bpb")
     except KeyboardInterrupt:
-        say_how_to_resume(run_dir, pop_file, N)
+        es_run = cfg.method == "es"
+        say_how_to_resume(run_dir, run_dir.file(ES_FILE) if es_run else pop_file, cfg.es.iterations if es_run else N,
+                          "iterations are done" if es_run else "candidates are scored")
         raise
     finally:
         space.restore()

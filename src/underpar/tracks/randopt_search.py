@@ -18,8 +18,9 @@ from typing import Any
 from underpar import dist
 from underpar.data.sft import prompt_ids
 from underpar.data.tasks import Example, Task, get_task
+from underpar.config import bounded, choice
 from underpar.errors import ConfigError, DataError
-from underpar.eval.generate import DecodeConfig, GenerationStats, generate
+from underpar.eval.generate import ENGINES, DecodeConfig, GenerationStats, generate
 from underpar.eval.stats import mean
 from underpar.kernels.perturb_space import PerturbSpace
 from underpar.ui import progress
@@ -148,6 +149,25 @@ class Candidates:
 
 
 @dataclasses.dataclass
+class RODecodeConfig:
+    """Greedy decoding of every prompt set (see underpar.eval.generate)."""
+
+    max_new_tokens: int = bounded(128, 1)
+    batch_size: int = bounded(32, 1)  # rows of the one decoder; sets are padded to whole batches
+    engine: str = choice("static", ENGINES)
+    compile: bool = True  # static engine on CUDA: the decode step becomes a CUDA graph
+    deterministic: bool = False  # compiled static step: Inductor's deterministic mode (see DecodeConfig)
+    # candidates decoded together in one forward (stacked weights, Llama-family models; on CUDA
+    # a CUDA graph per step when compile is on; reproducible: no kernel is chosen by timing);
+    # 1 = one candidate at a time through `engine`
+    population: int = bounded(1, 1)
+
+    def engine_config(self) -> DecodeConfig:
+        return DecodeConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k != "population"})
+
+
+
+@dataclasses.dataclass
 class PromptSet:
     """One task's examples and their chat-templated prompt token ids (tokenized once)."""
 
@@ -218,7 +238,7 @@ def score_texts(prompts: PromptSet, texts: Sequence[str]) -> dict[str, Any]:
     return {"reward": mean(rewards), "digest": hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()[:16]}
 
 
-def say_how_to_resume(run_dir: Any, pop_file: Path, population: int) -> None:
+def say_how_to_resume(run_dir: Any, pop_file: Path, population: int, done: str = "candidates are scored") -> None:
     """On Ctrl-C: what the run directory keeps, and the command that continues it."""
     scored = 0
     if pop_file.is_file():
@@ -227,5 +247,5 @@ def say_how_to_resume(run_dir: Any, pop_file: Path, population: int) -> None:
                 scored += isinstance(json.loads(line), dict)
             except json.JSONDecodeError:  # a line torn by the interrupt: rescored on resume
                 pass
-    run_dir.log(f"interrupted: {scored} of {population} candidates are scored and kept in {pop_file}; "
+    run_dir.log(f"interrupted: {scored} of {population} {done} and kept in {pop_file}; "
                 f"continue with `underpar randopt --resume {run_dir.path}` (only the missing ones are scored)")
