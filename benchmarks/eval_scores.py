@@ -9,7 +9,8 @@ evaluation variant loads the artifact into a fresh model and scores the whole va
 Variants: plain and sliding stride 64; sliding at 2048 with NTK RoPE scaling; TTT with the
 PR #461 recipe (SGD lr 0.005, momentum 0.9, 3 epochs per 32,768-token chunk, cosine across
 chunks, clip 1.0; sliding stride 64 inside); phased (3 phases over the first 25% of the
-stream); with --only also TTT at lr 0.002 (PR #549's value). Raw numbers to --out/eval_scores-<device>.json.
+stream); the records' per-document LoRA TTT (rank 80, Adam lr 1e-4, 48-token chunks); with
+--only also TTT at lr 0.002 (PR #549's value). Raw numbers to --out/eval_scores-<device>.json.
 
     PYTHONPATH=src python3 benchmarks/eval_scores.py --data .data/builtin_sp1024 --out $OUT
     # CPU check of the script: --preset tiny-cpu --seconds 0 --steps 20 --tokens-per-step 8192 --stride 64
@@ -41,11 +42,15 @@ def variants(stride: int, chunk: int) -> dict[str, tuple[list[str], list[str], l
         f"sliding_{stride}_at_2048_ntk": ([f"stride={stride}", "seq_len=2048"], ["model.attention.rope_scaling=ntk"], []),
         "ttt_sgd_lr0.005": (ttt, [], ["plain", "sliding"]),
         "ttt_phased_3": (ttt + ["ttt.phases=3", "ttt.phase_fraction=0.25"], [], ["plain", "sliding"]),
+        # The records' per-document LoRA TTT (rank 80; Adam lr 1e-4, beta1 0, weight decay 0.5; 48-token chunks).
+        "ttt_document_lora80": (["ttt.enabled=true", "ttt.scope=document", "ttt.params=lora", "ttt.lora_rank=80",
+                                 "ttt.optimizer=adam", "ttt.lr=0.0001", "ttt.momentum=0", "ttt.weight_decay=0.5"],
+                                [], ["plain", "sliding"]),
         "ttt_sgd_lr0.002": (ttt + ["ttt.lr=0.002"], [], ["plain", "sliding"]),
     }
 
 
-DEFAULT = 4  # the first four variants fit the few minutes of GPU time; --only names others
+DEFAULT = 5  # the first five variants fit the few minutes of GPU time; --only names others
 
 
 def main() -> None:

@@ -21,13 +21,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ, STRIDE = 32, 8
 FAST = TTTConfig(enabled=True, chunk_tokens=96, respect_documents=False, lr=0.05, epochs=2, batch_seqs=2)
+DOCS = TTTConfig(enabled=True, scope="document", params="lora", lora_rank=4, optimizer="adam", lr=0.02,
+                 doc_chunk_tokens=8, doc_batch=3)
 
 
 def run(model, tokens, cfg=FAST, **kw):
     return evaluate_ttt(model, tokens, random_luts(), cfg, SEQ, STRIDE, batch_seqs=4, **kw)
 
 
-def test_a_changed_token_changes_no_earlier_prediction():
+@pytest.mark.parametrize("cfg", [FAST, DOCS], ids=["stream", "document"])
+def test_a_changed_token_changes_no_earlier_prediction(cfg):
     tokens = stream(500)
     changed = tokens.clone()
     t = 250
@@ -35,10 +38,14 @@ def test_a_changed_token_changes_no_earlier_prediction():
     seen = []
     for toks in (tokens, changed):
         logits = torch.zeros(500, VOCAB)
-        run(tiny_gpt("none"), toks, on_scored=lambda pos, lg: logits.index_copy_(0, pos, lg.float()))
+        run(tiny_gpt("none"), toks, cfg, on_scored=lambda pos, lg: logits.index_copy_(0, pos, lg.float()))
         seen.append(logits)
     assert torch.equal(seen[0][: t + 1], seen[1][: t + 1])  # predictions of tokens 1..t
     assert not torch.equal(seen[0][t + 1 :], seen[1][t + 1 :])
+    if cfg is DOCS:  # documents are independent: the one after t's document is untouched too
+        after = int((tokens[t + 1 :] == 1).nonzero()[0]) + t + 1
+        assert torch.equal(seen[0][after + 1 :], seen[1][after + 1 :])
+        return
     # The updates matter: without them the later predictions are different.
     plain = torch.zeros(500, VOCAB)
     run(tiny_gpt("none"), tokens, dataclasses.replace(FAST, epochs=0),
@@ -47,24 +54,26 @@ def test_a_changed_token_changes_no_earlier_prediction():
 
 
 @pytest.mark.parametrize("cfg", [FAST, dataclasses.replace(FAST, phases=2, phase_fraction=0.5, optimizer="adam", lr=0.01),
-                                 dataclasses.replace(FAST, params="lora", lora_rank=4, respect_documents=True)])
+                                 dataclasses.replace(FAST, params="lora", lora_rank=4, respect_documents=True), DOCS])
 def test_every_token_is_scored_once_before_any_update_uses_it(cfg):
     tokens = stream(700)
     events = []
     result = run(tiny_gpt("none"), tokens, cfg, on_scored=lambda pos, lg: events.append(("score", pos.tolist())),
                  on_update=lambda lo, hi: events.append(("update", lo, hi)))
     scored: set[int] = set()
-    updates = 0
+    updates = trained = 0
     for event in events:
         if event[0] == "score":
             assert scored.isdisjoint(event[1])
             scored.update(event[1])
         else:
-            updates += 1
+            updates, trained = updates + 1, trained + event[2] - event[1] + 1
             assert set(range(event[1], event[2] + 1)) <= scored, event  # its targets were scored already
     last = (700 - 1) // SEQ * SEQ
     assert scored == set(range(1, last + 1)) and result.meter.tokens == last
-    assert updates == result.updates > 0
+    assert trained == result.trained_tokens > 0
+    # One update call per step (stream), or per document adapted in a step (document).
+    assert updates == result.updates if cfg.scope == "stream" else updates > result.updates > 0
 
 
 def test_without_updates_it_is_the_sliding_score():
@@ -91,6 +100,21 @@ def test_it_learns_a_repeated_document_and_restores_the_weights():
         for name, value in model.state_dict().items():
             assert torch.equal(value, before[name]), name
         assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_document_scope_learns_within_a_document():
+    phrase = stream(24, seed=6)[1:]
+    tokens = torch.cat([torch.tensor([1], dtype=torch.int32), phrase.repeat(8)] * 4)  # 4 documents, each one phrase x 8
+    model = tiny_gpt("none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sliding = evaluate_sliding(model.logits, tokens, random_luts(), SEQ, STRIDE, 4)
+    result = run(model, tokens, dataclasses.replace(DOCS, lr=0.05, doc_chunk_tokens=16, lora_rank=8))
+    assert result.chunks == 4 and result.meter.tokens == sliding.tokens and result.meter.bytes == sliding.bytes
+    assert result.meter.bpb < 0.9 * sliding.bpb
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match="scope = 'document' trains per-document LoRA"):
+        cfglib.validate(dataclasses.replace(DOCS, params="all"))
 
 
 def test_chunks_end_before_a_document_start():

@@ -15,6 +15,7 @@ from underpar.errors import ConfigError
 TTT_OPTIMIZERS = ("sgd", "adam")
 TTT_PARAMS = ("all", "lora")
 TTT_LR_SCHEDULES = ("cosine", "constant")
+TTT_SCOPES = ("stream", "document")
 
 
 @dataclasses.dataclass
@@ -24,9 +25,13 @@ class TTTConfig:
     it. `phases` > 0 switches to the later records' phased schedule (PR #1610/#1626): the
     first `phase_fraction` of the stream is scored in `phases` groups of chunks, after each
     group the model trains on everything scored so far, and the rest is scored with the
-    adapted weights."""
+    adapted weights. `scope = "document"` is the records' per-document LoRA TTT (PR #1530
+    onwards, eval/ttt_docs.py): each document gets fresh adapters, and is scored in chunks of
+    `doc_chunk_tokens`, one optimizer step on each chunk after it is scored; context never
+    crosses a document boundary."""
 
     enabled: bool = False
+    scope: str = choice("stream", TTT_SCOPES)
     chunk_tokens: int = bounded(32_768, 1)
     # Chunk ends move back to the last document start (BOS) in the chunk's second half.
     respect_documents: bool = True
@@ -43,6 +48,13 @@ class TTTConfig:
     lora_rank: int = bounded(80, 1)
     phases: int = bounded(0, 0)  # 0: train after every chunk
     phase_fraction: float = bounded(0.04, 0.0, 1.0)
+    doc_chunk_tokens: int = bounded(48, 1)  # scope = document: targets scored per step
+    doc_batch: int = bounded(64, 1)  # scope = document: documents adapted side by side (per rank)
+
+    def check(self) -> None:
+        if self.scope == "document" and (self.params != "lora" or self.phases):
+            raise ConfigError(f"eval.ttt.scope = 'document' trains per-document LoRA adapters: it needs "
+                              f"eval.ttt.params = 'lora' (got {self.params!r}) and eval.ttt.phases = 0 (got {self.phases})")
 
 
 @dataclasses.dataclass

@@ -8,8 +8,8 @@ Default: PR #461/#549's recipe (SGD, lr 0.005, momentum 0.9, 3 epochs per 32,768
 chunk, cosine decay across chunks, grad clip 1.0, every weight adapts, the last chunk is only
 scored). `phases` > 0: the later records' phased schedule (eval/config.py). `params = "lora"`
 trains rank-r adapters on the blocks' linears instead of the weights (A uniform in
-+-1/sqrt(in), B zero, as the records' TTT LoRA); they are global adapters, not reset per
-document as in the records' per-document LoRA TTT.
++-1/sqrt(in), B zero, as the records' TTT LoRA), shared by the whole stream; the records'
+per-document adapters are `scope = "document"` (eval/ttt_docs.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from underpar.errors import ConfigError
 from underpar.eval.bpb import BpbMeter
 from underpar.eval.config import TTTConfig
 from underpar.eval.sliding import OnScored, score_segments, scored_range, segments
+from underpar.eval.ttt_docs import evaluate_ttt_documents
 
 # (first target, last target) of the tokens one optimizer step trained on (this rank's share).
 OnUpdate = Callable[[int, int], None]
@@ -37,7 +38,7 @@ OnUpdate = Callable[[int, int], None]
 @dataclasses.dataclass
 class TTTResult:
     meter: BpbMeter  # summed over ranks
-    chunks: int
+    chunks: int  # scope = document: documents
     updates: int  # optimizer steps
     trained_tokens: int  # target tokens trained on, all passes and epochs, all ranks
     seconds: float
@@ -113,7 +114,7 @@ def attach_lora(model: nn.Module, rank: int) -> list[LoRA]:
     return [LoRA(m, rank) for m in blocks.modules() if isinstance(m, nn.Linear)]
 
 
-def _optimizer(params: list[Tensor], cfg: TTTConfig) -> torch.optim.Optimizer:
+def optimizer_for(params: list[Tensor], cfg: TTTConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
@@ -139,6 +140,10 @@ def evaluate_ttt(
     sequences of `seq_len` from the chunk just scored. Every rank holds the whole model;
     gradients are averaged across ranks."""
     started = time.perf_counter()
+    if cfg.scope == "document":
+        meter, docs, steps, trained = evaluate_ttt_documents(model, val_tokens, luts, cfg, seq_len, autocast, rank,
+                                                             world_size, progress, on_scored, on_update)
+        return TTTResult(meter, docs, steps, trained, time.perf_counter() - started)
     device = luts.bytes_per_token.device
     stride = stride or seq_len
     last = scored_range(val_tokens.numel(), seq_len)
@@ -164,7 +169,7 @@ def evaluate_ttt(
             if (step := passes.get(m)) is None:
                 continue
             if optimizer is None or step.fresh_optimizer:
-                optimizer = _optimizer(params, cfg)
+                optimizer = optimizer_for(params, cfg)
             model.train()
             for chunk, factor in step.chunks:
                 for group in optimizer.param_groups:
