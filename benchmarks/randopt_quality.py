@@ -1,8 +1,8 @@
 """Where RandOpt helps (issue 18): on tasks where SmolLM2-135M-Instruct is mid-range, the base model
 against top-K majority-vote ensembles (K in --ks) with Wilson intervals and an exact McNemar test
-on the same questions, the K=1 train-reward/test-accuracy Spearman, and ES after the same number
-of candidate evaluations (antithetic pairs, z-scored rewards, fp32 master, tracks/randopt_es.py),
-for each task and global seed. One process, one model load; candidates are decoded --size at a
+on the same questions, the K=1 train-reward/test-accuracy Spearman, and ES (`--method es`:
+antithetic pairs, z-scored rewards, fp32 master, tracks/randopt_es.py) after the same number of
+candidate evaluations on the same train slice, for each task and global seed. One process, one model load; candidates are decoded --size at a
 time (decode.population). The JSON is rewritten after every (task, seed), so a call cut short
 keeps what finished; split a long grid over calls with --tasks / --global-seeds.
 
@@ -19,50 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from underpar import config as cfglib
-from underpar.eval.stats import accuracy_ci
-from underpar.kernels.perturb_space import PerturbSpace
 from underpar.model import hf
 from underpar.runs.rundir import device_tag, environment
 from underpar.tracks import randopt
-from underpar.tracks import randopt_es as es
-from underpar.tracks.randopt_diagnostics import paired
-from underpar.tracks.randopt_population import PopulationScorer
-from underpar.tracks.randopt_search import correct, load_examples, tokenize_prompts
 
 RUNS = tempfile.mkdtemp(prefix="randopt-quality-")
-
-
-def es_run(model, tokenizer, cfg: randopt.RandOptConfig, args, task: str, seed: int) -> dict:
-    """ES from the base with population // (2 pairs) iterations, scored on the same train slice;
-    the final weights answer the test set. The model holds the base again afterwards."""
-    train = tokenize_prompts(tokenizer, task, load_examples(task, "train", cfg.train_examples, cfg.data_seed))
-    test = tokenize_prompts(tokenizer, task, load_examples(task, "test", cfg.test_examples, cfg.data_seed))
-    space = PerturbSpace(model)
-    original = space.live_flat.clone()
-    rows = min(cfg.decode.batch_size, max(len(train.ids), len(test.ids)))
-    scorer = PopulationScorer(model, tokenizer, space, cfg.decode.engine_config(), rows, args.size, "auto", [train, test])
-    base_correct = correct(test, scorer.answers([(0, 0.0)], [test])[0][0])  # sigma 0: the base itself
-
-    def score(population):
-        rewards = []
-        for k in range(0, len(population), args.size):
-            rewards += [r["reward"] for r in scorer.score(population[k:k + args.size], train)]
-        return rewards
-
-    es_cfg = es.ESConfig(iterations=max(1, args.population // (2 * args.es_pairs)), pairs=args.es_pairs,
-                         sigma=args.es_sigma, lr=args.es_lr, seed=seed)
-    started = time.perf_counter()
-    history = es.run_es(space, score, es_cfg, Path(tempfile.mkdtemp(prefix="es-")) / es.ES_FILE)
-    seconds = time.perf_counter() - started
-    final = correct(test, scorer.answers([(0, 0.0)], [test])[0][0])
-    with torch.no_grad():
-        space.live_flat.copy_(original)  # the base for the next run
-    return {"config": dataclasses.asdict(es_cfg), "evaluations": 2 * es_cfg.pairs * es_cfg.iterations,
-            "seconds": seconds, "train_mean_reward": [h["mean_reward"] for h in history],
-            "test": accuracy_ci(final), "base_test": accuracy_ci(base_correct), **paired(base_correct, final)}
 
 
 def main() -> None:
@@ -106,8 +68,14 @@ def main() -> None:
             summary = dataclasses.asdict(randopt.run(cfg, model, tokenizer))
             run = {"task": task, "global_seed": seed, **{k: summary[k] for k in (
                 "base", "population", "search", "ensembles", "diagnostics", "timing")}}
-            if not args.no_es:
-                run["es"] = es_run(model, tokenizer, cfg, args, task, seed)
+            if not args.no_es:  # the same task, train slice and number of candidate evaluations
+                es_cfg = cfg
+                for assignment in ("method=es", f"name=quality-es-{task}-{seed}", f"es.seed={seed}",
+                                   f"es.pairs={args.es_pairs}", f"es.sigma={args.es_sigma}", f"es.lr={args.es_lr}",
+                                   f"es.iterations={max(1, args.population // (2 * args.es_pairs))}"):
+                    es_cfg = cfglib.override(es_cfg, assignment)
+                es_summary = dataclasses.asdict(randopt.run(es_cfg, model, tokenizer))
+                run["es"] = {k: es_summary[k] for k in ("es", "evaluations", "iterations", "test", "seconds", "model_dir")}
             record["runs"].append(run)
             record["seconds"] = time.time() - started
             path.write_text(json.dumps(record, indent=2) + "\n")
@@ -123,8 +91,8 @@ def table(record: dict) -> str:
     for run in record["runs"]:
         k1 = run["diagnostics"]["k1"]
         rho = "-" if not k1 or k1["spearman"] is None else f"{k1['spearman']:+.2f}"
-        e = run.get("es")
-        es_text, es_p = (f"{fmt(e['test'])} ({e['evaluations']})", f"{e['mcnemar_p']:.3f}") if e else ("-", "-")
+        e = run["es"]["test"][run["task"]] if "es" in run else None
+        es_text, es_p = (f"{fmt(e['accuracy'])} ({run['es']['evaluations']})", f"{e['mcnemar_p']:.3f}") if e else ("-", "-")
         for ens in run["ensembles"]:
             lines.append(f"| {run['task']} | {run['global_seed']} | {fmt(ens['base'])} | {ens['k']} | {fmt(ens['accuracy'])} | "
                          f"{ens['gained']} / {ens['lost']} | {ens['mcnemar_p']:.3f} | {rho} | {es_text} | {es_p} |")
