@@ -5,9 +5,13 @@ A method is a parameter dataclass registered in METHODS (`FinetuneConfig.method`
 `controller(model)` builds what the training loop drives:
 
     ctl = cfg.method.controller(model)
+    ctl.use_calibration(first_training_batches)  # what a method may measure the model on
     for step in range(steps):
         layout = ctl.begin(step, optimizer)  # a new block's layout (logged), or None mid-block
         ...                                   # forward, backward, clip ctl.trainable_parameters()
+        # at a block's end (ctl.block_of(step + 1) changes): held-out loss of the full model
+        # inside `with ctl.restored():`, and of the block's network when
+        # ctl.trains_a_different_network (Deep Chaos)
     ctl.end(optimizer)                        # the full model again, original requires_grad
 
 Adding a method is a config dataclass with `controller()`, a Controller subclass and one
