@@ -18,7 +18,7 @@
   per-candidate weights (bmm) vs the base read once plus a materialized sign matrix,
   x @ W0^T + s (x @ R^T).
 
-    PYTHONPATH=src python3 benchmarks/randopt_speed.py --out $OUT            # ~3-4 min on one H200
+    PYTHONPATH=src python3 benchmarks/randopt_speed.py --out $OUT   # ~5 min on one H200 (~3 with --no-child)
     PYTHONPATH=src python3 benchmarks/randopt_speed.py --out /tmp/rs --model <tiny folder> \\
         --prompts 4 --max-new-tokens 8 --sizes 2 --static-candidates 2 --fp32-prompts 3 --fp32-tokens 6   # CPU
 """
@@ -115,8 +115,8 @@ def one_at_a_time(model, tokenizer, space, prompts, drawn, engine: str, compile_
     decode = DecodeConfig(max_new_tokens=max_new, batch_size=len(prompts.ids), engine=engine, compile=compile_,
                           deterministic=deterministic)
     answerer = Answerer(model, tokenizer, decode, len(prompts.ids))
-    _, warmup = timed(lambda: answerer.warm_up([prompts]) if engine != "hf" else score_candidate(
-        answerer, space, prompts, *drawn[0]))
+    # hf compiles nothing: its first call is timed as it comes (the device is warm by then)
+    _, warmup = timed(lambda: answerer.warm_up([prompts]) if engine != "hf" else None)
     rows, seconds = timed(lambda: [score_candidate(answerer, space, prompts, seed, sigma) for seed, sigma in drawn])
     space.restore()
     return {"engine": engine, "compile": compile_, "deterministic": deterministic, "candidates": len(drawn),
