@@ -186,3 +186,25 @@ def test_cuda_compiled_model_loss_matches_plain():
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(head.weight.grad.float(), want_grad, rtol=2e-2, atol=1e-4)
+
+
+def test_model_switch_uses_the_fused_loss_with_the_same_value_and_gradients():
+    """model.embeddings.fused_ce: the GPT's training loss through softcap_cross_entropy equals
+    the default path's (fp32 on the CPU), gradients too."""
+    from underpar.config import from_dict, override
+    from underpar.model.config import GPTConfig
+    from underpar.model.gpt import build
+
+    base = from_dict(GPTConfig, {"vocab_size": 128, "num_layers": 2, "model_dim": 64,
+                                 "attention": {"num_heads": 4, "num_kv_heads": 2}})
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build(override(base, f"embeddings.fused_ce={str(fused).lower()}"))
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        losses.append(loss)
+        grads.append(model.tok_emb.weight.grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

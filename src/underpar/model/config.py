@@ -10,6 +10,8 @@ per part, each defined beside its part's code, and the checks that span sections
     [model.mlp]             mult, activation, leaky_slope             (model/mlp.py)
     [model.residual]        encoder_layers, parallel_start, two_lane_start,
                             layerwise_ln_scale                        (model/residual.py)
+    [model.recurrence]      name = none | loop | shared, and its fields
+                                                                      (model/recurrence.py)
 
 Defaults are the Parameter Golf baseline.
 """
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from underpar.config import bounded, nested
+from underpar.config import bounded, nested, variant
 from underpar.errors import ConfigError
 from underpar.model.attention import AttentionConfig
 from underpar.model.embeddings import EmbeddingsConfig
 from underpar.model.mlp import MLPConfig
-from underpar.model.residual import ResidualConfig
+from underpar.model.recurrence import RECURRENCES, NoRecurrence
+from underpar.model.residual import ResidualConfig, unet_layout
 
 
 @dataclasses.dataclass
@@ -35,6 +38,7 @@ class GPTConfig:
     attention: AttentionConfig = nested(AttentionConfig)
     mlp: MLPConfig = nested(MLPConfig)
     residual: ResidualConfig = nested(ResidualConfig)
+    recurrence: NoRecurrence = variant(RECURRENCES, "none")
 
     def check(self) -> None:
         heads, kv_heads = self.attention.num_heads, self.attention.num_kv_heads
@@ -63,3 +67,8 @@ class GPTConfig:
             )
         self.embeddings.check_with(self.model_dim)
         self.residual.check_with(self.num_layers)
+        self.recurrence.check_with(self.num_layers)
+        if self.residual.two_lane_start >= 0 and self.recurrence.adapters(self.num_layers, 2) is not None:
+            raise ConfigError("model.residual.two_lane_start: two lanes do not combine with the adapters of "
+                              "model.recurrence = shared (set lora_rank = 0 or two_lane_start = -1)")
+        unet_layout(self.recurrence.order(self.num_layers), self.residual)  # raises on a bad combination

@@ -23,6 +23,10 @@ class EmbeddingsConfig:
     tied_init_std: float = bounded(0.005, 0.0)
     # logits = softcap * tanh(logits / softcap); 0 disables the cap.
     logit_softcap: float = bounded(30.0, 0.0)
+    # Training loss: softcap + cross-entropy as one Triton kernel on CUDA (kernels/softcap_ce.py;
+    # its torch reference elsewhere) that never stores the capped fp32 logits. The cap is then
+    # applied in fp32 rather than in bf16, so losses are close to, not bit-equal with, the default.
+    fused_ce: bool = False
     # The token that starts every document in the shards (SentencePiece bos = 1): SmearGate
     # and BigramHash never carry the token before it into it.
     bos_id: int = bounded(1, 0)

@@ -12,26 +12,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from underpar.config import validate
+from underpar.kernels.softcap_ce import softcap_cross_entropy
 from underpar.model.block import Block, layer_ln_scale
 from underpar.model.config import GPTConfig
 from underpar.model.embeddings import BigramHash, SmearGate, softcap
 from underpar.model.linear import CastedLinear, rms_norm
 from underpar.model.residual import run_unet, unet_layout
+from underpar.stages import Switch
 
 
 class GPT(nn.Module):
-    """Token embedding (+ BigramHash, SmearGate) -> U-Net of blocks (model/residual.py) ->
-    final RMS norm -> (tied) head -> softcap."""
+    """Token embedding (+ BigramHash, SmearGate) -> U-Net of blocks (model/residual.py), run
+    in the order depth recurrence gives (model/recurrence.py) -> final RMS norm -> (tied)
+    head -> softcap."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         validate(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.layout = unet_layout(cfg.num_layers, cfg.residual)
+        # The U-Net over the blocks in the order they run: plain, and with depth recurrence
+        # (model/recurrence.py; the same layout without it). A recurrence switched on during
+        # training starts on the plain one: `looping` (a Python bool, so each value is its own
+        # compiled graph) says which runs; `stage_switches` hands the switch to the trainer.
+        recurrence = cfg.recurrence
+        self.plain_layout = unet_layout(range(cfg.num_layers), cfg.residual)
+        self.layout = unet_layout(recurrence.order(cfg.num_layers), cfg.residual)
+        self.looping = recurrence.stage_at() is None
         self.num_encoder_layers = self.layout.num_encoder_layers
         self.num_decoder_layers = self.layout.num_decoder_layers
-        self.num_skips = self.layout.num_skips
+        self.num_skips = max(self.layout.num_skips, self.plain_layout.num_skips)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
         self.blocks = nn.ModuleList(self._block(cfg, layer) for layer in range(cfg.num_layers))
         for index, block in enumerate(self.blocks):
@@ -49,6 +59,7 @@ class GPT(nn.Module):
         if emb.bigram_buckets > 0:
             self.bigram = BigramHash(emb.bigram_buckets, emb.bigram_dim, cfg.model_dim, emb.bos_id)
         self.smear_gate = SmearGate(emb.smear_window, emb.bos_id) if emb.smear_gate else None
+        self.adapters = recurrence.adapters(cfg.num_layers, cfg.model_dim)
 
     @staticmethod
     def _block(cfg: GPTConfig, layer: int) -> Block:
@@ -62,6 +73,19 @@ class GPT(nn.Module):
             two_lanes=0 <= res.two_lane_start <= layer,
         )
 
+    def stage_switches(self) -> list[Switch]:
+        """The structure this model changes during training (tracks/stages.py)."""
+        at = self.cfg.recurrence.stage_at()
+        return [] if at is None else [Switch(at, "depth recurrence", self._set_looping)]
+
+    def _set_looping(self, on: bool) -> None:
+        self.looping = on
+
+    def lr_scale(self, param_name: str) -> float:
+        """The factor on a parameter's base learning rate (optim/groups.py): PR #38's shared
+        blocks train at matrix_lr / sqrt(loops)."""
+        return self.cfg.recurrence.lr_scale() if param_name.startswith("blocks.") else 1.0
+
     def embed(self, input_ids: Tensor) -> Tensor:
         """The normed input x0 of the blocks [B, T, model_dim]."""
         x = self.tok_emb(input_ids)
@@ -74,16 +98,19 @@ class GPT(nn.Module):
     def hidden(self, input_ids: Tensor) -> Tensor:
         """Final normed hidden states [B, T, model_dim]."""
         x = self.embed(input_ids)
-        x = run_unet(self.blocks, self.skip_weights, self.layout, x, x0=x)
+        layout = self.layout if self.looping else self.plain_layout
+        x = run_unet(self.blocks, self.skip_weights, layout, x, x0=x, adapters=self.adapters)
         return rms_norm(x)
 
-    def capped_logits(self, hidden: Tensor) -> Tensor:
-        """Softcapped logits in the compute dtype (bf16 under autocast)."""
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits before the softcap, in the compute dtype (bf16 under autocast)."""
         if self.lm_head is None:
-            logits = F.linear(hidden, self.tok_emb.weight)
-        else:
-            logits = self.lm_head(hidden)
-        return softcap(logits, self.cfg.embeddings.logit_softcap)
+            return F.linear(hidden, self.tok_emb.weight)
+        return self.lm_head(hidden)
+
+    def capped_logits(self, hidden: Tensor) -> Tensor:
+        """Softcapped logits in the compute dtype."""
+        return softcap(self.head(hidden), self.cfg.embeddings.logit_softcap)
 
     def logits(self, input_ids: Tensor) -> Tensor:
         """Next-token logits [B, T, vocab], float32."""
@@ -100,6 +127,8 @@ class GPT(nn.Module):
         training/eval call), else float32 logits [B, T, vocab]."""
         if target_ids is None:
             return self.logits(input_ids)
+        if self.cfg.embeddings.fused_ce:  # the cap applied in fp32 inside one kernel (not bit-identical)
+            return softcap_cross_entropy(self.head(self.hidden(input_ids)), target_ids, self.cfg.embeddings.logit_softcap)
         logits = self.capped_logits(self.hidden(input_ids))
         return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="mean")
 

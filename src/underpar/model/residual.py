@@ -55,40 +55,70 @@ class ResidualConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UNetLayout:
+    # The blocks in the order they run (model/recurrence.py; plain: 0..num_layers-1).
+    order: tuple[int, ...]
     num_encoder_layers: int
     num_decoder_layers: int
-    # Decoder blocks that receive a saved encoder output: min(encoder, decoder).
+    # Decoder positions that receive a saved encoder output: min(encoder, decoder).
     num_skips: int
-    # The first block on two lanes, or -1 (one stream throughout).
-    two_lane_start: int = -1
+    # The first position on two lanes, or -1 (one stream throughout).
+    two_lane_pos: int = -1
 
 
-def unet_layout(num_layers: int, cfg: ResidualConfig) -> UNetLayout:
-    encoder = cfg.num_encoder_layers(num_layers)
-    decoder = num_layers - encoder
-    return UNetLayout(encoder, decoder, min(encoder, decoder), cfg.two_lane_start)
+def unet_layout(order: Sequence[int], cfg: ResidualConfig) -> UNetLayout:
+    """The U-Net over the blocks in `order`: its first `encoder_layers` positions (-1: half of
+    them) are the encoder. Two lanes begin at the first position of block `two_lane_start`,
+    which must be in the decoder, and every later position must hold a two-lane block."""
+    order = tuple(order)
+    encoder = cfg.num_encoder_layers(len(order))
+    if encoder > len(order):
+        raise ConfigError(
+            f"model.residual.encoder_layers = {encoder} is more than the {len(order)} layers "
+            "that run"
+        )
+    decoder = len(order) - encoder
+    two_lane_pos = -1
+    if cfg.two_lane_start >= 0:
+        two_lane_pos = order.index(cfg.two_lane_start)
+        if two_lane_pos < encoder or any(block < cfg.two_lane_start for block in order[two_lane_pos:]):
+            raise ConfigError(
+                f"model.residual.two_lane_start = {cfg.two_lane_start}: the two lanes must begin "
+                f"in the decoder and every block after that must be a two-lane block (blocks run "
+                f"in the order {list(order)}, encoder = the first {encoder}); choose a later "
+                "block (after any recurrence loop) or -1"
+            )
+    return UNetLayout(order, encoder, decoder, min(encoder, decoder), two_lane_pos)
 
 
 def run_unet(
-    blocks: Sequence[nn.Module], skip_weights: Tensor, layout: UNetLayout, x: Tensor, x0: Tensor
+    blocks: Sequence[nn.Module], skip_weights: Tensor, layout: UNetLayout, x: Tensor, x0: Tensor,
+    adapters: Sequence[nn.Module] | None = None,
 ) -> Tensor:
-    """Each encoder output is saved; before each of the first `num_skips` decoder blocks the
-    most recently saved output is added back, scaled per dim by its row of `skip_weights`.
+    """The blocks run in `layout.order`; each encoder output is saved; before each of the first
+    `num_skips` decoder positions the most recently saved output is added back, scaled per dim
+    by its row of `skip_weights`. With `adapters` (depth recurrence, model/recurrence.py),
+    adapter i follows the block at position i.
 
-    From block `two_lane_start` on, the stream is copied into two lanes that blocks update
+    From position `two_lane_pos` on, the stream is copied into two lanes that blocks update
     with `forward_lanes` (see Block); skips are added to lane 0 only, and the output is the
     mean of the two lanes (PR #1529's dual lane, as in the record PR #1584)."""
+    order, encoder = layout.order, layout.num_encoder_layers
     saved: list[Tensor] = []
-    for block in blocks[: layout.num_encoder_layers]:
-        x = block(x, x0)
+    for pos in range(encoder):
+        x = blocks[order[pos]](x, x0)
+        if adapters is not None:
+            x = adapters[pos](x)
         saved.append(x)
     lanes: tuple[Tensor, Tensor] | None = None
-    for i, block in enumerate(blocks[layout.num_encoder_layers :]):
-        if layout.num_encoder_layers + i == layout.two_lane_start:
+    for i, pos in enumerate(range(encoder, len(order))):
+        block = blocks[order[pos]]
+        if pos == layout.two_lane_pos:
             lanes = (x, x)
         skip = skip_weights[i].to(x.dtype)[None, None, :] * saved.pop() if i < layout.num_skips else None
         if lanes is None:
             x = block(x if skip is None else x + skip, x0)
+            if adapters is not None:
+                x = adapters[pos](x)
         else:
             lane0, lane1 = lanes
             lanes = block.forward_lanes(lane0 if skip is None else lane0 + skip, lane1, x0)

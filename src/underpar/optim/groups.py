@@ -46,6 +46,11 @@ def is_block_matrix(name: str, p: nn.Parameter) -> bool:
     return p.ndim == 2 and _top(name) == "blocks"
 
 
+def is_adapter(name: str, p: nn.Parameter) -> bool:
+    """Depth recurrence's per-layer LoRA adapters (model/recurrence.py): Adam, as PR #38."""
+    return _top(name) == "adapters"
+
+
 def is_input_matrix(name: str, p: nn.Parameter) -> bool:
     """The BigramHash projection: a matrix outside the blocks, Adam at scalar_lr (as the records)."""
     return name == "bigram.proj.weight"
@@ -62,6 +67,7 @@ def param_rules(tie_embeddings: bool) -> list[Rule]:
         Rule("embedding", is_embedding, "adam", "tied_embed_lr" if tie_embeddings else "embed_lr"),
         Rule("head", is_head, "adam", "head_lr"),
         Rule("block_matrix", is_block_matrix, "muon", "matrix_lr"),
+        Rule("adapter", is_adapter, "adam", "scalar_lr"),
         Rule("input_matrix", is_input_matrix, "adam", "scalar_lr"),
         Rule("scalar", is_vector_or_scalar, "adam", "scalar_lr"),
     ]
@@ -72,7 +78,7 @@ class Assignment:
     param_name: str
     param: nn.Parameter
     rule: Rule
-    lr: float
+    lr: float  # the rule's lr field times the model's `lr_scale(name)` (1 when it has none)
 
 
 def assign_params(
@@ -90,7 +96,8 @@ def assign_params(
         if rule is None:
             unclaimed.append(f"{name} {tuple(p.shape)}")
             continue
-        out.append(Assignment(name, p, rule, float(getattr(cfg, rule.lr_field))))
+        scale = model.lr_scale(name) if hasattr(model, "lr_scale") else 1.0
+        out.append(Assignment(name, p, rule, float(getattr(cfg, rule.lr_field)) * scale))
     if unclaimed:
         raise ConfigError(
             "no optimizer rule claims these parameters: "

@@ -8,34 +8,33 @@ score) -> summary.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from underpar import config as cfglib
-from underpar import dist, ui
+from underpar import dist
 from underpar.config import bounded, choice, nested
 from underpar.data.dataset import PreparedData
 from underpar.data.config import DataConfig
 from underpar.errors import ConfigError, TrainingError
-from underpar.eval.bpb import BpbMeter, evaluate_bpb
+from underpar.eval.bpb import BpbMeter
 from underpar.model.config import GPTConfig
-from underpar.model.gpt import build, num_params
-from underpar.model.precision import CONTROL_PATTERNS, cast_for_bf16_training
-from underpar.optim import OptimConfig, build_averager, build_optimizers, muon_momentum_at, set_lr, set_muon_momentum
+from underpar.model.gpt import num_params
+from underpar.model.precision import CONTROL_PATTERNS
+from underpar.optim import OptimConfig, muon_momentum_at
 from underpar.quant import artifact
 from underpar.quant.config import QuantConfig
 from underpar.runs import checkpoint, plots
 from underpar.runs.clock import Clock
 from underpar.runs.rundir import RunDir, Summary, check_run_name, check_runs_root
+from underpar.stages import compiled_graphs
+from underpar.tracks.pretrain_trainer import Progress, Trainer
 
 
 LOG_EVERY_SECONDS = 10.0  # a progress line at least this often (and on each of the first 10 steps)
@@ -103,131 +102,13 @@ class PretrainSummary(Summary):
     training_tokens: int
     epochs: float  # passes over the training tokens
     compile_seconds: float
+    compiled_graphs: int  # by the untimed warmup: one per training stage (and eval shape)
+    recompiles_in_timed_region: int  # graphs compiled after the warmup: 0 unless something is wrong
     eval_seconds: float
     peak_memory_bytes: int | None
     parameters: int
     world_size: int
     data: str
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the timed loop stands: saved in checkpoints, restored on resume."""
-
-    step: int = 0
-    elapsed: float = 0.0  # training seconds
-    eval_seconds: float = 0.0
-    checkpoint_step: int | None = None  # the step of the last checkpoint saved or resumed from
-
-
-class Trainer:
-    """The model, its optimizers and the compiled forward, with one training step and one
-    validation pass over them."""
-
-    def __init__(self, cfg: PretrainConfig, env: dist.Env, data: PreparedData):
-        train = cfg.train
-        self.cfg, self.env = cfg, env
-        self.micro_steps = train.tokens_per_step // (env.world_size * train.micro_batch_tokens)
-        if self.micro_steps * env.world_size * train.micro_batch_tokens != train.tokens_per_step:
-            raise ConfigError(
-                f"train.tokens_per_step = {train.tokens_per_step} is not divisible into "
-                f"{env.world_size} ranks x micro-batches of train.micro_batch_tokens = {train.micro_batch_tokens}"
-            )
-        self.luts = data.byte_luts(cfg.model.vocab_size, env.device)
-        self.val_tokens = data.val_tokens
-        self.loader = data.train_loader(env.rank, env.world_size)
-        torch.manual_seed(train.seed)
-        self.model = build(cfg.model).to(env.device)
-        use_bf16 = env.device.type == "cuda"
-        if use_bf16:
-            cast_for_bf16_training(self.model)
-        self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied)
-        self.averager = build_averager(self.model, cfg.optim)  # EMA/SWA/LAWA (optim.averaging); no-op by default
-        # Compile the model, then wrap it, as the reference does: dynamo cannot trace DDP's own
-        # forward under fullgraph=True. The price: the gradient all-reduce (67 MB a step for the
-        # baseline) starts after the compiled backward instead of overlapping it.
-        # Inductor (torch 2.11, H200) asserts in its mix-order-reduction fusion on the two-lane
-        # residual's backward; without that fusion it compiles (benchmarks/results/technique_speed-*).
-        options = {"triton.mix_order_reduction": False} if cfg.model.residual.two_lane_start >= 0 else None
-        self.forward = torch.compile(self.model, dynamic=False, fullgraph=True, options=options) if train.compile else self.model
-        if env.distributed:
-            device_ids = [env.local_rank] if use_bf16 else None
-            self.forward = DistributedDataParallel(self.forward, device_ids=device_ids, broadcast_buffers=False)
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-    def describe(self) -> str:
-        train, env = self.cfg.train, self.env
-        return (f"model {num_params(self.model):,} parameters | {env.world_size} process(es) on {env.device} | "
-                f"{self.micro_steps} micro-step(s) of {train.micro_batch_tokens:,} tokens per rank per step")
-
-    def step(self, lr_multiplier: float, momentum: float) -> float:
-        """One optimizer step over the global batch; the mean training loss of all ranks."""
-        train, env = self.cfg.train, self.env
-        set_lr(self.optimizers, lr_multiplier)
-        set_muon_momentum(self.optimizers, momentum)
-        total = torch.zeros((), device=env.device)
-        for micro in range(self.micro_steps):
-            x, y = (t.to(env.device, non_blocking=True) for t in self.loader.next_batch(train.micro_batch_tokens, train.seq_len))
-            sync = micro == self.micro_steps - 1
-            with (self.forward.no_sync() if env.distributed and not sync else nullcontext()), self.autocast():
-                loss = self.forward(x, y)
-            (loss / self.micro_steps).backward()
-            total += loss.detach()
-        if self.cfg.optim.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
-        for opt in self.optimizers:
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
-        total /= self.micro_steps
-        dist.all_reduce_(total)
-        return total.item() / env.world_size
-
-    def validate(self, max_tokens: int = 0, label: str = "") -> BpbMeter:
-        """val_bpb on the first `max_tokens` validation tokens (0: all of them), across ranks;
-        with a `label`, a progress bar (rank 0's share of the windows)."""
-        train, env = self.cfg.train, self.env
-        tokens = self.val_tokens[: max_tokens + 1] if max_tokens else self.val_tokens
-        windows = (len(tokens) - 1) // train.seq_len
-        self.model.eval()
-        with self.autocast(), ui.progress(disable=not label) as bar:
-            task = bar.add_task(label, total=(windows // env.world_size) * train.seq_len, info="")
-            meter = evaluate_bpb(self.model.logits, tokens, self.luts, train.seq_len, train.val_batch_tokens // train.seq_len,
-                                 rank=env.rank, world_size=env.world_size, progress=lambda n: bar.update(task, advance=n))
-        self.model.train()
-        return meter
-
-    def save(self, path: Path, state: Progress) -> None:
-        """This rank's checkpoint: model, optimizers, loader position, RNG and `state`."""
-        checkpoint.save(path, self.model, self.optimizers, self.loader.state_dict(), step=state.step,
-                        elapsed=state.elapsed, eval_seconds=state.eval_seconds, world_size=self.env.world_size,
-                        averaging=self.averager.state_dict())
-
-    def load(self, path: Path) -> Progress:
-        """Restore a checkpoint written by `save`; where the run stood."""
-        saved = checkpoint.load(path, self.model, self.optimizers, self.env.world_size)
-        self.averager.load_state_dict(saved.get("averaging"))
-        self.loader.load_state_dict(saved["loader"])
-        checkpoint.set_rng_state(saved["rng"])
-        return Progress(saved["step"], saved["elapsed"], saved["eval_seconds"], checkpoint_step=saved["step"])
-
-    def warm_up(self) -> float:
-        """Real training steps that compile every graph the loop will use, after which model,
-        optimizer state, loader and RNG are put back exactly: the warmup trains nothing.
-        Returns its seconds."""
-        started = time.perf_counter()
-        if self.cfg.train.warmup_steps:
-            model_state = copy.deepcopy(self.model.state_dict())
-            optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-            loader_state = self.loader.state_dict()
-            rng = checkpoint.rng_state()
-            for _ in range(self.cfg.train.warmup_steps):
-                self.step(1.0, self.cfg.optim.muon_momentum_warmup_start)
-            self.model.load_state_dict(model_state)
-            for opt, state in zip(self.optimizers, optimizer_states):
-                opt.load_state_dict(state)
-            self.loader.load_state_dict(loader_state)
-            checkpoint.set_rng_state(rng)
-        return time.perf_counter() - started
 
 
 def run(cfg: PretrainConfig, resume: str | Path | None = None) -> PretrainSummary:
@@ -246,12 +127,23 @@ def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> Pretr
     run_dir = RunDir.resume(resume, env, needs=ckpt_name) if resume else None  # checked before any work
     data = PreparedData.ready(cfg.data, env)
     run_dir = run_dir or RunDir.start(cfg.train.runs_root, cfg.name, env)  # bad data leaves no directory behind
+    try:
+        return _train_and_score(cfg, env, data, run_dir, resume is not None)
+    except BaseException as e:  # the run store shows it failed (or killed), never running
+        run_dir.fail(f"{type(e).__name__}: {e}", "killed" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
+
+
+def _train_and_score(cfg: PretrainConfig, env: dist.Env, data: PreparedData, run_dir: RunDir, resume: bool) -> PretrainSummary:
+    ckpt_name = checkpoint.checkpoint_path(Path(), env.rank).name
     trainer = Trainer(cfg, env, data)
     run_dir.save_config(cfg)
     run_dir.log(trainer.describe())
+    before = compiled_graphs()
     compile_seconds = trainer.warm_up()
+    graphs = compiled_graphs() - before  # the timed region must add none (logged at the end)
     state = Progress()
-    if resume is not None:
+    if resume:
         state = trainer.load(run_dir.file(ckpt_name))
         run_dir.truncate_metrics(state.step)
         run_dir.log(f"resumed at step {state.step} after {state.elapsed:.1f} s of training")
@@ -268,14 +160,17 @@ def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> Pretr
     pre = trainer.validate(label="val_bpb")
     byte_count, post = export_and_score(trainer, run_dir)
     state.eval_seconds += time.perf_counter() - eval_started
-    summary = _summary(cfg, env, trainer, data, run_dir, state, step_ms, compile_seconds, pre, post, byte_count)
+    recompiles = compiled_graphs() - before - graphs
+    summary = _summary(cfg, env, trainer, data, run_dir, state, step_ms, (compile_seconds, graphs, recompiles),
+                       pre, post, byte_count)
     run_dir.metric(step=state.step, elapsed=round(state.elapsed, 3), val_bpb=pre.bpb, val_loss=pre.loss, final=True)
     run_dir.save_summary(summary)
     if env.is_main:
         plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name}: round-trip val_bpb {post.bpb:.4f}")
         run_dir.log(
             f"done: {state.step} steps in {state.elapsed:.1f} s | val_bpb {pre.bpb:.4f} -> {post.bpb:.4f} after the round trip | "
-            f"artifact {byte_count.total:,} bytes (code {byte_count.code:,} + model {byte_count.model:,})"
+            f"artifact {byte_count.total:,} bytes (code {byte_count.code:,} + model {byte_count.model:,}) | "
+            f"warmup compiled {graphs} graph(s) in {compile_seconds:.1f} s; recompiles in the timed region: {recompiles}"
         )
     return summary
 
@@ -294,8 +189,10 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
         if dist.agree(env, progress >= 1.0):
             break
         started = time.perf_counter()
+        for change in trainer.stages.enter(progress):
+            run_dir.log(f"step {state.step} | {change} ({100 * progress:.1f}% of training)")
         lr = schedule(progress)
-        loss = trainer.step(lr, muon_momentum_at(cfg.optim, state.step))
+        loss = trainer.step(lr, muon_momentum_at(cfg.optim, state.step), progress)
         state.step += 1
         step = state.step
         trainer.averager.update(step, progress)  # eager foreach ops after the optimizer step, timed with it
@@ -356,7 +253,7 @@ def export_and_score(trainer: Trainer, run_dir: RunDir) -> tuple[artifact.Artifa
 
 
 def _summary(cfg: PretrainConfig, env: dist.Env, trainer: Trainer, data: PreparedData, run_dir: RunDir,
-             state: Progress, step_ms: list[float], compile_seconds: float, pre: BpbMeter, post: BpbMeter,
+             state: Progress, step_ms: list[float], compiled: tuple[float, int, int], pre: BpbMeter, post: BpbMeter,
              byte_count: artifact.ArtifactBytes | None) -> PretrainSummary:
     tokens_trained = state.step * cfg.train.tokens_per_step
     return PretrainSummary(
@@ -373,7 +270,9 @@ def _summary(cfg: PretrainConfig, env: dist.Env, trainer: Trainer, data: Prepare
         tokens_per_second=tokens_trained / state.elapsed if state.elapsed else None,
         training_tokens=tokens_trained,
         epochs=tokens_trained / data.train_token_count,
-        compile_seconds=round(compile_seconds, 3),
+        compile_seconds=round(compiled[0], 3),
+        compiled_graphs=compiled[1],
+        recompiles_in_timed_region=compiled[2],
         eval_seconds=round(state.eval_seconds, 3),
         peak_memory_bytes=torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else None,
         parameters=num_params(trainer.model),

@@ -1,0 +1,61 @@
+"""Training stages: structure or precision that changes during a run (depth recurrence switched
+on at 35% of training, QAT switched on late) declared as switches `(at progress, name, set)`.
+
+A compiled model keeps one graph per stage (a switch flips a Python attribute the graph is
+specialised on). The trainer's untimed warmup visits every stage, so each graph is compiled
+before the clock starts, and `Stages.enter(progress)` during the timed loop only selects among
+graphs that exist; `compiled_graphs()` counts dynamo's graphs, so a run can prove that nothing
+was compiled inside its timed region.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch._dynamo.utils import counters
+
+
+@dataclass(frozen=True)
+class Switch:
+    at: float  # the training progress in (0, 1] from which it is on
+    name: str
+    set: Callable[[bool], None]  # turns the change on (True) or off (False)
+
+
+class Stages:
+    """The stages a run's switches make: stage k begins at the k-th distinct `at` (stage 0 at
+    progress 0, every switch off)."""
+
+    def __init__(self, switches: list[Switch]):
+        self.switches = sorted(switches, key=lambda s: s.at)
+        self.starts = [0.0] + sorted({s.at for s in self.switches})
+        self._on: tuple[bool, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def enter(self, progress: float) -> list[str]:
+        """Set every switch for `progress`; the changes made, as "name on" / "name off"."""
+        on = tuple(s.at <= progress for s in self.switches)
+        if on == self._on:
+            return []
+        before = self._on or (False,) * len(on)  # the first call reports what it turns on
+        changes = []
+        for switch, value, was in zip(self.switches, on, before):
+            switch.set(value)
+            if value != was:
+                changes.append(f"{switch.name} {'on' if value else 'off'}")
+        self._on = on
+        return changes
+
+    def describe(self) -> str:
+        if not self.switches:
+            return "1 training stage"
+        parts = [f"{s.name} at {s.at:.0%}" for s in self.switches]
+        return f"{len(self)} training stages: " + ", ".join(parts)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (each stage's forward is one)."""
+    return counters["stats"]["unique_graphs"]
