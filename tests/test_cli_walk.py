@@ -30,6 +30,7 @@ CASES: dict[tuple[str, str], tuple[list[str], str]] = {
     ("randopt", "--model"): (["--model", "{tmp}/no-such-model"], "no-such-model"),
     ("randopt", "--task"): (["--task", "nope"], "task = 'nope' is not valid"),
     ("randopt", "--population"): (["--population", "0"], "population = 0 is out of range"),
+    ("randopt", "--method"): (["--method", "sgd"], "method = 'sgd' is not valid"),
     ("randopt", "--preset"): (["--preset", "golf-baseline"], "preset 'golf-baseline' is for 'pretrain', not 'randopt'"),
     ("randopt", "--set"): (["--set", "sigmas=[]"], "sigmas = [] must be a non-empty list"),
     ("randopt", "--resume"): (["--resume", "{tmp}/no-such-run"], "cannot resume {tmp}/no-such-run: it is not a run directory"),

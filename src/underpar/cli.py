@@ -195,6 +195,7 @@ def randopt(
     model: Optional[str] = typer.Option(None, help="smollm2-135m, a local folder, or a hub id."),
     task: Optional[str] = typer.Option(None, help="Train task (its train split), e.g. gsm_symbolic, basic_arithmetic."),
     population: Optional[int] = typer.Option(None, help="Number of seeded perturbations to score."),
+    method: Optional[str] = typer.Option(None, help="randopt (score, select the top K, vote) or es (iterative updates)."),
     preset: Optional[str] = typer.Option(None, help="A randopt preset (see `underpar config presets`)."),
     sets: Optional[list[str]] = SetOption,
     resume: Optional[str] = typer.Option(None, help="Continue a stopped search from its run directory."),
@@ -203,8 +204,8 @@ def randopt(
     from underpar.tracks import randopt as track
 
     # Shortcuts are config fields: 0 and "" are values to validate like --set's, not absent options.
-    shortcuts = [f"{key}={value}" for key, value in (("model", model), ("task", task), ("population", population))
-                 if value is not None]
+    shortcuts = [f"{key}={value}" for key, value in (("model", model), ("task", task), ("population", population),
+                                                     ("method", method)) if value is not None]
     if resume is not None:
         if preset is not None:
             raise UnderparError("--preset and --resume together: a resumed run keeps its own config (change fields with --set)")
