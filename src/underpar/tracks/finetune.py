@@ -341,9 +341,7 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
         peak_memory_bytes=peak,
         eval=results,
         eval_before=results_before,
-        heldout_loss_before=heldout_rows[0][finetune_heldout.FULL] if heldout_rows else None,
-        heldout_loss=heldout_rows[-1][finetune_heldout.FULL] if heldout_rows else None,
-        heldout_loss_trained_net=heldout_rows[-1].get(finetune_heldout.TRAINED) if heldout_rows else None,
+        **finetune_heldout.summary_fields(heldout_rows),
     )
     run_dir.save_summary(summary)
     note = " (train loss of the hoisted/masked sub-network, not the saved model)" * controller.trains_a_different_network

@@ -127,6 +127,13 @@ def build(cfg: FinetuneConfig, tokenizer: Any, vocab_size: int, device: torch.de
     return heldout, f"held-out loss on {where} ({heldout.tokens:,} target tokens)"
 
 
+def summary_fields(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The summary's held-out losses from the held-out rows (before training first, end last)."""
+    return {"heldout_loss_before": rows[0][FULL] if rows else None,
+            "heldout_loss": rows[-1][FULL] if rows else None,
+            "heldout_loss_trained_net": rows[-1].get(TRAINED) if rows else None}
+
+
 def describe(values: dict[str, float]) -> str:
     """'held-out loss: full model ... 1.234 | network that trains (...) 5.678' for the log."""
     return "held-out loss: " + " | ".join(f"{LABELS[k]} {v:.4f}" for k, v in values.items() if k in LABELS)
