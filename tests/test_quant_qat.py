@@ -58,3 +58,29 @@ def test_qat_switches_turn_the_large_linears_on_and_off():
     assert not hasattr(model[2], "qat_bits")
     set_on(False)
     assert model[0].qat_bits == 0
+
+
+def test_each_qat_stage_is_one_graph_and_switching_compiles_nothing_new():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(CastedLinear(64, 64), CastedLinear(64, 64))
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    [(_, _, set_on)] = qat_switches(model, QuantConfig(qat_bits=6, keep_float_max_numel=100))
+    x = torch.randn(4, 64)
+    plain = compiled(x)
+    set_on(True)
+    quantized = compiled(x)  # the warmup: one graph per stage
+    graphs = counters["stats"]["unique_graphs"]
+    for on in (False, True, False, True):
+        set_on(on)
+        assert torch.equal(compiled(x), quantized if on else plain)
+    assert counters["stats"]["unique_graphs"] == graphs == 2
+    assert not torch.equal(plain, quantized)
+    torch._dynamo.reset()
+
+
+def test_the_gptq_time_reserve_is_only_taken_with_gptq():
+    assert QuantConfig().reserve_seconds() == 0.0
+    assert QuantConfig(scheme="mixed", gptq=True, gptq_reserve_seconds=4.0).reserve_seconds() == 4.0

@@ -27,10 +27,11 @@ class CastedLinear(nn.Linear):
     quant/qat.py) the weight is fake-quantized per row first; 0, the default, leaves the
     forward exactly the plain one."""
 
-    qat_bits: int = 0
-
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
+        # An instance attribute from the start, so switching it never changes how the compiled
+        # graph's guard finds it (a class default would make "off" two graphs).
+        self.qat_bits = 0
         # Output projections start at zero so every block begins as the identity.
         self.zero_init = zero_init
         if zero_init:
