@@ -39,6 +39,15 @@ VARIANTS: dict[str, list[str]] = {
     "polar_express": ["optim.ns_coefficients=polar_express"],
     "muon_weight_decay": ["optim.muon_weight_decay=0.04"],
     "ema": ["optim.averaging=ema"],
+    # the record's loop (blocks 3-5 twice more: 15 virtual layers of 9), timed once it is on
+    "loop_3_5": ["model.recurrence={name = 'loop', start = 3, end = 5, extra_passes = 2, start_at = 0.0}"],
+    # PR #38's form at this width: 3 shared blocks x 3 loops + rank-4 adapters (9 virtual layers)
+    "shared_3x3": ["model.num_layers=3", "model.residual.encoder_layers=0", "model.recurrence=shared"],
+    "fused_ce": ["model.embeddings.fused_ce=true"],
+    "muon_fused": ["optim.muon_fused=true"],
+    "muon_row_normalize": ["optim.muon_row_normalize=true"],
+    "numuon": ["optim.numuon=true"],
+    "speed_switches": ["model.embeddings.fused_ce=true", "optim.muon_fused=true"],
 }
 
 
@@ -53,7 +62,7 @@ def time_variant(sets: list[str], data: PreparedData, env: dist.Env, steps: int)
     for step in range(steps):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = trainer.step(1.0, 0.95)
+        loss = trainer.step(1.0, 0.95, 0.5)  # progress 0.5: NuMuon mid-schedule
         trainer.averager.update(step + 1, 0.5)
         torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - started))
