@@ -6,6 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from underpar.config import validate  # noqa: E402
 from underpar.errors import ConfigError  # noqa: E402
 from underpar.model import surgery  # noqa: E402
 from underpar.model.surgery import BiasStub  # noqa: E402
@@ -65,3 +66,5 @@ def test_mean_stubs_need_calibration_batches():
     ctl = ChaosController(tiny("llama"), ChaosConfig(seed=2, stub="mean"))
     with pytest.raises(ConfigError, match="method.stub = 'mean' needs training batches"):
         ctl.begin_block(0)
+    with pytest.raises(ConfigError, match="method.stub = 'mean' applies to strategies that remove layers"):
+        validate(ChaosConfig(stub="mean", strategy="mask"))

@@ -119,6 +119,9 @@ class ChaosConfig(MethodConfig):
             raise ConfigError(f"method.masked_params = {self.masked_params!r} applies to method.strategy = 'mask' "
                               f"only (strategy {self.strategy!r} takes what sits out out of the graph); "
                               "leave it at 'freeze'")
+        if self.stub != "random" and self.strategy == "mask":
+            raise ConfigError(f"method.stub = {self.stub!r} applies to strategies that remove layers (hoist, slice); "
+                              "strategy 'mask' runs dead layers as x -> x and has no stubs")
 
     def check_with(self, train: Any) -> None:
         if self.sticky_interval < train.grad_accum_steps:
