@@ -28,6 +28,11 @@ from underpar.tracks import pretrain as track
 UNDERPAR = {
     "underpar_golf_baseline": [],
     "underpar_speed_switches": ["model.embeddings.fused_ce=true", "optim.muon_fused=true"],
+    # the same global batch in fewer, larger micro-steps (same gradient up to summation order)
+    "underpar_micro_131072": ["train.micro_batch_tokens=131072"],
+    "underpar_micro_262144": ["train.micro_batch_tokens=262144"],
+    "underpar_micro_262144_speed_switches": ["train.micro_batch_tokens=262144", "model.embeddings.fused_ce=true",
+                                             "optim.muon_fused=true"],
 }
 STEP_LINE = re.compile(r"step:(\d+)/\d+ .*train_time:(\d+)ms")
 
@@ -84,6 +89,7 @@ def main() -> None:
     ap.add_argument("--runs", default="/tmp/reference_speed_runs")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--only", nargs="*", default=list(UNDERPAR), help="underpar variants to run after the reference")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,8 +97,8 @@ def main() -> None:
     path = out / f"reference_speed-{device_tag()}.json"
     record["rows"].append(run_reference(args, out))
     path.write_text(json.dumps(record, indent=2) + "\n")
-    for name, sets in UNDERPAR.items():
-        record["rows"].append(run_underpar(name, sets, args))
+    for name in args.only:
+        record["rows"].append(run_underpar(name, UNDERPAR[name], args))
         path.write_text(json.dumps(record, indent=2) + "\n")
     ref = record["rows"][0].get("ms_per_step")
     for row in record["rows"]:
