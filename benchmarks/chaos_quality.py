@@ -45,6 +45,8 @@ METHODS = {
     "chaos-slice": ["method=chaos", "method.strategy=slice"],
     # opt-in repairs (each one change against chaos-hoist)
     "chaos-hoist-mean-stub": ["method=chaos", "method.strategy=hoist", "method.stub=mean"],
+    "chaos-hoist-mean-halves": ["method=chaos", "method.strategy=hoist", "method.stub=mean_halves"],
+    "chaos-slice-mean-halves": ["method=chaos", "method.strategy=slice", "method.stub=mean_halves"],
     "chaos-hoist-frozen-identity": ["method=chaos", "method.strategy=hoist", "method.train_identity=false"],
     "chaos-hoist-dead-cap": ["method=chaos", "method.strategy=hoist", "method.active_fraction_min=0.5"],
 }

@@ -91,11 +91,14 @@ def units_to_rows(units: list[int], size: int, device: torch.device) -> torch.Te
 class SlicedLayer(_LayerBase):
     """A decoder layer restricted to one block's kept units: `x + scatter(attn_kept(norm(x)))`
     and/or `x + scatter(mlp_kept(norm(x)))` (`mode` "both", "attn" or "mlp"). Holds the layer's
-    own modules (shared, no copies) and the kept row indices; same call signature as the layer."""
+    own modules (shared, no copies) and the kept row indices; same call signature as the layer.
+    `skipped`: a frozen bias standing in for the half that "attn" / "mlp" skips."""
 
-    def __init__(self, layer: nn.Module, mode: str, kept: dict[str, torch.Tensor]):
+    def __init__(self, layer: nn.Module, mode: str, kept: dict[str, torch.Tensor],
+                 skipped: torch.Tensor | None = None):
         super().__init__()
         self.mode, self.kept = mode, kept
+        self.register_buffer("skipped", skipped, persistent=False)
         if mode in ("both", "attn"):
             self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
         if mode in ("both", "mlp"):
@@ -110,6 +113,8 @@ class SlicedLayer(_LayerBase):
         if self.mode in ("both", "attn"):
             y = _attention(self.self_attn, self.input_layernorm(h), k["q"], k["kv"], attention_mask, position_embeddings)
             h = h.index_add(-1, k["attn_out"], sliced_linear(y, self.self_attn.o_proj, k["attn_out"], k["q"]))
+        if self.skipped is not None:  # in place of the skipped half, where it would add
+            h = h + self.skipped
         if self.mode in ("both", "mlp"):
             mlp, x = self.mlp, self.post_attention_layernorm(h)
             a = mlp.act_fn(sliced_linear(x, mlp.gate_proj, k["mlp"])) * sliced_linear(x, mlp.up_proj, k["mlp"])

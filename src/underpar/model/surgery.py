@@ -113,13 +113,15 @@ def _share_checkpointing(wrapper: nn.Module, layer: nn.Module) -> None:
 
 
 class AttentionOnly(_LayerBase):
-    """A decoder layer whose MLP is skipped: `x + attn(norm(x))`. Holds the layer's own
-    attention and input norm (shared modules, no copies); same call signature as the layer."""
+    """A decoder layer whose MLP is skipped: `x + attn(norm(x))` (`+ skipped`, a frozen bias for
+    the skipped half, when given). Holds the layer's own attention and input norm (shared
+    modules, no copies); same call signature as the layer."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, skipped: torch.Tensor | None = None):
         super().__init__()
         self.input_layernorm = layer.input_layernorm
         self.self_attn = layer.self_attn
+        self.register_buffer("skipped", skipped, persistent=False)
         _share_checkpointing(self, layer)
 
     def forward(self, hidden_states, **kwargs) -> torch.Tensor:
@@ -127,19 +129,24 @@ class AttentionOnly(_LayerBase):
         # versions (5.17 `past_key_values`, 5.24 `cache`): pass them on as they came, as the
         # decoder layer itself does.
         out = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-        return hidden_states + (out[0] if isinstance(out, tuple) else out)
+        out = hidden_states + (out[0] if isinstance(out, tuple) else out)
+        return out if self.skipped is None else out + self.skipped
 
 
 class MlpOnly(_LayerBase):
-    """A decoder layer whose attention is skipped: `x + mlp(norm(x))`."""
+    """A decoder layer whose attention is skipped: `x + mlp(norm(x))`, with `x + skipped` for x
+    when a bias for the skipped half is given."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, skipped: torch.Tensor | None = None):
         super().__init__()
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.mlp = layer.mlp
+        self.register_buffer("skipped", skipped, persistent=False)
         _share_checkpointing(self, layer)
 
     def forward(self, hidden_states, *args, **kwargs) -> torch.Tensor:
+        if self.skipped is not None:
+            hidden_states = hidden_states + self.skipped
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -187,13 +194,14 @@ def _install_capture_hooks(decoder: nn.Module, new_modules: Sequence[nn.Module])
 
 
 def hoist(model: nn.Module, plan: Any, *, skip_identity: bool = False, stub_std: float = 0.01,
-          seed: int = 0, sliced: bool = False, stub_biases: dict[int, torch.Tensor] | None = None
-          ) -> list[nn.Module]:
+          seed: int = 0, sliced: bool = False, stub_biases: dict[int, torch.Tensor] | None = None,
+          half_biases: dict[int, torch.Tensor] | None = None) -> list[nn.Module]:
     """Rebuild `layers` as the survivors of `plan.modes` in original order: whole layers for
     sacred/both/identity, `AttentionOnly`/`MlpOnly` for attn/mlp, nothing for dead (and identity
     when `skip_identity`), with a `BiasStub` at the start of each removed run. `sliced`: the
     both/attn/mlp layers run only the plan's kept units instead (`sliced.SlicedLayer`);
-    `stub_biases` (by a run's first layer) replace the random stub biases. Sets
+    `stub_biases` (by a run's first layer) replace the random stub biases; `half_biases` (by
+    layer) stand in for the skipped half of attn / mlp layers. Sets
     `config.num_hidden_layers`, `config.layer_types` and each attention's `layer_idx` to match
     the pruned list until `restore`. Returns the new list's modules."""
     restore(model)
@@ -215,10 +223,13 @@ def hoist(model: nn.Module, plan: Any, *, skip_identity: bool = False, stub_std:
                 stand_ins.append(stub)
                 types.append(old_types[i] if old_types is not None else None)
             continue
+        skipped = (half_biases or {}).get(i)
         if sliced and modes[i] in ("both", "attn", "mlp"):
-            module = SlicedLayer(layer, modes[i], kept_rows(plan, i, layer_dims(model), ref.device))
+            module = SlicedLayer(layer, modes[i], kept_rows(plan, i, layer_dims(model), ref.device), skipped)
+        elif modes[i] in ("attn", "mlp"):
+            module = {"attn": AttentionOnly, "mlp": MlpOnly}[modes[i]](layer, skipped)
         else:
-            module = {"attn": AttentionOnly, "mlp": MlpOnly}.get(modes[i], lambda x: x)(layer)
+            module = layer
         if module is not layer:
             stand_ins.append(module)
         new.append(module)

@@ -92,7 +92,8 @@ class ChaosConfig(MethodConfig):
     # stubs of removed runs (hoist, slice): "random" x + N(0, stub_std^2) (published), or "mean":
     # x + the run's mean contribution measured on the full model at each block's start over
     # `calibration_batches` training micro-batches (an opt-in repair, tracks/chaos_repairs.py)
-    stub: str = choice("random", ["random", "mean"])
+    # "mean_halves": also the skipped half of each attn / mlp layer
+    stub: str = choice("random", ["random", "mean", "mean_halves"])
     calibration_batches: int = bounded(4, 1)
     seed: int = bounded(0, 0)
     optimizer_state: str = choice("keep", ["keep", "reset", "offload"])  # of params sitting out
@@ -186,13 +187,15 @@ class ChaosController(Controller):
         `requires_grad`), drop stale gradients of frozen parameters; returns the plan."""
         self._undo()
         self.plan = self.scheduler.plan(block)
-        if self.cfg.stub == "mean":  # the model is whole here: measure what each removed run adds
+        if self.cfg.stub != "random":  # the model is whole here: measure what each removed part adds
             if not self.calibration:
-                raise ConfigError("method.stub = 'mean' needs training batches to calibrate on; the controller "
-                                  "got none (use_calibration)")
+                raise ConfigError(f"method.stub = {self.cfg.stub!r} needs training batches to calibrate on; the "
+                                  "controller got none (use_calibration)")
             runs = chaos_repairs.removed_runs(self.plan.modes, self.cfg.hoist_identity)
-            batches = self.calibration[: self.cfg.calibration_batches]
-            self.plan.stub_biases = chaos_repairs.mean_contributions(self.model, runs, batches)
+            halves = {i: m for i, m in enumerate(self.plan.modes) if m in ("attn", "mlp")}
+            self.plan.stub_biases, self.plan.half_biases = chaos_repairs.mean_contributions(
+                self.model, runs, self.calibration[: self.cfg.calibration_batches],
+                halves if self.cfg.stub == "mean_halves" else {})
         self._apply()
         cfg, modes = self.cfg, self.plan.modes
         if cfg.masked_params == "zero_grad":  # published: what the masks zero still "trains"

@@ -37,6 +37,8 @@ class BlockPlan:
     hidden_group_size: int = 64
     # stub="mean": bias per removed run (by its first layer), set by the controller at the block's start
     stub_biases: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # stub="mean_halves": bias per attn / mlp layer for the half it skips
+    half_biases: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def layers(self, *modes: str) -> list[int]:
         return [i for i, m in enumerate(self.modes) if m in modes]

@@ -44,7 +44,7 @@ CHAOS_STRATEGIES: Registry[Strategy] = Registry("chaos_strategy")
 
 def hoist(model: nn.Module, plan: BlockPlan, cfg: ChaosConfig) -> None:
     surgery.hoist(model, plan, skip_identity=cfg.hoist_identity, stub_std=cfg.stub_std, seed=cfg.seed,
-                  stub_biases=plan.stub_biases)
+                  stub_biases=plan.stub_biases, half_biases=plan.half_biases)
 
 
 CHAOS_STRATEGIES.register("hoist")(Strategy(apply=hoist, undo=surgery.restore))
@@ -96,7 +96,7 @@ CHAOS_STRATEGIES.register("mask")(Strategy(apply=mask, undo=surgery.remove_masks
 
 def hoist_sliced(model: nn.Module, plan: BlockPlan, cfg: ChaosConfig) -> None:
     surgery.hoist(model, plan, skip_identity=cfg.hoist_identity, stub_std=cfg.stub_std, seed=cfg.seed,
-                  stub_biases=plan.stub_biases, sliced=True)
+                  stub_biases=plan.stub_biases, half_biases=plan.half_biases, sliced=True)
 
 
 CHAOS_STRATEGIES.register("slice")(Strategy(apply=hoist_sliced, undo=surgery.restore, sample=sample_masks))
