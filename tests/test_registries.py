@@ -191,6 +191,32 @@ def check_attention_gate(name: str, cls: Any) -> None:
 # ---- optimizer, schedule and finetune checks
 
 
+@check("recurrence")
+def check_recurrence(name: str, cls: Any) -> None:
+    """Its default order runs every block at least once, only real blocks, and a model built
+    with it runs (every stage) with finite output of the right shape."""
+    import torch
+
+    from underpar.config import from_dict
+    from underpar.model.config import GPTConfig
+    from underpar.model.gpt import build
+
+    rec = cls()
+    order = rec.order(6)
+    assert set(order) == set(range(6)), f"{name}: order {order} must run each of the 6 blocks"
+    assert rec.lr_scale() > 0, name
+    cfg = from_dict(GPTConfig, {"vocab_size": 64, "num_layers": 6, "model_dim": 32, "recurrence": {"name": name},
+                                "attention": {"num_heads": 2, "num_kv_heads": 1}, "residual": {"encoder_layers": 0}})
+    model = build(cfg)
+    tokens = torch.randint(0, 64, (1, 8))
+    for on in (False, True):
+        for switch in model.stage_switches():
+            switch.set(on)
+        with torch.no_grad():
+            out = model(tokens)
+        assert out.shape == (1, 8, 64) and torch.isfinite(out).all(), name
+
+
 @check("ns_coefficients")
 def check_ns_coefficients(name: str, ns: Any) -> None:
     """In bf16, as Muon runs it, the iteration maps random matrices (tall, wide, any scale, and
