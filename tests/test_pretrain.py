@@ -238,3 +238,21 @@ def test_only_the_two_lane_residual_compiles_without_mix_order_reduction(data_di
         cfg = micro_config(data_dir, "unused", "train.compile=true", *sets)
         track.Trainer(cfg, dist.setup("cpu"), PreparedData.open(cfg.data))
     assert [kwargs["options"] for kwargs in seen] == [{"triton.mix_order_reduction": False}, None]
+
+
+def test_quantization_and_evaluation_stack_wired_into_a_run(data_dir, tmp_path):
+    """QAT switched on as a training stage, GPTQ (int6, Hessians from training tokens) with its
+    export report, and the extra final scores (sliding windows) in the summary."""
+    sets = ["quant.scheme=mixed", "quant.container=grouped", "quant.gptq=true", "quant.gptq_calibration_batches=2",
+            "quant.keep_float_max_numel=1000", "quant.qat_bits=6", "quant.qat_start=0.5", "eval.stride=32"]
+    summary = track.run(micro_config(data_dir, tmp_path, *sets))
+    run_dir = RunDir(summary.run_dir)
+    log = run_dir.file("train.log").read_text()
+    assert "step 3 | qat int6 on (50.0% of training)" in log and "gptq: " in log
+    export = json.loads(run_dir.file("export.json").read_text())
+    assert export["stats"]["calibration_source"] == "train" and export["stats"]["calibration_tokens"] == 2 * 512
+    assert set(summary.scores) == {"sliding"} and summary.scores["sliding"]["stride"] == 32
+    assert abs(summary.scores["sliding"]["val_bpb"] - summary.val_bpb) < 0.2
+    assert summary.tokenizer_sha256 and summary.recompiles_in_timed_region == 0
+    with pytest.raises(UnderparError, match="gptq_reserve_seconds = 12 leaves no training time"):
+        micro_config(data_dir, tmp_path, "quant.scheme=mixed", "quant.gptq=true", "train.max_wallclock_seconds=10")

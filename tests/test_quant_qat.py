@@ -61,9 +61,10 @@ def test_qat_switches_turn_the_large_linears_on_and_off():
 
 
 def test_each_qat_stage_is_one_graph_and_switching_compiles_nothing_new():
-    from torch._dynamo.utils import counters
+    from underpar.stages import compiled_graphs
 
     torch._dynamo.reset()
+    before = compiled_graphs()  # the count is process-wide: earlier tests compiled too
     torch.manual_seed(0)
     model = torch.nn.Sequential(CastedLinear(64, 64), CastedLinear(64, 64))
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
@@ -72,11 +73,11 @@ def test_each_qat_stage_is_one_graph_and_switching_compiles_nothing_new():
     plain = compiled(x)
     set_on(True)
     quantized = compiled(x)  # the warmup: one graph per stage
-    graphs = counters["stats"]["unique_graphs"]
+    graphs = compiled_graphs() - before
     for on in (False, True, False, True):
         set_on(on)
         assert torch.equal(compiled(x), quantized if on else plain)
-    assert counters["stats"]["unique_graphs"] == graphs == 2
+    assert compiled_graphs() - before == graphs == 2
     assert not torch.equal(plain, quantized)
     torch._dynamo.reset()
 

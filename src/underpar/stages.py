@@ -29,7 +29,7 @@ class Stages:
 
     def __init__(self, switches: list[Switch]):
         self.switches = sorted(switches, key=lambda s: s.at)
-        self.starts = [0.0] + sorted({s.at for s in self.switches})
+        self.starts = sorted({0.0} | {s.at for s in self.switches})
         self._on: tuple[bool, ...] | None = None
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ score) -> summary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -22,6 +23,8 @@ from underpar import dist
 from underpar.config import bounded, choice, nested
 from underpar.data.dataset import PreparedData
 from underpar.data.config import DataConfig
+from underpar.eval.config import EvalConfig
+from underpar.eval.score import Score, final_scores
 from underpar.errors import ConfigError, TrainingError
 from underpar.eval.bpb import BpbMeter
 from underpar.model.config import GPTConfig
@@ -29,6 +32,7 @@ from underpar.model.gpt import num_params
 from underpar.model.precision import CONTROL_PATTERNS
 from underpar.optim import OptimConfig, muon_momentum_at
 from underpar.quant import artifact
+from underpar.quant.calibrate import Calibration, gptq_quantize
 from underpar.quant.config import QuantConfig
 from underpar.runs import checkpoint, plots
 from underpar.runs.clock import Clock
@@ -79,9 +83,14 @@ class PretrainConfig:
     optim: OptimConfig = nested(OptimConfig)
     quant: QuantConfig = nested(QuantConfig)
     train: TrainConfig = nested(TrainConfig)
+    eval: EvalConfig = nested(EvalConfig)  # extra final scores: sliding windows, score-first TTT
 
     def check(self) -> None:
         check_run_name(self.name)
+        cap, reserve = self.train.max_wallclock_seconds, self.quant.reserve_seconds()
+        if cap and reserve >= cap:
+            raise ConfigError(f"quant.gptq_reserve_seconds = {reserve:g} leaves no training time under "
+                              f"train.max_wallclock_seconds = {cap:g}")
         if self.model.vocab_size < self.data.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {self.model.vocab_size} is smaller than data.vocab_size = {self.data.vocab_size}"
@@ -109,6 +118,8 @@ class PretrainSummary(Summary):
     parameters: int
     world_size: int
     data: str
+    tokenizer_sha256: str | None = None  # so `eval bpb --run` can check a tokenizer after the data is gone
+    scores: dict[str, Any] = dataclasses.field(default_factory=dict)  # eval.*: "sliding", "ttt" (each with its seconds)
 
 
 def run(cfg: PretrainConfig, resume: str | Path | None = None) -> PretrainSummary:
@@ -158,11 +169,15 @@ def _train_and_score(cfg: PretrainConfig, env: dist.Env, data: PreparedData, run
         run_dir.log(note)
     eval_started = time.perf_counter()
     pre = trainer.validate(label="val_bpb")
-    byte_count, post = export_and_score(trainer, run_dir)
+    byte_count, post = export_and_score(trainer, data, run_dir)
+    scores = final_scores(trainer.model, trainer.val_tokens, trainer.luts, cfg.eval, cfg.train.seq_len, trainer.autocast,
+                          env.rank, env.world_size, plain=False)  # sliding windows, TTT: when cfg.eval asks
+    for name, score in scores.items():
+        run_dir.log(f"val_bpb ({name}) {score.val_bpb:.4f} in {score.seconds:.1f} s of evaluation")
     state.eval_seconds += time.perf_counter() - eval_started
     recompiles = compiled_graphs() - before - graphs
     summary = _summary(cfg, env, trainer, data, run_dir, state, step_ms, (compile_seconds, graphs, recompiles),
-                       pre, post, byte_count)
+                       pre, post, byte_count, scores)
     run_dir.metric(step=state.step, elapsed=round(state.elapsed, 3), val_bpb=pre.bpb, val_loss=pre.loss, final=True)
     run_dir.save_summary(summary)
     if env.is_main:
@@ -180,7 +195,9 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
     checkpoints pause the clock. Returns each step's milliseconds."""
     cfg, env, train = trainer.cfg, trainer.env, trainer.cfg.train
     schedule = cfg.optim.schedule  # progress in [0, 1] -> LR multiplier
-    clock = Clock(train.max_wallclock_seconds, train.max_steps, state.elapsed, env.device)
+    # GPTQ's calibration and quantization count as training: their reserve comes off the cap
+    budget = max(train.max_wallclock_seconds - cfg.quant.reserve_seconds(), 0.0) if train.max_wallclock_seconds else 0.0
+    clock = Clock(budget, train.max_steps, state.elapsed, env.device)
     step_ms: list[float] = []
     last_line = time.perf_counter()
     clock.start()
@@ -237,15 +254,24 @@ def _say_how_to_resume(run_dir: RunDir, state: Progress) -> None:
                     "(set train.checkpoint_every_steps to save them)")
 
 
-def export_and_score(trainer: Trainer, run_dir: RunDir) -> tuple[artifact.ArtifactBytes | None, BpbMeter]:
-    """Rank 0 writes the artifact and counts its bytes; every rank loads it back into the model
-    and scores it: the round-trip val_bpb."""
+def export_and_score(trainer: Trainer, data: PreparedData, run_dir: RunDir) -> tuple[artifact.ArtifactBytes | None, BpbMeter]:
+    """Rank 0 quantizes (GPTQ when quant.gptq, with Hessians from training tokens: the API
+    refuses validation data), writes the artifact, its export report (export.json) and counts
+    its bytes; every rank loads it back into the model and scores it: the round-trip val_bpb."""
     cfg, env = trainer.cfg, trainer.env
     byte_count = None
     artifact_path = run_dir.file("model.int8.ptz")
     if env.is_main:
-        model_bytes = artifact.export_model(trainer.model.state_dict(), cfg.quant, artifact_path, CONTROL_PATTERNS)
-        byte_count = artifact.account(model_bytes, cfg.train.artifact_limit_bytes)
+        if cfg.quant.gptq:
+            calibration = Calibration.from_loader(data.train_loader(), cfg.quant.gptq_calibration_batches,
+                                                  cfg.train.micro_batch_tokens, cfg.train.seq_len, data=data)
+            quantized, stats = gptq_quantize(trainer.model, calibration, cfg.quant)
+            exported = artifact.export_quantized(quantized, cfg.quant, artifact_path, stats)
+            run_dir.log(f"gptq: {exported.stats['gptq_seconds']:.1f} s (reserve {cfg.quant.reserve_seconds():.0f} s of the cap)")
+        else:
+            exported = artifact.export(trainer.model.state_dict(), cfg.quant, artifact_path, CONTROL_PATTERNS)
+        run_dir.file("export.json").write_text(json.dumps({"stats": exported.stats, "report": exported.report}, indent=1, default=str))
+        byte_count = artifact.account(exported.model_bytes, cfg.train.artifact_limit_bytes)
     dist.barrier(env)
     restored = artifact.load_model(artifact_path, cfg.quant)
     trainer.model.load_state_dict({k: v.to(env.device) for k, v in restored.items()})
@@ -254,7 +280,7 @@ def export_and_score(trainer: Trainer, run_dir: RunDir) -> tuple[artifact.Artifa
 
 def _summary(cfg: PretrainConfig, env: dist.Env, trainer: Trainer, data: PreparedData, run_dir: RunDir,
              state: Progress, step_ms: list[float], compiled: tuple[float, int, int], pre: BpbMeter, post: BpbMeter,
-             byte_count: artifact.ArtifactBytes | None) -> PretrainSummary:
+             byte_count: artifact.ArtifactBytes | None, scores: dict[str, Score]) -> PretrainSummary:
     tokens_trained = state.step * cfg.train.tokens_per_step
     return PretrainSummary(
         name=cfg.name,
@@ -278,4 +304,6 @@ def _summary(cfg: PretrainConfig, env: dist.Env, trainer: Trainer, data: Prepare
         parameters=num_params(trainer.model),
         world_size=env.world_size,
         data=str(data.dir),
+        tokenizer_sha256=data.manifest["tokenizer"]["sha256"],
+        scores={name: dataclasses.asdict(score) for name, score in scores.items()},
     )

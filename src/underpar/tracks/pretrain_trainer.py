@@ -24,7 +24,8 @@ from underpar.model.gpt import build, num_params
 from underpar.model.precision import cast_for_bf16_training
 from underpar.optim import build_averager, build_optimizers, set_lr, set_muon_momentum, set_muon_progress
 from underpar.runs import checkpoint
-from underpar.stages import Stages
+from underpar.quant.qat import qat_switches
+from underpar.stages import Stages, Switch
 
 if TYPE_CHECKING:
     from underpar.tracks.pretrain import PretrainConfig
@@ -63,7 +64,8 @@ class Trainer:
             cast_for_bf16_training(self.model)
         self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied)
         self.averager = build_averager(self.model, cfg.optim)  # EMA/SWA/LAWA (optim.averaging); no-op by default
-        self.stages = Stages(self.model.stage_switches())  # structure switched on during training
+        # structure and precision switched on during training: depth recurrence, QAT
+        self.stages = Stages(self.model.stage_switches() + [Switch(*s) for s in qat_switches(self.model, cfg.quant)])
         self.stages.enter(0.0)
         # Compile the model, then wrap it, as the reference does: dynamo cannot trace DDP's own
         # forward under fullgraph=True. The price: the gradient all-reduce (67 MB a step for the
