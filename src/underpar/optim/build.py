@@ -4,7 +4,9 @@ one param group per learning-rate field, each group carrying its `base_lr`.
 Per step the trainer calls set_lr(opts, cfg.schedule(progress)),
 set_muon_momentum(opts, muon_momentum_at(cfg, step)) and set_muon_progress(opts, progress)
 (NuMuon's rank schedule reads it), and after it the averager's update(step, progress)
-(build_averager; a no-op unless optim.averaging is set).
+(build_averager; a no-op unless optim.averaging is set). The log's training dynamics
+(build_dynamics: optim.weight_dynamics, gradient_trick, weight_decay_schedule) scale the LR
+and the weight decays (set_weight_decay) and edit gradients and weights around the step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 
 from underpar.config import bounded, choice, variant
 from underpar.errors import ConfigError
+from underpar.optim import gradient_tricks  # noqa: F401  (registers the gradient tricks)
 from underpar.optim.averaging import AVERAGING, Averager, AveragingConfig
+from underpar.optim.dynamics import GRADIENT_TRICKS, WEIGHT_DECAY_SCHEDULES, WEIGHT_DYNAMICS, Dynamics, HooksConfig
 from underpar.optim.groups import assign_params
 from underpar.optim.muon import NS_COEFFICIENTS, Muon
 from underpar.optim.schedule import SCHEDULES, Schedule, muon_momentum
@@ -63,8 +67,19 @@ class OptimConfig:
     grad_clip_norm: float = bounded(0.0, 0.0)  # 0 = off
     # weights averaged over training, exported and scored in place of the last ones ([optim.averaging])
     averaging: AveragingConfig = variant(AVERAGING, "none")
+    # the 131-run log's training dynamics (optim/dynamics.py, optim/gradient_tricks.py)
+    weight_dynamics: HooksConfig = variant(WEIGHT_DYNAMICS, "none")  # on weights after each step
+    gradient_trick: HooksConfig = variant(GRADIENT_TRICKS, "none")  # on gradients before the step
+    # a multiplier of muon_weight_decay and adam_weight_decay over progress
+    weight_decay_schedule: Schedule = variant(WEIGHT_DECAY_SCHEDULES, "constant")
 
     def check(self) -> None:
+        wd_schedule = WEIGHT_DECAY_SCHEDULES.name_of(self.weight_decay_schedule)
+        if wd_schedule != "constant" and self.muon_weight_decay == 0 and self.adam_weight_decay == 0:
+            raise ConfigError(
+                f"optim.weight_decay_schedule = {wd_schedule!r} has no weight decay to scale: set "
+                "optim.muon_weight_decay and/or optim.adam_weight_decay (the log's ramps end at 0.01 or 0.04)"
+            )
         if self.numuon_min_rank <= 0:
             raise ConfigError(
                 f"optim.numuon_min_rank = {self.numuon_min_rank} must be above 0: it is the fraction "
@@ -129,6 +144,23 @@ def build_averager(model: nn.Module, cfg: OptimConfig) -> Averager:
     follows `cfg.schedule`). Call `update(step, progress)` after each optimizer step and
     `apply()` after training."""
     return cfg.averaging.build(list(model.parameters()), cfg.schedule)
+
+
+def build_dynamics(model: nn.Module, cfg: OptimConfig, seed: int) -> Dynamics:
+    """The hooks `cfg.weight_dynamics`, `cfg.gradient_trick` and `cfg.weight_decay_schedule`
+    name, over `model`'s parameters as they are now (synaptic scaling keeps these norms), their
+    random draws seeded by `seed`. Builds use no global RNG, so the defaults change nothing."""
+    return Dynamics(cfg.weight_dynamics.build(model, seed), cfg.gradient_trick.build(model, seed),
+                    cfg.weight_decay_schedule)
+
+
+def set_weight_decay(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    """weight_decay = base_weight_decay * multiplier in every group that has a weight decay
+    (the configured one is kept as base_weight_decay the first time), as set_lr does the LR."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "weight_decay" in group:
+                group["weight_decay"] = group.setdefault("base_weight_decay", group["weight_decay"]) * multiplier
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:

@@ -22,7 +22,8 @@ from underpar.errors import ConfigError
 from underpar.eval.bpb import BpbMeter, evaluate_bpb
 from underpar.model.gpt import build, num_params
 from underpar.model.precision import cast_for_bf16_training
-from underpar.optim import build_averager, build_optimizers, set_lr, set_muon_momentum, set_muon_progress
+from underpar.optim import (build_averager, build_dynamics, build_optimizers, set_lr, set_muon_momentum, set_muon_progress,
+                            set_weight_decay)
 from underpar.runs import checkpoint
 from underpar.quant.qat import qat_switches
 from underpar.stages import Stages, Switch
@@ -64,6 +65,8 @@ class Trainer:
             cast_for_bf16_training(self.model)
         self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied)
         self.averager = build_averager(self.model, cfg.optim)  # EMA/SWA/LAWA (optim.averaging); no-op by default
+        # the log's weight dynamics, gradient tricks and weight-decay schedule; no-ops by default
+        self.dynamics = build_dynamics(self.model, cfg.optim, train.seed)
         # structure and precision switched on during training: depth recurrence, QAT
         self.stages = Stages(self.model.stage_switches() + [Switch(*s) for s in qat_switches(self.model, cfg.quant)])
         self.stages.enter(0.0)
@@ -88,7 +91,8 @@ class Trainer:
     def step(self, lr_multiplier: float, momentum: float, progress: float = 0.0) -> float:
         """One optimizer step over the global batch; the mean training loss of all ranks."""
         train, env = self.cfg.train, self.env
-        set_lr(self.optimizers, lr_multiplier)
+        set_lr(self.optimizers, lr_multiplier * self.dynamics.lr_multiplier(progress))
+        set_weight_decay(self.optimizers, self.dynamics.wd_multiplier(progress))
         set_muon_momentum(self.optimizers, momentum)
         set_muon_progress(self.optimizers, progress)  # NuMuon's rank schedule
         total = torch.zeros((), device=env.device)
@@ -99,10 +103,12 @@ class Trainer:
                 loss = self.forward(x, y)
             (loss / self.micro_steps).backward()
             total += loss.detach()
+        self.dynamics.after_backward()  # gradient tricks, on the complete (all-reduced) gradients
         if self.cfg.optim.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
+        self.dynamics.after_step(progress)  # weight dynamics
         self.model.zero_grad(set_to_none=True)
         total /= self.micro_steps
         dist.all_reduce_(total)
@@ -126,25 +132,27 @@ class Trainer:
         """This rank's checkpoint: model, optimizers, loader position, RNG and `state`."""
         checkpoint.save(path, self.model, self.optimizers, self.loader.state_dict(), step=state.step,
                         elapsed=state.elapsed, eval_seconds=state.eval_seconds, world_size=self.env.world_size,
-                        averaging=self.averager.state_dict())
+                        averaging=self.averager.state_dict(), dynamics=self.dynamics.state_dict())
 
     def load(self, path: Path) -> Progress:
         """Restore a checkpoint written by `save`; where the run stood."""
         saved = checkpoint.load(path, self.model, self.optimizers, self.env.world_size)
         self.averager.load_state_dict(saved.get("averaging"))
+        self.dynamics.load_state_dict(saved.get("dynamics"))
         self.loader.load_state_dict(saved["loader"])
         checkpoint.set_rng_state(saved["rng"])
         return Progress(saved["step"], saved["elapsed"], saved["eval_seconds"], checkpoint_step=saved["step"])
 
     def warm_up(self) -> float:
         """train.warmup_steps real steps in each training stage, compiling every graph the loop
-        will use; then model, optimizer state, loader, RNG and stage are put back exactly: the
-        warmup trains nothing. Returns its seconds."""
+        will use; then model, optimizer state, loader, dynamics, RNG and stage are put back
+        exactly: the warmup trains nothing. Returns its seconds."""
         started = time.perf_counter()
         if self.cfg.train.warmup_steps:
             model_state = copy.deepcopy(self.model.state_dict())
             optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
             loader_state = self.loader.state_dict()
+            dynamics_state = copy.deepcopy(self.dynamics.state_dict())
             rng = checkpoint.rng_state()
             for start in self.stages.starts:
                 self.stages.enter(start)
@@ -155,5 +163,6 @@ class Trainer:
             for opt, state in zip(self.optimizers, optimizer_states):
                 opt.load_state_dict(state)
             self.loader.load_state_dict(loader_state)
+            self.dynamics.load_state_dict(dynamics_state)
             checkpoint.set_rng_state(rng)
         return time.perf_counter() - started
