@@ -102,6 +102,68 @@ def test_schedules_from_config_and_their_decay_start() -> None:
     assert decay_start(Warmdown(warmdown_fraction=0.0)) == 1.0  # never decays
 
 
+def test_cosine_cycles_restart_and_one_cycle_is_cosine() -> None:
+    from underpar.optim.schedule import Cosine, CosineCycles
+
+    two = CosineCycles(warmup_fraction=0.0)
+    assert two(0.0) == 1.0 and two(0.25) == pytest.approx(0.5) and two(0.5 - 1e-9) == pytest.approx(0.0, abs=1e-9)
+    assert two(0.5) == 1.0 and two(0.75) == pytest.approx(0.5) and two(1.0) == pytest.approx(0.0, abs=1e-12)
+    default = CosineCycles()  # the cosine's 3% warmup first, then two cycles over the remaining 97%
+    assert default(0.015) == pytest.approx(0.5) and default(0.515) == 1.0 and decay_start(default) == pytest.approx(0.515)
+    for cosine in (Cosine(), Cosine(warmup_fraction=0.1, min_lr_ratio=0.2)):
+        one = CosineCycles(cycles=1, warmup_fraction=cosine.warmup_fraction, min_lr_ratio=cosine.min_lr_ratio)
+        assert all(one(i / 100) == cosine(i / 100) for i in range(101))
+
+
+def test_golden_floor_is_the_cosine_with_a_0382_floor() -> None:
+    from underpar.optim.schedule import SCHEDULES, Cosine, GoldenFloor
+
+    golden = GoldenFloor()
+    assert golden(1.0) == pytest.approx(0.382) and golden(0.03) == 1.0
+    assert all(golden(i / 100) == Cosine(min_lr_ratio=0.382)(i / 100) for i in range(101))
+    assert SCHEDULES.name_of(golden) == "golden_floor" and SCHEDULES.name_of(Cosine()) == "cosine"
+    cfg = cfglib.resolve("pretrain", None, ["optim.schedule=golden_floor"])
+    assert cfg.optim.schedule == golden and cfglib.from_dict(type(cfg), cfglib.to_dict(cfg)) == cfg
+
+
+def test_whale_dive_dives_three_times_and_ends_on_the_floor() -> None:
+    from underpar.optim.schedule import WhaleDive
+
+    whale = WhaleDive()
+    third = 1 / 3
+    assert whale(0.0) == 1.0 and whale(0.9 * third / 2) == pytest.approx(0.55)  # half way down the first dive
+    assert whale(0.9 * third) == pytest.approx(0.1)  # the bottom, then a sharp climb over 10% of the cycle
+    assert whale(0.95 * third) == pytest.approx(0.55) and whale(third) == pytest.approx(1.0)
+    assert whale(third + 0.45 * third) == pytest.approx(0.55)  # the second dive is the first one again
+    assert whale(2 * third) == pytest.approx(1.0) and whale(2.5 * third) == pytest.approx(0.55)  # the last: no climb
+    assert whale(1.0) == pytest.approx(0.1) and decay_start(whale) == pytest.approx(2 / 3)
+    assert WhaleDive(dives=1)(0.5) == pytest.approx(0.55)  # one dive: tidal's cosine without its warmup
+    no_climb = WhaleDive(recovery_fraction=0.0)  # warm restarts
+    assert no_climb(third - 1e-9) == pytest.approx(0.1, abs=1e-6) and no_climb(third) == pytest.approx(1.0)
+
+
+def test_circadian_is_cosine_times_day_and_night() -> None:
+    from underpar.optim.schedule import Circadian, Cosine
+
+    circadian, cosine = Circadian(), Cosine(min_lr_ratio=0.1)
+    assert circadian(0.0) == 0.0 and circadian(0.015) == pytest.approx(0.5 * (1 - 0.15 * (1 - math.cos(0.12 * math.pi))))
+    assert circadian(0.125) == pytest.approx(0.7 * cosine(0.125))  # the first midnight (4 days)
+    assert circadian(0.25) == pytest.approx(cosine(0.25)) and circadian(0.5) == pytest.approx(cosine(0.5))
+    assert circadian(1.0) == pytest.approx(0.1)
+    assert all(Circadian(amplitude=0.0)(i / 100) == cosine(i / 100) for i in range(101))
+
+
+def test_cosmological_cooling_is_one_over_sqrt_one_plus_alpha_t() -> None:
+    from underpar.optim.schedule import CosmologicalCooling
+
+    cooling = CosmologicalCooling()
+    assert cooling(0.0) == 1.0 and cooling(1.0) == pytest.approx(0.1)  # alpha 99: the log's 0.1 floor at the end
+    assert cooling(3 / 99) == pytest.approx(0.5)  # 1 / sqrt(4)
+    assert CosmologicalCooling(alpha=3.0)(1.0) == pytest.approx(0.5) and CosmologicalCooling(alpha=0.0)(0.7) == 1.0
+    values = [cooling(i / 100) for i in range(101)]
+    assert all(a > b for a, b in zip(values, values[1:]))  # it only cools
+
+
 # ---------------------------------------------------------------------------------------
 # weight decay
 

@@ -12,6 +12,8 @@ per part, each defined beside its part's code, and the checks that span sections
                             layerwise_ln_scale                        (model/residual.py)
     [model.recurrence]      name = none | loop | shared, and its fields
                                                                       (model/recurrence.py)
+    [model.loss]            z_loss, logit_penalty, token_dropout, embed_mixup,
+                            label_smoothing, head_diversity (training loss only; model/loss.py)
 
 Defaults are the Parameter Golf baseline.
 """
@@ -24,6 +26,7 @@ from underpar.config import bounded, nested, variant
 from underpar.errors import ConfigError
 from underpar.model.attention import AttentionConfig
 from underpar.model.embeddings import EmbeddingsConfig
+from underpar.model.loss import LossConfig
 from underpar.model.mlp import MLPConfig
 from underpar.model.recurrence import RECURRENCES, NoRecurrence
 from underpar.model.residual import ResidualConfig, unet_layout
@@ -39,6 +42,7 @@ class GPTConfig:
     mlp: MLPConfig = nested(MLPConfig)
     residual: ResidualConfig = nested(ResidualConfig)
     recurrence: NoRecurrence = variant(RECURRENCES, "none")
+    loss: LossConfig = nested(LossConfig)
 
     def check(self) -> None:
         heads, kv_heads = self.attention.num_heads, self.attention.num_kv_heads
@@ -66,6 +70,7 @@ class GPTConfig:
                 f"(mult * model_dim); it must be a positive whole number"
             )
         self.embeddings.check_with(self.model_dim)
+        self.loss.check_with(self.embeddings)
         self.residual.check_with(self.num_layers)
         self.recurrence.check_with(self.num_layers)
         if self.residual.two_lane_start >= 0 and self.recurrence.adapters(self.num_layers, 2) is not None:

@@ -17,6 +17,7 @@ from underpar.model.block import Block, layer_ln_scale
 from underpar.model.config import GPTConfig
 from underpar.model.embeddings import BigramHash, SmearGate, softcap
 from underpar.model.linear import CastedLinear, rms_norm
+from underpar.model.loss import training_loss
 from underpar.model.residual import run_unet, unet_layout
 from underpar.stages import Switch
 
@@ -124,9 +125,12 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None) -> Tensor:
         """Mean cross-entropy over all tokens when targets are given (the reference's
-        training/eval call), else float32 logits [B, T, vocab]."""
+        training/eval call; in training mode with the terms model.loss switches on, as
+        model/loss.py computes them), else float32 logits [B, T, vocab]."""
         if target_ids is None:
             return self.logits(input_ids)
+        if self.training and self.cfg.loss.active():  # model.loss.*: terms of the training loss only
+            return training_loss(self, input_ids, target_ids)
         if self.cfg.embeddings.fused_ce:  # the cap applied in fp32 inside one kernel (not bit-identical)
             return softcap_cross_entropy(self.head(self.hidden(input_ids)), target_ids, self.cfg.embeddings.logit_softcap)
         logits = self.capped_logits(self.hidden(input_ids))

@@ -144,10 +144,108 @@ class Breathing:
         return _lifted(_half_cosine((progress - exhale_start) / (1.0 - exhale_start)), self.min_lr_ratio)
 
 
+# The log's other schedules (Phase 1 #5, N5 and the NF batch of Phase 4). The log names them
+# and gives one line each; where it gives no number the default below is ours and says so.
+
+
+@SCHEDULES.register("cosine_cycles")
+@dataclasses.dataclass
+class CosineCycles:
+    """The log's "Cosine 2-cycle" (Phase 1 #5: two cosine decay cycles instead of one; 1.7383,
+    +0.127, much worse): `warmup_fraction` as `cosine`, then `cycles` equal half cosines from
+    1.0 down to `min_lr_ratio`, each restarting at 1.0. cycles = 1 is `cosine` exactly."""
+
+    cycles: int = bounded(2, 1)
+    warmup_fraction: float = bounded(0.03, 0.0, 1.0)
+    min_lr_ratio: float = bounded(0.0, 0.0, 1.0)
+
+    def __call__(self, progress: float) -> float:
+        progress = _clamp(progress)
+        if progress < self.warmup_fraction:
+            return progress / self.warmup_fraction
+        decay = (progress - self.warmup_fraction) / (1.0 - self.warmup_fraction) if self.warmup_fraction < 1 else 1.0
+        cycle = min(int(decay * self.cycles), self.cycles - 1)  # the end of training ends the last cycle
+        return _lifted(_half_cosine(decay * self.cycles - cycle), self.min_lr_ratio)
+
+
+@SCHEDULES.register("golden_floor")
+@dataclasses.dataclass
+class GoldenFloor(Cosine):
+    """The log's N5 "Golden Ratio min_lr": the cosine baseline with its LR floor at 0.382 (its
+    run scored 4.1069 from an indentation bug of the log's patching, so it was never measured)."""
+
+    min_lr_ratio: float = bounded(0.382, 0.0, 1.0)
+
+
+@SCHEDULES.register("whale_dive")
+@dataclasses.dataclass
+class WhaleDive:
+    """The log's NF2 "Whale Dive LR" (3 dive cycles with sharp recoveries; 1.6487, +0.037 worse):
+    `dives` equal cycles, each a half cosine from 1.0 down to `min_lr_ratio` over the first
+    1 - `recovery_fraction` of the cycle and a linear climb back to 1.0 over the rest; the last
+    dive has no recovery, so training ends at the floor (a run that ended on a climb would
+    export weights taken at the peak LR). The log gives only the 3 dives; the floor is its
+    min_lr_frac (0.1, as tidal); the recovery's 10% of a cycle is ours."""
+
+    dives: int = bounded(3, 1)
+    recovery_fraction: float = bounded(0.1, 0.0, 0.9)
+    min_lr_ratio: float = bounded(0.1, 0.0, 1.0)
+
+    def __call__(self, progress: float) -> float:
+        position = _clamp(progress) * self.dives
+        dive = min(int(position), self.dives - 1)
+        x = position - dive  # within this dive's cycle, in [0, 1]
+        descent = 1.0 if dive == self.dives - 1 else 1.0 - self.recovery_fraction
+        if x <= descent:  # x = 1 only at the end of the last dive
+            return _lifted(_half_cosine(x / descent), self.min_lr_ratio)
+        return _lifted((x - descent) / self.recovery_fraction, self.min_lr_ratio)
+
+    def final_decay_start(self) -> float:
+        """Where the last dive begins (between grid points for 3 dives: see decay_start)."""
+        return (self.dives - 1) / self.dives
+
+
+@SCHEDULES.register("circadian")
+@dataclasses.dataclass
+class Circadian:
+    """The log's NF3 "Circadian LR" (day/night sine oscillation overlaid on cosine; 1.6141,
+    neutral): `cosine` (warmup_fraction, min_lr_ratio) times a day/night factor
+    1 - amplitude * (1 - cos(2 pi days progress)) / 2, which is 1 at each "noon" (the start
+    included) and 1 - amplitude at each "midnight". The log gives no numbers: 4 days and an
+    amplitude of 0.3 are ours; the 0.1 floor is its min_lr_frac."""
+
+    days: int = bounded(4, 1)
+    amplitude: float = bounded(0.3, 0.0, 1.0)
+    warmup_fraction: float = bounded(0.03, 0.0, 1.0)
+    min_lr_ratio: float = bounded(0.1, 0.0, 1.0)
+
+    def __call__(self, progress: float) -> float:
+        progress = _clamp(progress)
+        day_night = 1.0 - self.amplitude * 0.5 * (1.0 - math.cos(2.0 * math.pi * self.days * progress))
+        return Cosine(self.warmup_fraction, self.min_lr_ratio)(progress) * day_night
+
+
+@SCHEDULES.register("cosmological_cooling")
+@dataclasses.dataclass
+class CosmologicalCooling:
+    """The log's NF4 "Cosmological Cooling" (lr ~ 1/sqrt(1 + alpha*step), the Big Bang cooling
+    law; 1.6129, neutral): 1 / sqrt(1 + alpha * progress), progress in place of the step (a
+    wallclock cap cannot truncate it). The log gives no alpha: the default 99 cools to 0.1 at
+    the end of training, the log's min_lr_frac."""
+
+    alpha: float = bounded(99.0, 0.0)
+
+    def __call__(self, progress: float) -> float:
+        return 1.0 / math.sqrt(1.0 + self.alpha * _clamp(progress))
+
+
 def decay_start(schedule: Schedule, resolution: int = 10_000) -> float:
     """Where the schedule's final decay begins: the last progress (on a grid of `resolution`
     steps) at which it is at its peak, e.g. 0.913 for the default warmdown, 0.382 for tidal,
-    11/19 for breathing; 1.0 for a schedule that never decays."""
+    11/19 for breathing; 1.0 for a schedule that never decays. A schedule whose last peak
+    falls between grid points says where itself (`final_decay_start`)."""
+    if hasattr(schedule, "final_decay_start"):
+        return schedule.final_decay_start()
     values = [schedule(i / resolution) for i in range(resolution + 1)]
     peak = max(values)
     return max(i for i, v in enumerate(values) if v >= peak) / resolution
