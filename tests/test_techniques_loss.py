@@ -93,6 +93,11 @@ def test_head_similarity_is_zero_for_orthogonal_heads_and_one_for_parallel():
     assert head_similarity(-same, 4).item() == pytest.approx(1.0, abs=1e-6)  # a sign does not make a head new
     two = torch.cat([same[:8], same[:8], -same[:8], weight[:8]])  # pairs: 1, 1, 0 for three of six
     assert head_similarity(two, 4).item() == pytest.approx(0.5, abs=1e-5)
+    random = torch.randn(512, 512, generator=torch.Generator().manual_seed(2))  # cosines ~ 1/sqrt(32768)
+    fp32 = head_similarity(random, 8)
+    assert 1e-5 < fp32 < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in fp32 anyway: bf16 would lose them
+        assert torch.equal(head_similarity(random, 8), fp32)
     # the penalty pushes heads apart: one gradient step lowers it
     w = same.clone().add_(0.01 * torch.randn(32, 64, generator=torch.Generator().manual_seed(1))).requires_grad_()
     head_similarity(w, 4).backward()

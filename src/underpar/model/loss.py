@@ -117,10 +117,13 @@ def head_similarity(weight: Tensor, num_heads: int) -> Tensor:
     """Mean over head pairs of the squared cosine similarity between heads' projections:
     `weight` [num_heads * head_dim, in_dim] holds each head's rows in turn (c_q's layout).
     0 when the heads' flattened rows are orthogonal, 1 when they are all parallel."""
-    heads = F.normalize(weight.float().reshape(num_heads, -1), dim=-1)
-    cos = heads @ heads.T
-    off_diagonal = cos.square().sum() - cos.diagonal().square().sum()
-    return off_diagonal / (num_heads * (num_heads - 1))
+    # In fp32 even under bf16 autocast: random heads' cosines are ~1/sqrt(rows), far below
+    # bf16's resolution next to the diagonal's 1s.
+    with torch.autocast(weight.device.type, enabled=False):
+        heads = F.normalize(weight.float().reshape(num_heads, -1), dim=-1)
+        cos = heads @ heads.T
+    diagonal = torch.eye(num_heads, dtype=torch.bool, device=weight.device)
+    return cos.square().masked_fill(diagonal, 0.0).sum() / (num_heads * (num_heads - 1))
 
 
 def head_diversity(model: GPT) -> Tensor:
