@@ -119,7 +119,8 @@ def main() -> None:
               "parameters": sum(p.numel() for p in trainer.model.parameters()), "rows": rows, **environment()}
     for name in names:
         try:
-            row = {"variant": name, "sets": VARIANTS[name], **measure(trainer, args.preset, base + VARIANTS[name], args.steps, args.repeats)}
+            timing = measure(trainer, args.preset, base + VARIANTS[name], args.steps, args.repeats)
+            row = {"variant": name, "sets": VARIANTS[name], **timing}
         except Exception as e:  # a variant that fails is recorded; the rest still run
             row = {"variant": name, "sets": VARIANTS[name], "error": f"{type(e).__name__}: {e}"[:2000],
                    "traceback": traceback.format_exc()[-4000:]}

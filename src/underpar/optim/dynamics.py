@@ -198,7 +198,8 @@ class _Scaling(Hooks):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["initial_norms"]) != len(self.params):
-            raise UnderparError(f"the checkpoint scales {len(state['initial_norms'])} matrices; this model has {len(self.params)}")
+            raise UnderparError(f"the checkpoint scales {len(state['initial_norms'])} matrices; "
+                                f"this model has {len(self.params)}")
         self.initial_norms = list(state["initial_norms"])
 
 
