@@ -15,7 +15,9 @@ positions count, a change to the input), so one signature for all would be force
 
 All default to 0 (off). They change only what `GPT.forward(x, y)` returns in training mode
 (`model.train()`): `logits`, `token_losses` and the loss in eval mode stay the plain mean
-cross-entropy, so every score is of the model alone. The random draws (token dropout's
+cross-entropy, so every score is of the model alone (global score-first TTT adapts with
+`model(x, y)` in training mode, so its updates do see the terms; its scores come from
+`logits`). The logged train_loss includes the terms. The random draws (token dropout's
 positions, mixup's partners) come from torch's generator, which the run seeds
 (train.seed), checkpoints and restores after the compile warmup: a step's draws are the
 same on a resume. Everything traces under torch.compile(fullgraph=True): no data-dependent
