@@ -562,10 +562,10 @@ def _record_steps(monkeypatch) -> list[dict[str, torch.Tensor]]:
     after: list[dict[str, torch.Tensor]] = []
     real_step = track.Trainer.step
 
-    def step(self, lr_multiplier, momentum):
+    def step(self, *args, **kwargs):
         if not after:
             after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})  # the init
-        loss = real_step(self, lr_multiplier, momentum)
+        loss = real_step(self, *args, **kwargs)
         after.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
         return loss
 
@@ -576,13 +576,13 @@ def _record_steps(monkeypatch) -> list[dict[str, torch.Tensor]]:
 def test_the_averaged_weights_are_exported_and_scored(data_dir, tmp_path, monkeypatch):  # noqa: F811
     states = _record_steps(monkeypatch)
     exported = {}
-    real_export = artifact.export_model
+    real_export = artifact.export
 
     def export(state_dict, *args, **kwargs):
         exported.update({k: v.detach().clone() for k, v in state_dict.items()})
         return real_export(state_dict, *args, **kwargs)
 
-    monkeypatch.setattr(artifact, "export_model", export)
+    monkeypatch.setattr(artifact, "export", export)
     cfg = micro_config(data_dir, tmp_path, "optim.averaging=ema", "optim.averaging.decay=0.5")
     summary = track.run(cfg)
     warmup = cfg.train.warmup_steps
