@@ -48,6 +48,14 @@ VARIANTS: dict[str, list[str]] = {
     "muon_row_normalize": ["optim.muon_row_normalize=true"],
     "numuon": ["optim.numuon=true"],
     "speed_switches": ["model.embeddings.fused_ce=true", "optim.muon_fused=true"],
+    # the 131-run log's training-loss terms (model/loss.py) at its coefficients (Phase 1, N3/H1, E1)
+    "head_diversity": ["model.loss.head_diversity=1e-4"],
+    "token_dropout": ["model.loss.token_dropout=0.05"],
+    "embed_mixup": ["model.loss.embed_mixup=0.1"],
+    "all_loss_terms": ["model.loss.z_loss=1e-4", "model.loss.logit_penalty=1e-5", "model.loss.token_dropout=0.05",
+                       "model.loss.embed_mixup=0.1", "model.loss.label_smoothing=0.1", "model.loss.head_diversity=1e-4"],
+    "fused_ce_loss_terms": ["model.embeddings.fused_ce=true", "model.loss.token_dropout=0.05",
+                            "model.loss.embed_mixup=0.1", "model.loss.head_diversity=1e-4"],
 }
 
 
