@@ -84,11 +84,17 @@ class Cosine:
     min_lr_ratio: float = bounded(0.0, 0.0, 1.0)
 
     def __call__(self, progress: float) -> float:
-        progress = _clamp(progress)
-        if progress < self.warmup_fraction:
-            return progress / self.warmup_fraction
-        decay = (progress - self.warmup_fraction) / (1.0 - self.warmup_fraction) if self.warmup_fraction < 1 else 1.0
-        return _lifted(_half_cosine(decay), self.min_lr_ratio)
+        return _cosine(progress, self.warmup_fraction, self.min_lr_ratio, cycles=1)
+
+
+def _cosine(progress: float, warmup_fraction: float, min_lr_ratio: float, cycles: int) -> float:
+    """Linear warmup, then `cycles` equal half cosines from 1.0 down to `min_lr_ratio`."""
+    progress = _clamp(progress)
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    decay = (progress - warmup_fraction) / (1.0 - warmup_fraction) if warmup_fraction < 1 else 1.0
+    cycle = min(int(decay * cycles), cycles - 1)  # the end of training ends the last cycle
+    return _lifted(_half_cosine(decay * cycles - cycle), min_lr_ratio)
 
 
 @SCHEDULES.register("tidal")
@@ -160,12 +166,7 @@ class CosineCycles:
     min_lr_ratio: float = bounded(0.0, 0.0, 1.0)
 
     def __call__(self, progress: float) -> float:
-        progress = _clamp(progress)
-        if progress < self.warmup_fraction:
-            return progress / self.warmup_fraction
-        decay = (progress - self.warmup_fraction) / (1.0 - self.warmup_fraction) if self.warmup_fraction < 1 else 1.0
-        cycle = min(int(decay * self.cycles), self.cycles - 1)  # the end of training ends the last cycle
-        return _lifted(_half_cosine(decay * self.cycles - cycle), self.min_lr_ratio)
+        return _cosine(progress, self.warmup_fraction, self.min_lr_ratio, self.cycles)
 
 
 @SCHEDULES.register("golden_floor")
