@@ -177,3 +177,15 @@ def test_two_ranks_train_as_one(tmp_path):
     assert torch.equal(ranks[0]["sums"], ranks[1]["sums"]) and ranks[0]["updates"] == single.updates
     assert ranks[0]["sums"][2] == single.meter.tokens and ranks[0]["sums"][1] == single.meter.bytes
     assert float(ranks[0]["sums"][0]) == pytest.approx(single.meter.nll_sum, rel=1e-5)
+
+
+def test_updates_use_the_plain_cross_entropy_not_the_training_loss_terms():
+    """A model trained with model.loss terms (token dropout here) adapts at test time on plain
+    cross-entropy: the same scores as the same weights without the terms."""
+    from underpar.config import override
+
+    tokens = stream(400)
+    plain = run(tiny_gpt("none"), tokens)
+    with_terms = tiny_gpt("none")
+    with_terms.cfg = override(with_terms.cfg, "loss.token_dropout=0.5")
+    assert run(with_terms, tokens).meter.bpb == plain.meter.bpb

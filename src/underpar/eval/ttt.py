@@ -170,7 +170,8 @@ def evaluate_ttt(
                 continue
             if optimizer is None or step.fresh_optimizer:
                 optimizer = optimizer_for(params, cfg)
-            model.train()
+            # The updates stay in eval mode: the loss is the plain cross-entropy, without the
+            # training-only terms of model.loss (z-loss, token dropout, ...) the model trained with.
             for chunk, factor in step.chunks:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * factor
