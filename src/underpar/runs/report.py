@@ -106,16 +106,23 @@ def render(sweep: sweeplib.Sweep, rows: list[Row], pictures: list[Path] = ()) ->
         lines += ["---", "", f"## Phase: {phase.name}", ""]
         if phase.description:
             lines += [phase.description, ""]
-        lines += _table(sweep, by_phase[phase.name], _find(rows, phase.name, phase.baseline), baseline) + [""]
+        phase_base = _find(rows, *phase.baseline_key)
+        if phase_base.phase != phase.name:  # a stacked phase: its statuses are against the run it builds on
+            lines += [f"Status against {_label(phase_base)} = {_value(phase_base)}"
+                      f" ({_delta(phase_base, baseline)} vs baseline).", ""]
+        lines += _table(sweep, by_phase[phase.name], phase_base, baseline) + [""]
     lines += ["---", "", "## Best config", "", f"{_label(best)}: {sweep.metric} {_value(best)} ({_delta(best, baseline)} vs baseline)",
               "", "```", _command(sweep, best), "```", ""]
-    lines += ["## Progression", "", "Each phase's best variant (phases stack what their `set` carries over):", "", "```"]
+    lines += ["## Progression", "", "Each phase's best variant where it beats every result before it (the stacked wins; "
+              "phases stack what their `set` carries over):", "", "```"]
     width = max(len(_label(r)) for r in rows) + 16
     lines.append(f"{'Baseline (' + _label(baseline) + '):':{width}s} {_value(baseline, spread=False)}")
+    record = baseline.mean
     for phase in sweep.phases:
         winners = [r for r in by_phase[phase.name] if r.mean is not None]
-        if winners:
-            top = better(winners, key=lambda r: r.mean)
+        top = better(winners, key=lambda r: r.mean) if winners else None
+        if top is not None and (record is None or (top.mean < record if sweep.goal == "min" else top.mean > record)):
+            record = top.mean
             lines.append(f"{'+ ' + _label(top) + ':':{width}s} {_value(top, spread=False)}  ({_delta(top, baseline)})")
     lines += ["```", ""]
     broken = [run for run in runs if run["status"] not in ("done",)]

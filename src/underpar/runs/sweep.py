@@ -13,7 +13,7 @@ by several workers (one per GPU, or the tasks of a SLURM job array) without runn
     [[phase]]
     name = "activation"
     description = "MLP activation"
-    baseline = "relu2"                 # default: the phase's first variant
+    baseline = "relu2"                 # default: the phase's first variant; "phase/variant": an earlier phase's
     set = []                           # overrides for this phase's variants (stack winners here)
     [[phase.variant]]
     name = "relu2"
@@ -68,8 +68,14 @@ class Job:
 class Phase:
     name: str
     description: str
-    baseline: str
+    baseline: str  # a variant of this phase, or of `baseline_phase`
     variants: list[tuple[str, str, list[str]]]  # (name, description, overrides)
+    baseline_phase: str = ""  # "" = this phase; else an earlier phase (a stacked phase compared with its source)
+
+    @property
+    def baseline_key(self) -> tuple[str, str]:
+        """(phase, variant) of the run this phase's variants are compared with."""
+        return (self.baseline_phase or self.name, self.baseline)
 
 
 @dataclasses.dataclass
@@ -129,6 +135,11 @@ def load(path: str | Path) -> Sweep:
     phases = [_phase(p, i, where) for i, p in enumerate(_tables(data, "phase", where, required=True))]
     if len({p.name for p in phases}) != len(phases):
         raise ConfigError(f"{where}: two phases share a name; each needs its own")
+    for i, phase in enumerate(phases):
+        earlier = {p.name: [v[0] for v in p.variants] for p in phases[:i]}
+        if phase.baseline_phase and phase.baseline not in earlier.get(phase.baseline_phase, []):
+            raise ConfigError(f"{where}, phase {phase.name!r}: baseline = '{phase.baseline_phase}/{phase.baseline}' is not a "
+                              f"variant of an earlier phase (earlier phases: {', '.join(earlier) or 'none'})")
     default_seed = cfglib.to_dict(cfglib.resolve(track, preset, base))
     jobs = []
     for phase in phases:
@@ -179,9 +190,13 @@ def _phase(data: dict[str, Any], index: int, where: str) -> Phase:
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: variant names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
     baseline = _typed(data, "baseline", str, where, default=names[0])
-    if baseline not in names:
-        raise ConfigError(f"{where}: baseline = {baseline!r} is not one of its variants: {', '.join(names)}")
-    return Phase(name, _typed(data, "description", str, where, default=""), baseline, variants)
+    if baseline in names:
+        return Phase(name, _typed(data, "description", str, where, default=""), baseline, variants)
+    if "/" not in baseline:
+        raise ConfigError(f"{where}: baseline = {baseline!r} is not one of its variants: {', '.join(names)} "
+                          "(an earlier phase's variant is written \"phase/variant\")")
+    source, variant = baseline.split("/", 1)
+    return Phase(name, _typed(data, "description", str, where, default=""), variant, variants, source)
 
 
 def _keys(data: dict[str, Any], valid: tuple[str, ...], where: str) -> None:
