@@ -218,6 +218,44 @@ def check_recurrence(name: str, cls: Any) -> None:
         assert out.shape == (1, 8, 64) and torch.isfinite(out).all(), name
 
 
+@check("growth")
+def check_growth(name: str, cls: Any) -> None:
+    """The default parameters validate and survive a config round trip; with 6 layers the
+    schedule adds exactly the missing layers at increasing progresses in (0, 1), and a model
+    grown with it runs at every depth, the first `depth` blocks each once."""
+    import dataclasses
+
+    import torch
+
+    from underpar.config import from_dict, to_dict, validate
+    from underpar.model.config import GPTConfig
+    from underpar.model.gpt import build
+    from underpar.stages import Stages
+
+    assert dataclasses.is_dataclass(cls), f"growth {name} must be a parameter dataclass"
+    growth = cls()
+    validate(growth)
+    assert from_dict(cls, to_dict(growth)) == growth, name
+    start, points = growth.start_depth(6), growth.schedule(6)
+    assert 1 <= start <= 6 and len(points) == 6 - start, name
+    assert all(0 < a < 1 for a in points) and points == sorted(set(points)), f"{name}: schedule {points}"
+    cfg = from_dict(GPTConfig, {"vocab_size": 64, "num_layers": 6, "model_dim": 32, "attention": {"num_heads": 2, "num_kv_heads": 1},
+                                "structure": {"grow": to_dict(growth) | {"name": name}}})
+    model = build(cfg)
+    stages = Stages(model.stage_switches())
+    tokens = torch.randint(0, 64, (1, 8))
+    for depth, progress in enumerate([0.0, *points], start):
+        stages.enter(progress)
+        calls: list[int] = []
+        hooks = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(model.blocks)]
+        with torch.no_grad():
+            out = model(tokens)
+        for hook in hooks:
+            hook.remove()
+        assert calls == list(range(depth)), f"{name}: at progress {progress} ran {calls}"
+        assert out.shape == (1, 8, 64) and torch.isfinite(out).all(), name
+
+
 @check("ns_coefficients")
 def check_ns_coefficients(name: str, ns: Any) -> None:
     """In bf16, as Muon runs it, the iteration maps random matrices (tall, wide, any scale, and

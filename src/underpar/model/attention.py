@@ -119,6 +119,29 @@ class CausalSelfAttention(nn.Module):
         if gate_inputs:
             self.gate_scale = float(cfg.gate.scale)
             self.attn_gate_w = nn.Parameter(init_gate_weight(cfg.num_heads, gate_inputs, cfg.gate.init_std))
+        # Head pruning (model.structure.prune_heads_to): a 0/1 mask per head, registered by
+        # `allow_pruning`. A buffer, so the pruned and unpruned stages share one graph; saved
+        # with the weights, so checkpoints, averaged weights and artifacts keep which heads.
+        self.register_buffer("head_mask", None, persistent=False)
+
+    def allow_pruning(self) -> None:
+        self.register_buffer("head_mask", torch.ones(self.num_heads, device=self.proj.weight.device))
+
+    @torch.no_grad()
+    def prune_heads(self, keep: int | None) -> None:
+        """Keep the `keep` heads whose columns of the output projection have the largest norm:
+        mask the others and zero their columns, so they add nothing and learn nothing (no
+        gradient reaches them through the mask). None: every head again (the weights are the
+        caller's to restore). A pruned head's columns are zero, so pruning again (a resume)
+        keeps the same heads."""
+        if keep is None:
+            self.head_mask.fill_(1.0)
+            return
+        w = self.proj.weight
+        norms = w.float().view(w.size(0), self.num_heads, self.head_dim).norm(dim=(0, 2))
+        dropped = torch.sort(norms, descending=True, stable=True).indices[keep:]
+        self.head_mask.fill_(1.0).index_fill_(0, dropped.to(self.head_mask.device), 0.0)
+        w.view(w.size(0), self.num_heads, self.head_dim).index_fill_(1, dropped.to(w.device), 0.0)
 
     def forward(self, x_btd: Tensor) -> Tensor:
         batch, seq_len, dim = x_btd.shape
@@ -140,4 +163,6 @@ class CausalSelfAttention(nn.Module):
             y = remove_self_value(y, v)
         if self.attn_gate_w is not None:
             y = y * head_gates(x_btd, self.attn_gate_w, self.gate_scale)
+        if self.head_mask is not None:
+            y = y * self.head_mask.to(y.dtype)[None, :, None, None]
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))

@@ -22,7 +22,9 @@ class Block(nn.Module):
     1/sqrt(layer + 1), a constant, not a parameter). `parallel`: the MLP reads the same
     mixed input as attention instead of the stream after attention, and both outputs are
     added at once (PaLM / GPT-J). `two_lanes`: the block owns the lane routing scalars that
-    `forward_lanes` uses.
+    `forward_lanes` uses. `attention_passes` > 1 (sequential blocks only): the attention
+    sublayer runs that many times, same weights, each pass added to the stream (the 131-run
+    log's attention recycling, U4).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class Block(nn.Module):
         ln_scale: float = 1.0,
         parallel: bool = False,
         two_lanes: bool = False,
+        attention_passes: int = 1,
     ):
         super().__init__()
         # Creation order fixes the parameter init order (and so the weights a seed gives).
@@ -46,6 +49,7 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
         self.ln_scale = float(ln_scale)
         self.parallel = parallel
+        self.attention_passes = attention_passes
         if two_lanes:
             # [attn lane, mlp lane] decay of each lane's own state (PR #1529's init 1.1), and
             # [sublayer (attn, mlp)][target lane] weights of each output (init 1).
@@ -68,6 +72,8 @@ class Block(nn.Module):
             mlp_out = self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, x))
             return x + attn_out + mlp_out
         x = x + attn_out
+        for _ in range(self.attention_passes - 1):
+            x = x + self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self._norm(self.attn_norm, x))
         return x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, x))
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0_btd: Tensor) -> tuple[Tensor, Tensor]:

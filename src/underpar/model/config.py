@@ -14,6 +14,8 @@ per part, each defined beside its part's code, and the checks that span sections
                                                                       (model/recurrence.py)
     [model.loss]            z_loss, logit_penalty, token_dropout, embed_mixup,
                             label_smoothing, head_diversity (training loss only; model/loss.py)
+    [model.structure]       layer_dropout, share_group, grow, attention_passes, mirror,
+                            prune_heads_to, prune_at (the log's Phase 3; model/dynamic.py)
 
 Defaults are the Parameter Golf baseline.
 """
@@ -25,6 +27,7 @@ import dataclasses
 from underpar.config import bounded, nested, variant
 from underpar.errors import ConfigError
 from underpar.model.attention import AttentionConfig
+from underpar.model.dynamic import StructureConfig
 from underpar.model.embeddings import EmbeddingsConfig
 from underpar.model.loss import LossConfig
 from underpar.model.mlp import MLPConfig
@@ -43,6 +46,7 @@ class GPTConfig:
     residual: ResidualConfig = nested(ResidualConfig)
     recurrence: NoRecurrence = variant(RECURRENCES, "none")
     loss: LossConfig = nested(LossConfig)
+    structure: StructureConfig = nested(StructureConfig)
 
     def check(self) -> None:
         heads, kv_heads = self.attention.num_heads, self.attention.num_kv_heads
@@ -73,6 +77,7 @@ class GPTConfig:
         self.loss.check_with(self.embeddings)
         self.residual.check_with(self.num_layers)
         self.recurrence.check_with(self.num_layers)
+        self.structure.check_with(self)
         if self.residual.two_lane_start >= 0 and self.recurrence.adapters(self.num_layers, 2) is not None:
             raise ConfigError("model.residual.two_lane_start: two lanes do not combine with the adapters of "
                               "model.recurrence = shared (set lora_rank = 0 or two_lane_start = -1)")

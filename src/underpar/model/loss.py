@@ -37,7 +37,6 @@ from underpar.config import bounded
 from underpar.errors import ConfigError
 from underpar.kernels.softcap_ce import softcap_cross_entropy
 from underpar.model.linear import rms_norm
-from underpar.model.residual import run_unet
 
 if TYPE_CHECKING:
     from underpar.model.embeddings import EmbeddingsConfig
@@ -139,8 +138,7 @@ def head_diversity(model: GPT) -> Tensor:
 
 def _hidden(model: GPT, x0: Tensor) -> Tensor:
     """GPT.hidden from given block inputs x0 (mixup changes them)."""
-    layout = model.layout if model.looping else model.plain_layout
-    return rms_norm(run_unet(model.blocks, model.skip_weights, layout, x0, x0=x0, adapters=model.adapters))
+    return rms_norm(model.run_blocks(x0))
 
 
 def training_loss(model: GPT, input_ids: Tensor, target_ids: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from underpar.config import bounded
@@ -92,7 +93,7 @@ def unet_layout(order: Sequence[int], cfg: ResidualConfig) -> UNetLayout:
 
 def run_unet(
     blocks: Sequence[nn.Module], skip_weights: Tensor, layout: UNetLayout, x: Tensor, x0: Tensor,
-    adapters: Sequence[nn.Module] | None = None,
+    adapters: Sequence[nn.Module] | None = None, gates: Tensor | None = None,
 ) -> Tensor:
     """The blocks run in `layout.order`; each encoder output is saved; before each of the first
     `num_skips` decoder positions the most recently saved output is added back, scaled per dim
@@ -101,11 +102,19 @@ def run_unet(
 
     From position `two_lane_pos` on, the stream is copied into two lanes that blocks update
     with `forward_lanes` (see Block); skips are added to lane 0 only, and the output is the
-    mean of the two lanes (PR #1529's dual lane, as in the record PR #1584)."""
+    mean of the two lanes (PR #1529's dual lane, as in the record PR #1584).
+
+    With `gates` (layer dropout, model/dynamic.py), a 0/1 tensor with one entry per position:
+    the block at position i leaves its input unchanged where gates[i] is 0 (lerp: exactly the
+    input at 0, exactly the block's output at 1), on both lanes."""
     order, encoder = layout.order, layout.num_encoder_layers
+
+    def gated(pos: int, before: Tensor, after: Tensor) -> Tensor:
+        return after if gates is None else torch.lerp(before, after, gates[pos].to(after.dtype))
+
     saved: list[Tensor] = []
     for pos in range(encoder):
-        x = blocks[order[pos]](x, x0)
+        x = gated(pos, x, blocks[order[pos]](x, x0))
         if adapters is not None:
             x = adapters[pos](x)
         saved.append(x)
@@ -116,12 +125,14 @@ def run_unet(
             lanes = (x, x)
         skip = skip_weights[i].to(x.dtype)[None, None, :] * saved.pop() if i < layout.num_skips else None
         if lanes is None:
-            x = block(x if skip is None else x + skip, x0)
+            x_in = x if skip is None else x + skip
+            x = gated(pos, x_in, block(x_in, x0))
             if adapters is not None:
                 x = adapters[pos](x)
         else:
-            lane0, lane1 = lanes
-            lanes = block.forward_lanes(lane0 if skip is None else lane0 + skip, lane1, x0)
+            lane0 = lanes[0] if skip is None else lanes[0] + skip
+            new0, new1 = block.forward_lanes(lane0, lanes[1], x0)
+            lanes = (gated(pos, lane0, new0), gated(pos, lanes[1], new1))
     if lanes is not None:
         x = 0.5 * (lanes[0] + lanes[1])
     return x

@@ -79,7 +79,8 @@ class Trainer:
         self.forward = torch.compile(self.model, dynamic=False, fullgraph=True, options=options) if train.compile else self.model
         if env.distributed:
             device_ids = [env.local_rank] if use_bf16 else None
-            self.forward = DistributedDataParallel(self.forward, device_ids=device_ids, broadcast_buffers=False)
+            self.forward = DistributedDataParallel(self.forward, device_ids=device_ids, broadcast_buffers=False,
+                                                   find_unused_parameters=self.model.leaves_blocks_idle())
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     def describe(self) -> str:
@@ -95,6 +96,7 @@ class Trainer:
         set_weight_decay(self.optimizers, self.dynamics.wd_multiplier(progress))
         set_muon_momentum(self.optimizers, momentum)
         set_muon_progress(self.optimizers, progress)  # NuMuon's rank schedule
+        self.model.begin_step(train.seed, self.dynamics.steps + 1)  # per-step draws (model.structure.layer_dropout)
         total = torch.zeros((), device=env.device)
         for micro in range(self.micro_steps):
             x, y = self.loader.next_batch(train.micro_batch_tokens, train.seq_len, device=env.device)
