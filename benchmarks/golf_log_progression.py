@@ -7,6 +7,9 @@ the round trip, before it, steps, ms/step, the log's numbers) and the sweep's re
     PYTHONPATH=src python3 benchmarks/golf_log_progression.py --out $OUT [--seconds 10] [--compile]
     PYTHONPATH=src python3 benchmarks/golf_log_progression.py --out /tmp/p --tiny --data PREPARED --only KEY  # CPU smoke
 
+--only takes any phase/variant of the sweep, e.g. Phase 3's structure experiments:
+    --only 01-regularization/baseline 03-architecture/U1 ... 03-architecture/U6 --compile
+(with --compile each run's summary holds compiled_graphs and recompiles_in_timed_region).
 Without --compile the entries train eagerly (each compiled graph costs ~1 min of untimed
 warmup on an H200, 13 of them more than the budget); steps are then eager steps.
 """
