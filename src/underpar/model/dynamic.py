@@ -75,7 +75,7 @@ class Progressive(NoGrowth):
     def schedule(self, num_layers: int) -> list[float]:
         if self.at:
             return [float(a) for a in self.at]
-        return [k * self.every for k in range(1, num_layers - self.start_layers + 1)]
+        return [round(k * self.every, 9) for k in range(1, num_layers - self.start_layers + 1)]
 
     def check_with(self, num_layers: int) -> None:
         added = num_layers - self.start_layers
