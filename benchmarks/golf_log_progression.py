@@ -90,7 +90,9 @@ def main() -> None:
         rows.append({"entry": f"{job.phase}/{job.variant}", "description": job.description, "status": result["status"],
                      "error": result["error"], "val_bpb": metrics.get("val_bpb"), "val_bpb_pre_quant": metrics.get("val_bpb_pre_quant"),
                      "steps": metrics.get("steps"), "median_ms_per_step": metrics.get("median_ms_per_step"),
-                     "training_seconds": metrics.get("training_seconds"), "log_val_bpb": log_bpb, "log_steps": log_steps})
+                     "training_seconds": metrics.get("training_seconds"), "compiled_graphs": metrics.get("compiled_graphs"),
+                     "recompiles_in_timed_region": metrics.get("recompiles_in_timed_region"), "log_val_bpb": log_bpb,
+                     "log_steps": log_steps})
         print(json.dumps(rows[-1]), flush=True)
     record = {"benchmark": "golf_log_progression", "sweep": str(SWEEP.name), "seconds": args.seconds, "tokens_per_step": args.tokens,
               "compile": args.compile, "tiny": args.tiny, "tally": tally, "wall_seconds": time.perf_counter() - started,
