@@ -91,12 +91,10 @@ def test_shared_blocks_with_adapters_start_as_the_plain_loop():
         tiny("num_layers=3", shared, "residual.two_lane_start=2")
 
 
-@pytest.mark.parametrize("sets", [["num_layers=4", "recurrence={name = 'loop', start = 1, end = 2, start_at = 0.5}"],
-                                  ["num_layers=2", "residual.encoder_layers=0", "recurrence=shared"]],
-                         ids=["loop-staged", "shared"])
-def test_recurrence_compiles_fullgraph_and_matches_eager(sets):
+def test_shared_recurrence_compiles_fullgraph_and_matches_eager():
+    """(The staged loop compiles under fullgraph in every stage in the run-level test below.)"""
     torch._dynamo.reset()
-    model = tiny(*sets)
+    model = tiny("num_layers=2", "residual.encoder_layers=0", "recurrence=shared")
     for switch in model.stage_switches():
         switch.set(True)
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
