@@ -203,3 +203,11 @@ def test_run_warms_up_every_stage_and_never_recompiles(data_dir, tmp_path, monke
     text = next(tmp_path.glob("*/train.log")).read_text()
     assert "3 training stages: heads pruned to 1 at 30%, layer 3 of 3 at 50%" in text
     assert "step 2 | heads pruned to 1 on" in text and "step 3 | layer 3 of 3 on" in text
+
+
+def test_growing_must_start_with_the_whole_encoder():
+    from underpar.errors import ConfigError
+    from test_techniques_blocks import tiny as tiny_model
+
+    with pytest.raises(ConfigError, match=r"start_layers = 2 is fewer than the 4 encoder layers \(model.residual.encoder_layers = -1"):
+        tiny_model("num_layers=9", "structure.grow={name = 'progressive', start_layers = 2}")

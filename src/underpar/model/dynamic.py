@@ -144,9 +144,11 @@ class StructureConfig:
             raise ConfigError(f"model.structure.prune_heads_to = {self.prune_heads_to} must be in "
                               f"[1, {heads - 1}] (model.attention.num_heads = {heads}); 0 turns pruning off")
         self.grow.check_with(cfg.num_layers)
-        if growing and self.grow.start_depth(cfg.num_layers) < cfg.residual.num_encoder_layers(cfg.num_layers):
+        encoder = cfg.residual.num_encoder_layers(cfg.num_layers)
+        if growing and self.grow.start_depth(cfg.num_layers) < encoder:
             raise ConfigError(f"model.structure.grow.start_layers = {self.grow.start_depth(cfg.num_layers)} is fewer "
-                              f"than model.residual.encoder_layers = {cfg.residual.encoder_layers}")
+                              f"than the {encoder} encoder layers (model.residual.encoder_layers = "
+                              f"{cfg.residual.encoder_layers}; -1 = half the layers)")
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
