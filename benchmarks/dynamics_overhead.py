@@ -14,10 +14,8 @@ after_backward on random gradients), with that cost amortized over its period.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from underpar.data.dataset import PreparedData
 from underpar.optim import build_dynamics
 from underpar.runs.rundir import device_tag, environment
 from underpar.tracks.pretrain import Trainer
+from variant_runs import run_variants
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -111,24 +110,13 @@ def main() -> None:
     trainer = Trainer(cfg, env, PreparedData.ready(cfg.data, env))
     compile_seconds = trainer.warm_up()
     names = ["baseline"] + [n for n in (args.only or VARIANTS) if n != "baseline"]
-    rows: list[dict] = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "dynamics_overhead", "preset": args.preset, "steps": args.steps, "repeats": args.repeats,
               "tokens_per_step": args.tokens_per_step, "compile_seconds": compile_seconds,
-              "parameters": sum(p.numel() for p in trainer.model.parameters()), "rows": rows, **environment()}
-    for name in names:
-        try:
-            timing = measure(trainer, args.preset, base + VARIANTS[name], args.steps, args.repeats)
-            row = {"variant": name, "sets": VARIANTS[name], **timing}
-        except Exception as e:  # a variant that fails is recorded; the rest still run
-            row = {"variant": name, "sets": VARIANTS[name], "error": f"{type(e).__name__}: {e}"[:2000],
-                   "traceback": traceback.format_exc()[-4000:]}
-        if "median_ms_per_step" in row and rows and "median_ms_per_step" in rows[0]:
-            row["vs_baseline"] = row["median_ms_per_step"] / rows[0]["median_ms_per_step"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (out / f"dynamics_overhead{args.tag}-{device_tag()}.json").write_text(json.dumps(record, indent=2) + "\n")
+              "parameters": sum(p.numel() for p in trainer.model.parameters()), "rows": [], **environment()}
+    run_variants(names, VARIANTS, lambda sets: measure(trainer, args.preset, base + sets, args.steps, args.repeats),
+                 record, out / f"dynamics_overhead{args.tag}-{device_tag()}.json")
     print(table(record))
 
 

@@ -11,10 +11,8 @@ same process, and the graphs compiled inside the timed steps (must be 0).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from underpar.data.dataset import PreparedData
 from underpar.runs.rundir import device_tag, environment
 from underpar.stages import compiled_graphs
 from underpar.tracks.pretrain import Trainer
+from variant_runs import run_variants
 
 # The log's U1-U6 at its numbers where they fit the 9 x 512, 8-head baseline: growing starts
 # at 8 of 9 layers (2 graphs; the log's start at 3 would compile 7), pruning keeps 4 of 8 heads.
@@ -48,6 +47,8 @@ def time_variant(sets: list[str], preset: str, data: PreparedData, env: dist.Env
     # A fresh dynamo per variant: the same forward code recompiled for every variant would
     # otherwise reach its recompile limit.
     torch._dynamo.reset()
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     cfg = cfglib.resolve("pretrain", preset, sets)
     trainer = Trainer(cfg, env, data)
     before = compiled_graphs()
@@ -90,25 +91,12 @@ def main() -> None:
               f"train.device={args.device}", *args.sets]
     data = PreparedData.ready(cfglib.resolve("pretrain", args.preset, common).data, env)
     names = ["baseline"] + [n for n in (args.only or VARIANTS) if n != "baseline"]
-    rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "structure_speed", "preset": args.preset, "steps_per_stage": args.steps,
-              "tokens_per_step": args.tokens_per_step, "common_sets": common, "rows": rows, **environment()}
-    for name in names:
-        if env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            row = {"variant": name, "sets": VARIANTS[name],
-                   **time_variant(common + VARIANTS[name], args.preset, data, env, args.steps)}
-        except Exception as e:  # a variant that fails is recorded; the rest still run
-            row = {"variant": name, "sets": VARIANTS[name], "error": f"{type(e).__name__}: {e}"[:2000],
-                   "traceback": traceback.format_exc()[-4000:]}
-        if "median_ms_per_step" in row and rows and "median_ms_per_step" in rows[0]:
-            row["vs_baseline"] = row["median_ms_per_step"] / rows[0]["median_ms_per_step"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (out / f"structure_speed{args.tag}-{device_tag()}.json").write_text(json.dumps(record, indent=2) + "\n")
+              "tokens_per_step": args.tokens_per_step, "common_sets": common, "rows": [], **environment()}
+    run_variants(names, VARIANTS, lambda sets: time_variant(common + sets, args.preset, data, env, args.steps),
+                 record, out / f"structure_speed{args.tag}-{device_tag()}.json")
     print(table(record))
 
 

@@ -8,10 +8,8 @@ compiled in an untimed warmup (state restored), then timed over --steps steps.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from underpar import dist
 from underpar.data.dataset import PreparedData
 from underpar.runs.rundir import device_tag, environment
 from underpar.tracks.pretrain import Trainer
+from variant_runs import run_variants
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -63,6 +62,7 @@ def time_variant(sets: list[str], data: PreparedData, env: dist.Env, steps: int)
     # Each variant is a new model compiled in this one process: start dynamo afresh, or the
     # variants' graphs of the same forward code would hit its recompile limit.
     torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats()
     cfg = cfglib.resolve("pretrain", "golf-baseline", sets)
     trainer = Trainer(cfg, env, data)
     compile_seconds = trainer.warm_up()
@@ -92,23 +92,12 @@ def main() -> None:
     common = [f"data.out={args.data}", f"train.tokens_per_step={args.tokens_per_step}", "train.warmup_steps=3"]
     data = PreparedData.ready(cfglib.resolve("pretrain", "golf-baseline", common).data, env)
     names = ["baseline"] + [n for n in (args.only or VARIANTS) if n != "baseline"]
-    rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "technique_speed", "steps": args.steps, "tokens_per_step": args.tokens_per_step,
-              "rows": rows, **environment()}
-    for name in names:
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            row = {"variant": name, "sets": VARIANTS[name], **time_variant(common + VARIANTS[name], data, env, args.steps)}
-        except Exception as e:  # a variant that fails is recorded; the rest still run
-            row = {"variant": name, "sets": VARIANTS[name], "error": f"{type(e).__name__}: {e}"[:2000],
-                   "traceback": traceback.format_exc()[-4000:]}
-        if "median_ms_per_step" in row and rows and "median_ms_per_step" in rows[0]:
-            row["vs_baseline"] = row["median_ms_per_step"] / rows[0]["median_ms_per_step"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (out / f"technique_speed{args.tag}-{device_tag()}.json").write_text(json.dumps(record, indent=2) + "\n")
+              "rows": [], **environment()}
+    run_variants(names, VARIANTS, lambda sets: time_variant(common + sets, data, env, args.steps), record,
+                 out / f"technique_speed{args.tag}-{device_tag()}.json")
     print(table(record))
 
 

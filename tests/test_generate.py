@@ -45,13 +45,7 @@ def make_model(arch: str):
     return model.float().eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny matmuls, one thread
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

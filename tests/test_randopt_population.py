@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_generate import PROMPTS, make_model, make_tokenizer  # noqa: E402
+from test_generate import PROMPTS, make_model, make_tokenizer, model  # noqa: E402,F401  (model: the llama/qwen2 fixture)
 from underpar.errors import ConfigError  # noqa: E402
 from underpar.eval.generate import DecodeConfig, GenerationStats, generate  # noqa: E402
 from underpar.kernels.perturb_space import PerturbSpace  # noqa: E402
@@ -19,17 +19,7 @@ from underpar.tracks.randopt_population import PopulationDecoder, generate_popul
 POPULATION = [[(11, 0.05)], None, [(7, 0.08)], [(3, 0.05), (9, 0.05)]]  # None: the base model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def model(request):
-    return make_model(request.param)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 def one_at_a_time(model, space, tokenizer, population, cfg):

@@ -139,14 +139,14 @@ def _run(cfg: PretrainConfig, env: dist.Env, resume: str | Path | None) -> Pretr
     data = PreparedData.ready(cfg.data, env)
     run_dir = run_dir or RunDir.start(cfg.train.runs_root, cfg.name, env)  # bad data leaves no directory behind
     try:
-        return _train_and_score(cfg, env, data, run_dir, resume is not None)
+        return _train_and_score(cfg, env, data, run_dir, run_dir.file(ckpt_name), resume is not None)
     except BaseException as e:  # the run store shows it failed (or killed), never running
         run_dir.fail(f"{type(e).__name__}: {e}", "killed" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
 
 
-def _train_and_score(cfg: PretrainConfig, env: dist.Env, data: PreparedData, run_dir: RunDir, resume: bool) -> PretrainSummary:
-    ckpt_name = checkpoint.checkpoint_path(Path(), env.rank).name
+def _train_and_score(cfg: PretrainConfig, env: dist.Env, data: PreparedData, run_dir: RunDir, ckpt_file: Path,
+                     resume: bool) -> PretrainSummary:
     trainer = Trainer(cfg, env, data)
     run_dir.save_config(cfg)
     run_dir.log(trainer.describe())
@@ -155,12 +155,12 @@ def _train_and_score(cfg: PretrainConfig, env: dist.Env, data: PreparedData, run
     graphs = compiled_graphs() - before  # the timed region must add none (logged at the end)
     state = Progress()
     if resume:
-        state = trainer.load(run_dir.file(ckpt_name))
+        state = trainer.load(ckpt_file)
         run_dir.truncate_metrics(state.step)
         run_dir.log(f"resumed at step {state.step} after {state.elapsed:.1f} s of training")
 
     try:
-        step_ms = train_loop(trainer, state, run_dir, run_dir.file(ckpt_name))
+        step_ms = train_loop(trainer, state, run_dir, ckpt_file)
     except KeyboardInterrupt:
         _say_how_to_resume(run_dir, state)
         raise
