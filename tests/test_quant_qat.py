@@ -60,7 +60,40 @@ def test_qat_switches_turn_the_large_linears_on_and_off():
     assert model[0].qat_bits == 0
 
 
-def test_each_qat_stage_is_one_graph_and_switching_compiles_nothing_new():
+@pytest.mark.parametrize("sigmas", [12.85, 16.0])
+def test_sdclip_qat_forward_is_the_mixed_exports_round_trip(sigmas):
+    from underpar.quant.rowquant import dequantize_mixed, quantize_mixed
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 64, generator=g) * 0.05
+    w[0, 0] = 0.9  # an outlier: abs-max and SDClip grids differ most
+    cfg = QuantConfig(scheme="mixed", qat_bits=6, qat_clip="sdclip", keep_float_max_numel=16)
+    cfg.clip.matrix_sigmas = sigmas
+    [(_, name, set_on)] = qat_switches(torch.nn.Sequential(CastedLinear(64, 24)), cfg)
+    assert name == f"qat int6 sdclip {sigmas:g}"
+    exported = dequantize_mixed(quantize_mixed({"w": w}, (), cfg)[0])["w"]
+    layer = CastedLinear(64, 24)
+    layer.weight.data.copy_(w)
+    set_on_layer = qat_switches(layer, cfg)[0][2]
+    set_on_layer(True)
+    assert layer.qat_bits == (6, sigmas)
+    x = torch.randn(5, 64, generator=g)
+    assert torch.equal(layer(x), F.linear(x, exported))
+    # the abs-max grid is a different (finer) one: QAT on it trains for weights the export does not store
+    assert not torch.equal(fake_quantize_rows(w, 6), exported)
+
+
+def test_sdclip_qat_needs_the_sdclip_export_clip():
+    from underpar import config as cfglib
+    from underpar.errors import ConfigError
+
+    cfg = cfglib.from_dict(QuantConfig, {"qat_bits": 6, "qat_clip": "sdclip", "clip": "percentile"})
+    with pytest.raises(ConfigError, match="quant.clip = sdclip"):
+        cfglib.validate(cfg)
+
+
+@pytest.mark.parametrize("qat_clip", ["absmax", "sdclip"])
+def test_each_qat_stage_is_one_graph_and_switching_compiles_nothing_new(qat_clip):
     from underpar.stages import compiled_graphs
 
     torch._dynamo.reset()
@@ -68,7 +101,7 @@ def test_each_qat_stage_is_one_graph_and_switching_compiles_nothing_new():
     torch.manual_seed(0)
     model = torch.nn.Sequential(CastedLinear(64, 64), CastedLinear(64, 64))
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
-    [(_, _, set_on)] = qat_switches(model, QuantConfig(qat_bits=6, keep_float_max_numel=100))
+    [(_, _, set_on)] = qat_switches(model, QuantConfig(qat_bits=6, keep_float_max_numel=100, qat_clip=qat_clip))
     x = torch.randn(4, 64)
     plain = compiled(x)
     set_on(True)

@@ -15,6 +15,7 @@ from underpar.quant.base import COMPRESSORS, QUANTIZERS
 from underpar.quant.clip import CLIPS, Clip
 from underpar.quant.int8 import CLIP_PERCENTILE, KEEP_FLOAT_MAX_NUMEL  # and registers int8
 from underpar.quant.pack import LAYOUTS
+from underpar.quant.qat import QAT_CLIPS, qat_grid
 
 CONTAINERS = ("torch", "grouped")
 
@@ -67,6 +68,9 @@ class QuantConfig:
     # `qat_bits` (0 = off) from `qat_start` (fraction of training) on (quant/qat.py).
     qat_bits: int = bounded(0, 0, 8)
     qat_start: float = bounded(0.85, 0.0, 1.0)
+    # The fake quantizer's per-row clip: "absmax" (the int8 export's grid) or "sdclip" (the
+    # mixed export's grid: quant.clip's matrix_sigmas * std(row); needs quant.clip = sdclip).
+    qat_clip: str = choice("absmax", QAT_CLIPS)
 
     def check(self) -> None:
         if self.scheme != "mixed":
@@ -75,6 +79,7 @@ class QuantConfig:
                 if on:
                     raise ConfigError(f"quant.{field} = {getattr(self, field)!r} needs quant.scheme = 'mixed' "
                                       f"(it is {self.scheme!r}); set --set quant.scheme=mixed")
+        qat_grid(self)  # quant.qat_clip = sdclip needs quant.clip = sdclip
         if self.qat_bits == 1:
             raise ConfigError("quant.qat_bits = 1 is not valid; use 0 (off) or 2..8")
         if self.container == "grouped" and not (self.compressors and self.packings):
