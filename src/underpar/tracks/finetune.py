@@ -30,7 +30,8 @@ from underpar.model import hf
 from underpar.optim.schedule import SCHEDULES, Schedule
 from underpar.runs import plots
 from underpar.runs.rundir import RunDir, Summary, check_run_name, check_runs_root
-from underpar.tracks import chaos, finetune_heldout, lisa  # noqa: F401  (chaos, lisa register their methods)
+from underpar.tracks import chaos, finetune_dist, finetune_heldout, lisa  # noqa: F401  (chaos, lisa register their methods)
+from underpar.tracks import finetune_progress as progress
 from underpar.tracks.finetune_inputs import Inputs, batches, check_inputs
 from underpar.tracks.finetune_methods import METHODS, Controller, MethodConfig
 
@@ -93,6 +94,9 @@ class FTTrainConfig:
     # Create AdamW state for every parameter before the first step, so peak memory is the steady
     # state (after every layer has trained once) rather than a short run's.
     preallocate_optimizer_state: bool = False
+    # under torchrun (tracks/finetune_dist.py): "ddp" (a replica per process, gradients all-reduced)
+    # or "fsdp" (FSDP2: parameters, gradients and AdamW state sharded); one process: plain
+    parallel: str = choice("ddp", finetune_dist.PARALLEL)
     runs_root: str = "runs"
 
 
@@ -130,6 +134,9 @@ class FinetuneConfig:
     def check(self) -> None:
         check_run_name(self.name)
         self.method.check_with(self.train)
+        if self.train.parallel == "fsdp" and METHODS.name_of(self.method) == "chaos":
+            raise ConfigError("method = chaos with train.parallel = fsdp: chaos hoists and slices layers every block, "
+                              "which FSDP's per-layer sharded units cannot follow; use train.parallel = ddp")
         if self.train.steps == 0 and self.train.epochs == 0:
             raise ConfigError("train.steps and train.epochs are both 0; set one of them")
 
@@ -175,44 +182,60 @@ def run(cfg: FinetuneConfig, model: PreTrainedModel | None = None,
     """Fine-tune per `cfg`. A caller may pass an already loaded (model, tokenizer), e.g. to run
     several seeds on one model object whose weights it resets between runs."""
     cfglib.validate(cfg)
-    device = dist.resolve_device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but this machine has no CUDA device; use auto or cpu")
+    started_group = not torch.distributed.is_initialized()
+    env = dist.setup(cfg.train.device)  # one process, or each of torchrun's (tracks/finetune_dist.py)
+    try:
+        return _run(cfg, env, model, tokenizer)
+    finally:
+        if started_group:
+            dist.teardown()
+
+
+def _run(cfg: FinetuneConfig, env: dist.Env, model: PreTrainedModel | None,
+         tokenizer: PreTrainedTokenizerBase | None) -> FinetuneSummary:
+    device = env.device
     torch.manual_seed(cfg.train.seed)
     check_runs_root(cfg.train.runs_root, "train.runs_root")
-    inputs = check_inputs(cfg, device, model, tokenizer)
+    finetune_dist.check(cfg, env, pretrained=tokenizer is not None if model is not None else not cfg.model.architecture)
+    with dist.main_first(env):  # rank 0 fills the caches (converted model, generated task data)
+        inputs = check_inputs(cfg, device, model, tokenizer)
+    par = finetune_dist.Parallel(cfg, env, inputs.model)  # FSDP shards here, before the method and AdamW
     controller = cfg.method.controller(inputs.model)  # checks the method against the model (its layers)
     pad_id = inputs.tokenizer.pad_token_id if inputs.tokenizer is not None else 0
     heldout, note = finetune_heldout.build(cfg, inputs.tokenizer, inputs.model.config.vocab_size, device, pad_id)
     if note:
-        print(note, flush=True)
+        dist.print0(note)
         inputs.notes.append(note)
-    run_dir = RunDir.start(cfg.train.runs_root, cfg.name, dist.Env(0, 1, 0, device))
+    run_dir = RunDir.start(cfg.train.runs_root, cfg.name, env)
     run_dir.save_config(cfg)
-    with open(run_dir.file("train.log"), "a") as log:  # already printed
-        log.writelines(line + "\n" for line in inputs.notes)
+    if run_dir.writer:
+        with open(run_dir.file("train.log"), "a") as log:  # already printed
+            log.writelines(line + "\n" for line in inputs.notes)
     stage = Stage()
     try:
-        return train_and_evaluate(cfg, device, inputs, controller, run_dir, stage, heldout)
+        return train_and_evaluate(cfg, par, inputs, controller, run_dir, stage, heldout)
     except KeyboardInterrupt:
-        run_dir.log(_interrupted(cfg, run_dir, stage))
+        run_dir.log(progress.interrupted(cfg, run_dir, stage))
         raise
     except torch.cuda.OutOfMemoryError:
         fix = ("lower eval.batch_size" if stage.what.startswith("evaluating") else
                "lower train.micro_batch_size (raise train.grad_accum_steps to keep the batch) or data.max_length, "
-               "or set model.gradient_checkpointing=true")
+               "or set model.gradient_checkpointing=true (or train.parallel=fsdp on several GPUs)")
         error = TrainingError(f"out of GPU memory while {stage.what} (step {stage.step}): {fix}")
-        _note_failure(run_dir, error)
+        progress.note_failure(run_dir, error)
         raise error from None
     except UnderparError as error:
-        _note_failure(run_dir, error)
+        progress.note_failure(run_dir, error)
         raise
 
 
-def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs, controller: Controller,
+def train_and_evaluate(cfg: FinetuneConfig, par: finetune_dist.Parallel, inputs: Inputs, controller: Controller,
                        run_dir: RunDir, stage: Stage, heldout: finetune_heldout.HeldOut | None = None
                        ) -> FinetuneSummary:
     model, tokenizer, encoded = inputs.model, inputs.tokenizer, inputs.encoded
+    device, main = par.env.device, par.env.is_main
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size
     steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * len(encoded) / per_step))
@@ -239,18 +262,19 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
         weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda",
     )
     if cfg.train.preallocate_optimizer_state:
-        _preallocate_adamw_state(optimizer)
+        progress.preallocate_adamw_state(optimizer)
     run_dir.log(f"{method} fine-tuning of {cfg.model.architecture or cfg.model.name}: {hf.num_parameters(model):,} "
-                f"parameters, {steps} step{'s' * (steps != 1)} of {per_step} sequences on {device}")
+                f"parameters, {steps} step{'s' * (steps != 1)} of {per_step} sequences on {device}"
+                + (f" x {par.env.world_size} ({par.kind})" if par.env.distributed else ""))
 
     # ---- the loop ---------------------------------------------------------------------------
     stage.what = "training"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    micro_batches = batches(encoded, cfg, pad_id, steps)
+    micro_batches = par.micro_batches(batches(encoded, cfg, pad_id, steps))  # this rank's share
     size = cfg.train.micro_batch_size  # what a method may calibrate on: the first training rows
     controller.use_calibration([collate(encoded[i : i + size], pad_id) for i in range(0, min(len(encoded), 8 * size), size)])
-    step_ms, layouts, heldout_rows = [], [], []
+    step_ms, layouts, heldout_rows, losses = [], [], [], []
     if heldout is not None:  # the base model (measuring is never training time)
         heldout_rows.append(dict(step=0, **heldout.measure(controller, trained=False)))
         run_dir.metric(**heldout_rows[-1])
@@ -260,6 +284,8 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
     for step in range(steps):
         t0 = time.perf_counter()
         layout = controller.begin(step, optimizer)  # a new block's layout, or None
+        if step == 0 or layout is not None:
+            par.begin_block(layout, controller)  # ranks agree on what trains; DDP wraps exactly that
         at_start = {}
         if layout is not None:
             layouts.append(layout)
@@ -270,17 +296,20 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
         for group in optimizer.param_groups:
             group["lr"] = lr
         total_loss = 0.0
-        for micro in range(cfg.train.grad_accum_steps):
+        for micro in range(par.accum):  # grad_accum_steps / world size micro-batches on each rank
             batch = {k: v.to(device, non_blocking=True) for k, v in next(micro_batches).items()}
             if "position_ids" in batch:  # packed rows: block-diagonal causal attention
                 batch["attention_mask"] = packed_attention_mask(batch["position_ids"], dtype=model.dtype)
-            loss = model(**batch, use_cache=False).loss / cfg.train.grad_accum_steps
-            loss.backward()
+            with par.sync(micro + 1 == par.accum):  # DDP all-reduces at the last one
+                loss = par.forward(**batch, use_cache=False).loss / par.accum
+                loss.backward()
             total_loss += loss.item()
-            if micro + 1 < cfg.train.grad_accum_steps and time.perf_counter() - last_line >= LOG_EVERY_SECONDS:
+            if micro + 1 < par.accum and time.perf_counter() - last_line >= LOG_EVERY_SECONDS:
                 last_line = time.perf_counter()  # slow steps (a CPU): say the step is moving
-                run_dir.log(f"step {step + 1}/{steps} | micro-batch {micro + 1}/{cfg.train.grad_accum_steps} | "
+                run_dir.log(f"step {step + 1}/{steps} | micro-batch {micro + 1}/{par.accum} | "
                             f"{last_line - t0:.0f} s into the step")
+        total_loss = par.mean(total_loss)  # the global batch's loss, the same on every rank
+        losses.append(total_loss)
         if not math.isfinite(total_loss):
             raise TrainingError(f"training loss became {total_loss} at step {step + 1}; try a lower optim.lr")
         if cfg.optim.grad_clip_norm > 0:
@@ -308,26 +337,29 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
                 or now - last_line >= LOG_EVERY_SECONDS):
             last_line = now
             run_dir.log(f"step {step + 1}/{steps} | {loss_name} {total_loss:.4f} | lr {lr:.2e} | {step_ms[-1]:.0f} ms | "
-                        f"{_pace(step + 1, steps, now - started)}")
+                        f"{progress.pace(step + 1, steps, now - started)}")
     train_seconds = time.perf_counter() - started  # held-out measuring moved `started` on
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None  # training's, not eval's
+    peak = par.max(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)  # training's, not eval's
     controller.end(optimizer)
+    par.release()
 
     # ---- save the full model, evaluate it ------------------------------------------------------
     model.config.use_cache = True
-    if cfg.train.save and tokenizer is not None:
-        model.save_pretrained(run_dir.file("model"))
+    full = par.full_state_dict()  # FSDP: the whole model gathered on rank 0 (every rank takes part)
+    if cfg.train.save and tokenizer is not None and main:
+        model.save_pretrained(run_dir.file("model"), **({} if full is None else {"state_dict": full}))
         tokenizer.save_pretrained(run_dir.file("model"))
         stage.saved = str(run_dir.file("model"))
         run_dir.log(f"saved the fine-tuned model in {stage.saved}")
     stage.what = "evaluating after training"
     results = {}
-    for name, t in eval_sets.items():
+    if full is not None and eval_sets and main:  # FSDP: rank 0 evaluates the saved whole model
+        model = hf.load_model(stage.saved, device=device, dtype=model.dtype)[0]
+    for name, t in eval_sets.items() if main else ():  # rank 0 only; the other ranks are done
         results[name] = evaluate_task(model, tokenizer, t, inputs.eval_examples[name], decode, label=f"eval {name}")
         acc = results[name]["accuracy"]
         run_dir.log(f"{name}: accuracy {acc['mean']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] on {results[name]['n']} examples")
 
-    losses = [r["train_loss"] for r in run_dir.metrics() if "train_loss" in r]
     summary = FinetuneSummary(
         name=cfg.name,
         run_dir=str(run_dir.path),
@@ -344,6 +376,8 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
         **finetune_heldout.summary_fields(heldout_rows),
     )
     run_dir.save_summary(summary)
+    if not main:
+        return summary
     note = " (train loss of the hoisted/masked sub-network, not the saved model)" * controller.trains_a_different_network
     plots.loss_curve(run_dir.metrics(), run_dir.file("loss.png"), title=f"{cfg.name} ({method}){note}", x="step")
     if heldout_rows:
@@ -351,47 +385,3 @@ def train_and_evaluate(cfg: FinetuneConfig, device: torch.device, inputs: Inputs
                             title=f"{cfg.name} ({method}): held-out loss")
     controller.report(layouts, run_dir)  # e.g. chaos_modes.png
     return summary
-
-
-def _note_failure(run_dir: RunDir, error: Exception) -> None:
-    """The error in train.log too (the CLI prints it), so the run directory says why it stopped."""
-    with open(run_dir.file("train.log"), "a") as log:
-        log.write(f"stopped: {error}\n")
-
-
-def _pace(done: int, total: int, seconds: float) -> str:
-    """'2.40 steps/s' (or '6.2 s/step'), percent done and the time to go at this pace."""
-    rate = f"{done / seconds:.2f} steps/s" if seconds < done else f"{seconds / done:.1f} s/step"
-    if done == total:
-        return f"{rate} | done in {_duration(seconds)}"
-    return f"{rate} | {100 * done / total:.0f}%, ~{_duration(seconds / done * (total - done))} to go"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _interrupted(cfg: FinetuneConfig, run_dir: RunDir, stage: Stage) -> str:
-    """What a Ctrl-C leaves behind: finetune keeps no checkpoints, so there is nothing to resume."""
-    if stage.saved:
-        first = cfg.eval.tasks[0] if cfg.eval.tasks else cfg.data.task
-        return (f"interrupted while {stage.what}: the fine-tuned model is saved in {stage.saved} (no summary.json); "
-                f"score it with `underpar eval task --model {stage.saved} --task {first}`")
-    where = f"at step {stage.step} of training" if stage.what == "training" else f"while {stage.what}"
-    return (f"interrupted {where}: nothing was saved (finetune keeps no checkpoints and cannot resume; "
-            f"{run_dir.path} holds only its config and log); run the command again to start over")
-
-
-def _preallocate_adamw_state(optimizer: torch.optim.AdamW) -> None:
-    """The state AdamW creates for a parameter on its first update (step, exp_avg, exp_avg_sq)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group.get("fused") else "cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

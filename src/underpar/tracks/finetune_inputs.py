@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from underpar import dist
 from underpar.data.sft import collate, encode_sft_examples, pack
 from underpar.data.tasks import Example, get_task
 from underpar.errors import DataError
@@ -44,7 +45,7 @@ def check_inputs(cfg: FinetuneConfig, device: torch.device, model: PreTrainedMod
     notes: list[str] = []
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        dist.print0(line)  # rank 0's (torchrun)
         notes.append(line)
 
     pretrained = tokenizer is not None if model is not None else not cfg.model.architecture
