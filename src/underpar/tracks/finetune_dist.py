@@ -89,7 +89,9 @@ class Parallel:
         self.checks += 1
         if self.kind == "ddp":
             self.forward = self.model
-            gc.collect()  # the old wrapper's reducer (and its autograd hooks) goes first
+            if self.wrapped == 0:
+                gc.freeze()  # what exists now stays; the collections below only scan what is newer
+            gc.collect()  # the old wrapper sits in a reference cycle: free its reducer, hooks and buckets now
             device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             self.forward = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, broadcast_buffers=False, init_sync=self.wrapped == 0)
@@ -130,8 +132,10 @@ class Parallel:
 
     def release(self) -> None:
         """Drop the DDP wrapper (its buckets) after training."""
-        self.forward = self.model
-        gc.collect()
+        if self.kind == "ddp":
+            self.forward = self.model
+            gc.collect()
+            gc.unfreeze()
 
 
 def shard(model: nn.Module) -> None:
