@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from underpar import config as cfglib
 from underpar.errors import ConfigError, TrainingError
 from underpar.model import hf
-from underpar.tracks import finetune
+from underpar.tracks import finetune, finetune_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,3 +100,11 @@ def test_chaos_with_fsdp_is_refused(tmp_path):
         config("x", tmp_path, ["method=chaos"], "fsdp")
     with pytest.raises(ConfigError, match="train.parallel = 'zero' is not valid; choose one of: ddp, fsdp"):
         config("x", tmp_path, [], "zero")
+
+
+def test_num_layers_sets_the_depth_of_a_random_architecture(tmp_path):
+    cfg = config("x", tmp_path, ["model.architecture=tiny-llama", "model.num_layers=3"])
+    model, tokenizer = finetune_inputs.load(cfg.model, torch.device("cpu"), 0)
+    assert len(model.model.layers) == 3 and tokenizer is None
+    with pytest.raises(ConfigError, match="model.num_layers = 3 applies to model.architecture only"):
+        config("x", tmp_path, ["model.num_layers=3"])

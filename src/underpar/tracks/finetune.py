@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 class FTModelConfig:
     name: str = "smollm2-135m"  # smollm2-135m, a local save_pretrained folder, or a hub id
     architecture: str = ""  # instead of name: random init of hf.ARCHITECTURES[...] (speed runs)
+    num_layers: int = bounded(0, 0)  # with architecture: this many decoder layers (0 = its own; memory searches)
     dtype: str = choice("auto", ("auto", "bfloat16", "float32"))  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
 
@@ -50,6 +51,9 @@ class FTModelConfig:
         if self.architecture and self.architecture not in hf.ARCHITECTURES:
             raise ConfigError(f"model.architecture = {self.architecture!r} is not valid; choose one of: "
                               f"{', '.join(hf.ARCHITECTURES)} (or leave it empty to load model.name)")
+        if self.num_layers and not self.architecture:
+            raise ConfigError(f"model.num_layers = {self.num_layers} applies to model.architecture only (a random-init "
+                              "shape); a loaded model keeps its layers")
         if not self.architecture and not self.name.strip():
             raise ConfigError("model.name = '' names no model; give smollm2-135m, a local folder or a hub id")
 
