@@ -1,5 +1,6 @@
 """The 131-run log's training dynamics (issue 13): controlled burn zeroes exactly the smallest
 fraction, mutation noise (period, decay, seed), synaptic scaling back to the initial norms,
+metamorphosis (model.dropout's rate over progress, dropout itself, no recompiles),
 the gradient tricks' arithmetic (canopy light, mycorrhizal, thermal vent), the LR and
 weight-decay multipliers (punctuated equilibrium, predator-prey, the weight-decay ramp), the
 defaults changing nothing, and a micro run with two of them killed and resumed exactly."""
@@ -19,8 +20,9 @@ from underpar.errors import ConfigError, UnderparError
 from underpar.model.config import GPTConfig
 from underpar.model.gpt import build
 from underpar.optim import OptimConfig, build_dynamics, build_optimizers, set_weight_decay
-from underpar.optim.dynamics import ControlledBurn, Mutation, RampWeightDecay, SynapticScaling, block_matrices
+from underpar.optim.dynamics import ControlledBurn, Metamorphosis, Mutation, RampWeightDecay, SynapticScaling, block_matrices
 from underpar.optim.gradient_tricks import CanopyLight, Mycorrhizal, PredatorPrey, PunctuatedEquilibrium, ThermalVent
+from underpar.stages import compiled_graphs
 from underpar.tracks import pretrain as track
 
 from test_pretrain import data_dir, final_losses, micro_config, run_killed_at_step  # noqa: F401  (data_dir is a fixture)
@@ -28,9 +30,9 @@ from test_pretrain import data_dir, final_losses, micro_config, run_killed_at_st
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(layers: int = 4, seed: int = 0) -> torch.nn.Module:
+def tiny(layers: int = 4, seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build(from_dict(GPTConfig, {"vocab_size": 64, "num_layers": layers, "model_dim": 32,
+    return build(from_dict(GPTConfig, {"vocab_size": 64, "num_layers": layers, "model_dim": 32, "dropout": dropout,
                                        "attention": {"num_heads": 2, "num_kv_heads": 1}}))
 
 
@@ -121,6 +123,70 @@ def test_synaptic_scaling_restores_initial_norms_and_leaves_zero_init_matrices()
     assert torch.equal(dict(model.named_parameters())["tok_emb.weight"], moved["tok_emb.weight"])
 
 
+def rates(model) -> list[float]:
+    return [float(block.dropout_rate) for block in model.blocks]
+
+
+def test_metamorphosis_decays_the_dropout_rate_to_zero_over_the_first_half():
+    meta = Metamorphosis()
+    assert [meta.rate(0.1, p) for p in (0.0, 0.25, 0.4, 0.5, 0.75, 1.0)] == pytest.approx([0.1, 0.05, 0.02, 0, 0, 0])
+    assert Metamorphosis(until=0.2).rate(0.3, 0.1) == pytest.approx(0.15)
+    model = tiny(layers=2, dropout=0.1)
+    dyn = dynamics(model, weight_dynamics=meta)
+    assert rates(model) == pytest.approx([0.1, 0.1])  # the first step runs at p0
+    dyn.after_step(0.25)
+    assert rates(model) == pytest.approx([0.05, 0.05])
+    saved = dyn.state_dict()
+    dyn.after_step(0.6)
+    assert rates(model) == [0.0, 0.0]
+    dyn.load_state_dict(saved)  # a resumed run (or the warmup undone) continues at the saved rate
+    assert rates(model) == pytest.approx([0.05, 0.05]) and dyn.steps == 1
+    with pytest.raises(ConfigError, match="decays model.dropout, which is 0 here: set model.dropout"):
+        dynamics(tiny(layers=2), weight_dynamics=meta)
+    with pytest.raises(ConfigError, match="dropout = 1.0 is out of range"):
+        cfglib.validate(from_dict(GPTConfig, {"dropout": 1.0}))
+
+
+def test_dropout_zeroes_about_p_of_the_branch_outputs_in_training_only():
+    block = tiny(layers=1, dropout=0.3).blocks[0]
+    ones = torch.ones(200_000)
+    torch.manual_seed(0)
+    out = block._drop(ones)
+    assert abs((out == 0).float().mean().item() - 0.3) < 0.005
+    assert torch.allclose(out[out != 0], torch.tensor(1 / 0.7))
+    block.dropout_rate.fill_(0.0)
+    assert torch.equal(block._drop(ones), ones)  # rate 0: exactly the identity
+    block.dropout_rate.fill_(0.3)
+    assert torch.equal(block.eval()._drop(ones), ones)  # eval: off
+    # a model with dropout: the same weights as one without (the rate buffer is not saved), the
+    # same eval logits, different training losses; without model.dropout set_dropout is refused
+    with_dropout, without = tiny(layers=2, dropout=0.3), tiny(layers=2)
+    randomize(with_dropout), randomize(without)
+    assert with_dropout.state_dict().keys() == without.state_dict().keys()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(with_dropout.eval()(ids), without.eval()(ids))
+    assert not torch.equal(with_dropout.train()(ids[:, :-1], ids[:, 1:]), without.train()(ids[:, :-1], ids[:, 1:]))
+    with pytest.raises(ConfigError, match="this model has no dropout"):
+        without.set_dropout(0.1)
+
+
+def test_a_compiled_model_changes_its_dropout_rate_without_recompiling():
+    torch._dynamo.reset()
+    model = tiny(layers=1, dropout=0.2)
+    randomize(model)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    before, losses = compiled_graphs(), []
+    for rate in (0.2, 0.1, 0.0):
+        model.set_dropout(rate)
+        loss = compiled(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert compiled_graphs() - before == 1
+    plain = model.eval()(ids[:, :-1], ids[:, 1:]).item()  # eval: no dropout, as at rate 0
+    assert losses[2] == pytest.approx(plain, rel=1e-5) and losses[0] != pytest.approx(plain, rel=1e-3)
+
+
 # ---- gradient tricks
 
 
@@ -202,8 +268,8 @@ def test_weight_decay_ramp_sets_each_groups_decay_from_its_configured_value():
         assert decays == [0.04 * multiplier] + [0.02 * multiplier] * (len(decays) - 1), decays
     with pytest.raises(ConfigError, match="optim.weight_decay_schedule = 'ramp' has no weight decay to scale"):
         cfglib.validate(cfglib.from_dict(OptimConfig, {"weight_decay_schedule": "ramp"}))
-    with pytest.raises(ConfigError, match="choose one of: none, controlled_burn, mutation, synaptic_scaling"):
-        cfglib.from_dict(OptimConfig, {"weight_dynamics": "metamorphosis"})
+    with pytest.raises(ConfigError, match="choose one of: none, controlled_burn, mutation, synaptic_scaling, metamorphosis"):
+        cfglib.from_dict(OptimConfig, {"weight_dynamics": "chrysalis"})
 
 
 def test_defaults_change_nothing_and_stateful_dynamics_refuse_an_old_checkpoint():

@@ -24,7 +24,8 @@ class Block(nn.Module):
     added at once (PaLM / GPT-J). `two_lanes`: the block owns the lane routing scalars that
     `forward_lanes` uses. `attention_passes` > 1 (sequential blocks only): the attention
     sublayer runs that many times, same weights, each pass added to the stream (the 131-run
-    log's attention recycling, U4).
+    log's attention recycling, U4). `dropout` (model.dropout > 0): in training mode every
+    branch output goes through dropout at the rate in the `dropout_rate` buffer (see `_drop`).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class Block(nn.Module):
         parallel: bool = False,
         two_lanes: bool = False,
         attention_passes: int = 1,
+        dropout: bool = False,
     ):
         super().__init__()
         # Creation order fixes the parameter init order (and so the weights a seed gives).
@@ -55,6 +57,18 @@ class Block(nn.Module):
             # [sublayer (attn, mlp)][target lane] weights of each output (init 1).
             self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), 1.1, dtype=torch.float32))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2, dtype=torch.float32))
+        # model.dropout's rate: a tensor the compiled graph reads, so GPT.set_dropout changes it
+        # without a recompile (metamorphosis decays it); not saved with the weights. None: off.
+        self.register_buffer("dropout_rate", torch.zeros(()) if dropout else None, persistent=False)
+
+    def _drop(self, out: Tensor) -> Tensor:
+        """Dropout of a branch output in training mode: each element zeroed with probability
+        p = `dropout_rate`, the others scaled by 1 / (1 - p) (p = 0: exactly `out`); random draws
+        from torch's generator. Off (returned as is) in eval mode and without model.dropout."""
+        if self.dropout_rate is None or not self.training:
+            return out
+        p = self.dropout_rate
+        return out * ((torch.rand_like(out, dtype=torch.float32) >= p) / (1 - p)).to(out.dtype)
 
     def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
         x = norm(x)
@@ -67,14 +81,14 @@ class Block(nn.Module):
 
     def forward(self, x_btd: Tensor, x0_btd: Tensor) -> Tensor:
         x = self._mixed(x_btd, x0_btd)
-        attn_out = self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self._norm(self.attn_norm, x))
+        attn_out = self._drop(self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self._norm(self.attn_norm, x)))
         if self.parallel:
-            mlp_out = self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, x))
+            mlp_out = self._drop(self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, x)))
             return x + attn_out + mlp_out
         x = x + attn_out
         for _ in range(self.attention_passes - 1):
-            x = x + self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self._norm(self.attn_norm, x))
-        return x + self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, x))
+            x = x + self._drop(self.attn_scale.to(x.dtype)[None, None, :] * self.attn(self._norm(self.attn_norm, x)))
+        return x + self._drop(self.mlp_scale.to(x.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, x)))
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0_btd: Tensor) -> tuple[Tensor, Tensor]:
         """One block on two lanes (PR #1529, the record PR #1584's architecture): attention
@@ -87,8 +101,8 @@ class Block(nn.Module):
 
         with r = `parallel_resid_lambdas`, p = `parallel_post_lambdas`."""
         attn_in = self._mixed(lane0, x0_btd)
-        attn_out = self.attn_scale.to(lane0.dtype)[None, None, :] * self.attn(self._norm(self.attn_norm, attn_in))
-        mlp_out = self.mlp_scale.to(lane1.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, lane1))
+        attn_out = self._drop(self.attn_scale.to(lane0.dtype)[None, None, :] * self.attn(self._norm(self.attn_norm, attn_in)))
+        mlp_out = self._drop(self.mlp_scale.to(lane1.dtype)[None, None, :] * self.mlp(self._norm(self.mlp_norm, lane1)))
         resid = self.parallel_resid_lambdas.to(lane0.dtype)
         post = self.parallel_post_lambdas.to(lane0.dtype)
         new0 = resid[0] * lane0 + post[0, 0] * attn_out + post[1, 0] * mlp_out

@@ -1,7 +1,7 @@
 """The GPT's config: the shape fields every part shares (vocab, depth, width) plus one section
 per part, each defined beside its part's code, and the checks that span sections.
 
-    [model]                 vocab_size, num_layers, model_dim
+    [model]                 vocab_size, num_layers, model_dim, dropout (model/block.py)
     [model.embeddings]      tied, tied_init_std, logit_softcap, bos_id, smear_gate,
                             smear_window, bigram_buckets, bigram_dim  (model/embeddings.py)
     [model.attention]       num_heads, num_kv_heads, rope_base, rope_dtype, qk_gain_init,
@@ -40,6 +40,9 @@ class GPTConfig:
     vocab_size: int = bounded(1024, 2)
     num_layers: int = bounded(9, 1)
     model_dim: int = bounded(512, 2)
+    # Dropout on every block's attention and MLP outputs in training (0: none, the baseline's
+    # graph); optim.weight_dynamics = metamorphosis decays it (the log's N6: 0.1 -> 0).
+    dropout: float = bounded(0.0, 0.0, 0.9)
     embeddings: EmbeddingsConfig = nested(EmbeddingsConfig)
     attention: AttentionConfig = nested(AttentionConfig)
     mlp: MLPConfig = nested(MLPConfig)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from underpar.config import validate
+from underpar.errors import ConfigError
 from underpar.kernels.softcap_ce import softcap_cross_entropy
 from underpar.model.block import Block, layer_ln_scale
 from underpar.model.config import GPTConfig
@@ -60,6 +61,8 @@ class GPT(nn.Module):
             block.attn.xsa = cfg.attention.xsa_at(layer)
             if structure.prune_heads_to:
                 block.attn.allow_pruning()
+        if cfg.dropout > 0:
+            self.set_dropout(cfg.dropout)
         # Layer dropout: one 0/1 gate per position, redrawn by `begin_step` (not saved).
         gates = torch.ones(len(self.layout.order)) if structure.layer_dropout > 0 else None
         self.register_buffer("layer_gates", gates, persistent=False)
@@ -89,6 +92,7 @@ class GPT(nn.Module):
             parallel=0 <= res.parallel_start <= layer,
             two_lanes=0 <= res.two_lane_start <= layer,
             attention_passes=cfg.structure.attention_passes,
+            dropout=cfg.dropout > 0,
         )
 
     def stage_switches(self) -> list[Switch]:
@@ -116,6 +120,16 @@ class GPT(nn.Module):
     def _set_pruned(self, on: bool) -> None:
         for block in self.blocks:
             block.attn.prune_heads(self.cfg.structure.prune_heads_to if on else None)
+
+    def set_dropout(self, p: float) -> None:
+        """The rate model.dropout runs at from now on (optim.weight_dynamics = metamorphosis
+        decays it): a fill of the blocks' rate buffers, which the compiled graph reads."""
+        if self.cfg.dropout == 0:
+            raise ConfigError("this model has no dropout (model.dropout = 0); set model.dropout to its starting rate")
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"a dropout rate must be in [0, 1); got {p}")
+        for block in self.blocks:
+            block.dropout_rate.fill_(p)
 
     def begin_step(self, seed: int, step: int) -> None:
         """Before optimizer step `step` (1-based) of a run seeded `seed`: redraw the layer

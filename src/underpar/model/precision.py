@@ -46,6 +46,9 @@ def cast_for_bf16_training(model: nn.Module) -> nn.Module:
     (and so the tied output head). Run the forward under bf16 autocast, as the reference does.
     """
     model.bfloat16()
+    for module in model.modules():  # model.dropout's rate (model/block.py) stays exact
+        if getattr(module, "dropout_rate", None) is not None:
+            module.dropout_rate = module.dropout_rate.float()
     for module in model.modules():
         if isinstance(module, CastedLinear):
             module.float()

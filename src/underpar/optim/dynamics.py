@@ -15,8 +15,8 @@ The log's own code is not public: where it names a number (5% every 50 steps, 0.
 bottom, distance 3, 2-3x on 2 layers, bursts at 25/50/75%) that number is the default; where
 it does not, the docstring says which value was chosen. The log found all of these neutral
 or harmful (phases 2, 4, 5, 9, 17, 18); they are here to rerun its experiments.
-Metamorphosis (dropout decayed to 0 over the first half, N6) is not built: the GPT has no
-dropout, and adding it belongs in the model's forward, not here.
+Metamorphosis (N6) sets the rate of the model's dropout (model.dropout, model/block.py): a
+buffer the compiled graph reads, so the weight-level hooks stay eager and nothing recompiles.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from underpar.config import bounded
-from underpar.errors import UnderparError
+from underpar.errors import ConfigError, UnderparError
 from underpar.optim.groups import is_block_matrix, is_control
 from underpar.registry import Registry
 
@@ -201,6 +201,46 @@ class _Scaling(Hooks):
             raise UnderparError(f"the checkpoint scales {len(state['initial_norms'])} matrices; "
                                 f"this model has {len(self.params)}")
         self.initial_norms = list(state["initial_norms"])
+
+
+@WEIGHT_DYNAMICS.register("metamorphosis")
+@dataclasses.dataclass
+class Metamorphosis:
+    """N6: dropout decayed from model.dropout (the log: 10%, so set model.dropout = 0.1) to 0
+    over the first `until` of training (the log: the first half), linearly, and 0 after:
+    p = p0 * max(0, 1 - progress / until). Each step runs at the rate of the progress the
+    step before it was taken at (the first at p0), set after every optimizer step."""
+
+    until: float = bounded(0.5, 0.01, 1.0)
+
+    def rate(self, p0: float, progress: float) -> float:
+        return p0 * max(0.0, 1.0 - progress / self.until)
+
+    def build(self, model: nn.Module, seed: int) -> Hooks:
+        p0 = getattr(getattr(model, "cfg", None), "dropout", 0.0)
+        if not p0:
+            raise ConfigError("optim.weight_dynamics = 'metamorphosis' decays model.dropout, which is 0 here: "
+                              "set model.dropout to the starting rate (the log's N6: 0.1)")
+        return _Metamorphosis(model, p0, self)
+
+
+class _Metamorphosis(Hooks):
+    def __init__(self, model: nn.Module, p0: float, cfg: Metamorphosis):
+        self.model, self.p0, self.cfg = model, p0, cfg
+        self._set(p0)
+
+    def _set(self, rate: float) -> None:
+        self.current = rate
+        self.model.set_dropout(rate)
+
+    def after_step(self, step: int, progress: float) -> None:
+        self._set(self.cfg.rate(self.p0, progress))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rate": self.current}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._set(float(state["rate"]))
 
 
 # ---- weight-decay schedule
