@@ -349,8 +349,9 @@ def train_and_evaluate(cfg: FinetuneConfig, par: finetune_dist.Parallel, inputs:
 
     # ---- save the full model, evaluate it ------------------------------------------------------
     model.config.use_cache = True
-    full = par.full_state_dict()  # FSDP: the whole model gathered on rank 0 (every rank takes part)
-    if cfg.train.save and tokenizer is not None and main:
+    saving = cfg.train.save and tokenizer is not None
+    full = par.full_state_dict() if saving else None  # FSDP: the whole model gathered on rank 0 (all take part)
+    if saving and main:
         model.save_pretrained(run_dir.file("model"), **({} if full is None else {"state_dict": full}))
         tokenizer.save_pretrained(run_dir.file("model"))
         stage.saved = str(run_dir.file("model"))

@@ -26,6 +26,7 @@ import gc
 import hashlib
 import itertools
 import json
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -93,8 +94,12 @@ class Parallel:
                 gc.freeze()  # what exists now stays; the collections below only scan what is newer
             gc.collect()  # the old wrapper sits in a reference cycle: free its reducer, hooks and buckets now
             device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            self.forward = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=device_ids, broadcast_buffers=False, init_sync=self.wrapped == 0)
+            with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 has only that name
+                warnings.simplefilter("ignore", FutureWarning)
+                # gradients live in DDP's buckets (no second copy of what trains)
+                self.forward = nn.parallel.DistributedDataParallel(
+                    self.model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True,
+                    init_sync=self.wrapped == 0)
             self.wrapped += 1
             reduced = {id(p) for p in self.forward.parameters() if p.requires_grad}
             trains = {id(p) for p in controller.trainable_parameters()}
