@@ -1,10 +1,12 @@
 """The attention techniques of issue 12, each off by default: partial RoPE, NTK-aware and YaRN
 scaling, the sparse/dense output gate, XSA, the QK-gain and softcap bounds, and GQA down to
-MQA; where their parameters go (optimizer, precision); and two combined configs under
+MQA; where their parameters go (optimizer, precision); the speed switches (SDPA kernel,
+expanded K/V, one QKV matmul), which compute the same attention; and combined configs under
 fullgraph compile."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from underpar.config import from_dict, override, validate
 from underpar.errors import ConfigError
-from underpar.model.attention import AttentionConfig, CausalSelfAttention, remove_self_value
+from underpar.model.attention import AttentionConfig, CausalSelfAttention, check_sdpa_backend, remove_self_value
 from underpar.model.attention_gates import head_gates
 from underpar.model.config import GPTConfig
 from underpar.model.gpt import build, num_params
@@ -311,6 +313,53 @@ def test_multi_query_attention_has_one_kv_head():
 
 
 # ---------------------------------------------------------------------------------------
+# speed switches: the SDPA kernel, K/V expanded to every head, one QKV matmul
+
+
+def output_and_grads(attn: CausalSelfAttention, x: torch.Tensor) -> list[torch.Tensor]:
+    attn.zero_grad()
+    y = attn(x)
+    y.square().sum().backward()
+    return [y.detach()] + [p.grad.clone() for p in attn.parameters()]
+
+
+@pytest.mark.parametrize("fields", [{"sdpa_backend": "math"}, {"sdpa_backend": "flash"}, {"expand_kv": True},
+                                    {"fused_qkv": True}, {"sdpa_backend": "math", "expand_kv": True, "fused_qkv": True}])
+def test_speed_switches_compute_the_same_attention_and_gradients(fields):
+    x = inputs()
+    plain, fast = attention(), attention(**fields)
+    fast.load_state_dict(plain.state_dict())
+    for a, b in zip(output_and_grads(plain, x), output_and_grads(fast, x)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # kernels differ in summation order
+    for lin in (plain.c_q, plain.c_k, plain.c_v, fast.c_q, fast.c_k, fast.c_v):  # under QAT too
+        lin.qat_bits = 4
+    torch.testing.assert_close(plain(x), fast(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_qkv_is_one_matmul_in_training_and_the_three_linears_in_eval():
+    attn, x = attention(fused_qkv=True), inputs()
+    calls = []
+    for lin in (attn.c_q, attn.c_k, attn.c_v):
+        lin.register_forward_pre_hook(lambda m, args: calls.append(m))
+    attn(x)
+    assert calls == []  # training: the concatenated weight, not the modules
+    attn.eval()
+    attn(x)
+    assert calls == [attn.c_q, attn.c_k, attn.c_v]  # eval: GPTQ's and TTT's hooks see every input
+
+
+def test_an_sdpa_backend_that_cannot_run_is_a_clear_error():
+    cfg = AttentionConfig()
+    for name in ("auto", "math", "flash"):  # CPU has these
+        check_sdpa_backend(dataclasses.replace(cfg, sdpa_backend=name), 512, CPU, torch.float32)
+    for name in ("cudnn", "efficient"):
+        with pytest.raises(ConfigError, match=f"sdpa_backend = '{name}' cannot run .* on cpu.*CUDA only.*valid: auto"):
+            check_sdpa_backend(dataclasses.replace(cfg, sdpa_backend=name), 512, CPU, torch.float32)
+    with pytest.raises(ConfigError, match="sdpa_backend"):
+        validate(override(from_dict(GPTConfig, TINY), "attention.sdpa_backend=fa3"))
+
+
+# ---------------------------------------------------------------------------------------
 # everything together under fullgraph compile
 
 
@@ -319,13 +368,15 @@ COMBINED = [
     # everywhere + MQA + the records' QK gain
     ["attention.num_kv_heads=1", "attention.rotary_dims=8", "attention.qk_gain_init=5.25",
      "attention.rope_scaling={name = 'yarn', train_seq_len = 8}", "attention.gate=sparse", "attention.xsa=true"],
-    # fixed NTK factor + dense gate + XSA on one layer + GQA
+    # fixed NTK factor + dense gate + XSA on one layer + GQA, with the speed switches (an
+    # sdpa_kernel context inside the graph, K/V expanded, one QKV matmul)
     ["attention.rope_scaling={name = 'ntk', factor = 2.0}", "attention.gate=dense",
-     "attention.gate.init_std=0.01", "attention.xsa=true", "attention.xsa_layers=[0]"],
+     "attention.gate.init_std=0.01", "attention.xsa=true", "attention.xsa_layers=[0]",
+     "attention.sdpa_backend=math", "attention.expand_kv=true", "attention.fused_qkv=true"],
 ]
 
 
-@pytest.mark.parametrize("sets", COMBINED, ids=["yarn-sparse-xsa-mqa", "ntk-dense-xsa1-gqa"])
+@pytest.mark.parametrize("sets", COMBINED, ids=["yarn-sparse-xsa-mqa", "ntk-dense-xsa1-gqa-speed"])
 def test_combined_techniques_compile_fullgraph_and_match_eager(sets):
     torch._dynamo.reset()
     model = tiny(*sets)

@@ -7,22 +7,45 @@ contexts), a learned per-head query gain, and two optional output changes: XSA a
     gate           none | sparse | dense sigmoid gate per head on the output (attention_gates.py)
     xsa            remove each token's own value direction from its output; xsa_layers picks
                    the layers (empty: all, as the records)
+
+Speed switches (the same attention up to float rounding; benchmarks/reference_speed.py):
+
+    sdpa_backend   auto | flash | cudnn | efficient | math: the SDPA kernel (auto: torch's
+                   choice, FlashAttention-2 on Hopper as the reference pins); checked on the run's
+                   device before training (check_sdpa_backend), since cudnn and efficient exist
+                   on CUDA only
+    expand_kv      repeat K/V to every query head before SDPA instead of enable_gqa (the
+                   efficient kernel has no GQA; it may also be faster for another one)
+    fused_qkv      q, k and v from one matmul on the three weights concatenated (in training
+                   mode; evaluation, GPTQ's and TTT's hooks see the three linears)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from underpar.config import bounded, choice, items, variant
 from underpar.errors import ConfigError
 from underpar.model.attention_gates import ATTENTION_GATES, AttentionGate, head_gates, init_gate_weight
 from underpar.model.linear import CastedLinear, rms_norm
+from underpar.quant.qat import fake_quantize_rows
 from underpar.model.rope import ROPE_DTYPES, Rotary, apply_rotary
 from underpar.model.rope_scaling import ROPE_SCALINGS, RopeScaling
+
+# `model.attention.sdpa_backend` -> the one SDPA kernel allowed (None: torch chooses).
+SDPA_BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 @dataclasses.dataclass
@@ -44,6 +67,10 @@ class AttentionConfig:
     xsa: bool = False
     # With xsa: the layers that use it (0-based); empty: every layer.
     xsa_layers: list[int] = items([])
+    # Speed only (module docstring): the SDPA kernel, K/V expanded to every head, one QKV matmul.
+    sdpa_backend: str = choice("auto", SDPA_BACKENDS)
+    expand_kv: bool = False
+    fused_qkv: bool = False
 
     def check_with(self, model_dim: int, num_layers: int) -> None:
         """Checks that need the model's width and depth (called by GPTConfig.check)."""
@@ -81,6 +108,41 @@ class AttentionConfig:
         return self.xsa and (not self.xsa_layers or layer_index in self.xsa_layers)
 
 
+def check_sdpa_backend(cfg: AttentionConfig, model_dim: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, with torch's reasons, an `sdpa_backend` that cannot run this model's attention
+    (its heads, head dim and GQA; forward and backward) on `device` in `dtype`: one tiny call
+    in eager mode, before anything is compiled."""
+    backend = SDPA_BACKENDS[cfg.sdpa_backend]
+    if backend is None:
+        return
+    head_dim = model_dim // cfg.num_heads
+    kv_heads = cfg.num_heads if cfg.expand_kv else cfg.num_kv_heads
+    q = torch.zeros(1, cfg.num_heads, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+    kv = torch.zeros(1, kv_heads, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=kv_heads != cfg.num_heads).sum().backward()
+            return
+        except RuntimeError as err:
+            reasons = [str(w.message).splitlines()[0] for w in caught] or [str(err).splitlines()[0]]
+    if device.type != "cuda" and backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        reasons.insert(0, "that kernel exists on CUDA only")
+    gqa = kv_heads != cfg.num_heads and device.type == "cuda"
+    hint = " With fewer KV heads, model.attention.expand_kv=true may help." if gqa else ""
+    raise ConfigError(
+        f"model.attention.sdpa_backend = '{cfg.sdpa_backend}' cannot run this attention on {device} in {dtype} "
+        f"(torch: {'; '.join(reasons)}).{hint} 'auto' lets torch choose; valid: {', '.join(SDPA_BACKENDS)}"
+    )
+
+
+def casted_weight(linear: CastedLinear, dtype: torch.dtype) -> Tensor:
+    """The weight `linear`'s forward multiplies by: fake-quantized under QAT, cast to `dtype`."""
+    w = linear.weight
+    return (fake_quantize_rows(w, linear.qat_bits) if linear.qat_bits else w).to(dtype)
+
+
 def remove_self_value(y_bhtd: Tensor, v_bktd: Tensor) -> Tensor:
     """XSA: y_i <- y_i - (y_i . v_i / |v_i|^2) v_i per head, where v_i is the token's own value
     in the KV head the query head reads (query head h uses KV head h // (heads / kv_heads), as
@@ -102,6 +164,9 @@ class CausalSelfAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = dim // cfg.num_heads
+        self.sdpa_backend = SDPA_BACKENDS[cfg.sdpa_backend]
+        self.expand_kv = cfg.expand_kv and cfg.num_kv_heads != cfg.num_heads
+        self.fused_qkv = cfg.fused_qkv
         kv_dim = cfg.num_kv_heads * self.head_dim
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_dim)
@@ -143,12 +208,29 @@ class CausalSelfAttention(nn.Module):
         self.head_mask.fill_(1.0).index_fill_(0, dropped.to(self.head_mask.device), 0.0)
         w.view(w.size(0), self.num_heads, self.head_dim).index_fill_(1, dropped.to(w.device), 0.0)
 
+    def _qkv(self, x_btd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, T, *]: three matmuls, or with fused_qkv in training one on the weights
+        concatenated (eval keeps the three, so forward hooks on them still fire)."""
+        if not (self.fused_qkv and self.training):
+            return self.c_q(x_btd), self.c_k(x_btd), self.c_v(x_btd)
+        linears = (self.c_q, self.c_k, self.c_v)
+        w = torch.cat([casted_weight(lin, x_btd.dtype) for lin in linears])
+        return F.linear(x_btd, w).split([lin.out_features for lin in linears], dim=-1)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.expand_kv:
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = k.size(1) != q.size(1)
+        if self.sdpa_backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        with sdpa_kernel([self.sdpa_backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
     def forward(self, x_btd: Tensor) -> Tensor:
         batch, seq_len, dim = x_btd.shape
         # q: [B, heads, T, head_dim]; k, v: [B, kv_heads, T, head_dim]
-        q = self.c_q(x_btd).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        k = self.c_k(x_btd).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        v = self.c_v(x_btd).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.reshape(batch, seq_len, -1, self.head_dim).transpose(1, 2) for t in self._qkv(x_btd))
         q, k = rms_norm(q), rms_norm(k)
         cos, sin = self.rotary(seq_len, x_btd.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -156,9 +238,7 @@ class CausalSelfAttention(nn.Module):
         logit_scale = self.rotary.logit_scale(seq_len)  # a Python float: no branch in the graph
         if logit_scale != 1.0:
             q = q * logit_scale
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        y = self._sdpa(q, k, v)
         if self.xsa:
             y = remove_self_value(y, v)
         if self.attn_gate_w is not None:

@@ -20,6 +20,7 @@ from underpar import dist, ui
 from underpar.data.dataset import PreparedData
 from underpar.errors import ConfigError
 from underpar.eval.bpb import BpbMeter, evaluate_bpb
+from underpar.model.attention import check_sdpa_backend
 from underpar.model.gpt import build, num_params
 from underpar.model.precision import cast_for_bf16_training
 from underpar.optim import (build_averager, build_dynamics, build_optimizers, set_lr, set_muon_momentum, set_muon_progress,
@@ -63,6 +64,7 @@ class Trainer:
         use_bf16 = env.device.type == "cuda"
         if use_bf16:
             cast_for_bf16_training(self.model)
+        check_sdpa_backend(cfg.model.attention, cfg.model.model_dim, env.device, torch.bfloat16 if use_bf16 else torch.float32)
         self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied)
         self.averager = build_averager(self.model, cfg.optim)  # EMA/SWA/LAWA (optim.averaging); no-op by default
         # the log's weight dynamics, gradient tricks and weight-decay schedule; no-ops by default
