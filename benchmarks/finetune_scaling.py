@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--search-layers", type=int, nargs="*", default=[], help="explicit depths instead of the search")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per run")
+    parser.add_argument("--tag", default="", help="prefix of the result file's name (split runs: --only ...)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs = {
@@ -158,7 +159,7 @@ def main() -> None:
             one = next((r for r in rows if r["name"] == row["name"] and r["gpus"] == 1 and r["status"] == "ok"), None)
             if row["status"] == "ok" and row["gpus"] > 1 and one is not None:
                 row["speedup"] = f"{one['ms_per_step'] / row['ms_per_step']:.2f}x"
-        (args.out / f"finetune_scaling-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"finetune_scaling-{args.tag}{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
 
     for name, (sets, warmup) in runs.items():
         if name not in args.only:
