@@ -195,23 +195,24 @@ def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, compile):
 
 @pytest.mark.slow
 def test_scaling_benchmark_runs_each_world_size_and_records_a_failed_one(data_dir, tmp_path):
-    """benchmarks/scaling.py on 1 and 3 gloo processes: 3 cannot split the batch, so it is
-    recorded as failed and the table still has 1. (That 2 processes match 1 is tested above.)"""
+    """benchmarks/scaling.py on 1 and 2 gloo processes at a batch of one micro-batch: 2 cannot
+    split it, so 2 is recorded as failed and the table still has 1. (That 2 processes match 1
+    is tested above.)"""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [sys.executable, os.path.join(root, "benchmarks", "scaling.py"), "pretrain", "--device", "cpu",
-            "--preset", "tiny-cpu", "--gpus", "1", "3", "--steps", "3", "--out", str(tmp_path)]
-    for s in MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}"]:
-        if not s.startswith("train.max_steps"):
+            "--preset", "tiny-cpu", "--gpus", "1", "2", "--steps", "3", "--out", str(tmp_path)]
+    for s in MICRO + ["train.tokens_per_step=512", f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}"]:
+        if not s.startswith(("train.max_steps", "train.tokens_per_step=1024")):
             args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": os.path.join(root, "src")})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "scaling_pretrain-cpu.json").read_text())["rows"]
-    assert [r["gpus"] for r in rows] == [1, 3]
-    one, three = rows
+    assert [r["gpus"] for r in rows] == [1, 2]
+    one, two = rows
     assert one["efficiency"] == 1.0 and one["speedup"] == 1.0 and one["world_size"] == 1 and one["steps"] == 3
-    assert "error" in three and "not divisible" in three["log_tail"]
-    assert (tmp_path / "logs" / "pretrain-3.log").is_file()
+    assert "error" in two and "not divisible" in two["log_tail"]
+    assert (tmp_path / "logs" / "pretrain-2.log").is_file()
 
 
 def test_no_preset_on_a_cpu_runs_tiny_cpu_and_says_so(monkeypatch, capsys):
