@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
 from underpar.config import from_dict, override, validate
 from underpar.errors import ConfigError
@@ -346,6 +348,21 @@ def test_fused_qkv_is_one_matmul_in_training_and_the_three_linears_in_eval():
     attn.eval()
     attn(x)
     assert calls == [attn.c_q, attn.c_k, attn.c_v]  # eval: GPTQ's and TTT's hooks see every input
+
+
+@pytest.mark.parametrize("backend, op", [("math", "aten.bmm"), ("flash", "aten._scaled_dot_product_flash_attention")])
+def test_the_chosen_sdpa_kernel_is_the_one_in_the_compiled_graph(backend, op):
+    targets = []
+
+    def record(gm, _inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention(sdpa_backend=backend), fullgraph=True, backend=aot_autograd(fw_compiler=record))
+    compiled(inputs())
+    assert any(t.startswith(op) for t in targets)
+    assert any("scaled_dot_product" in t for t in targets) == (backend != "math")
 
 
 def test_an_sdpa_backend_that_cannot_run_is_a_clear_error():
