@@ -34,6 +34,8 @@ VARIANTS = {
     "chaos-hoist-identity": ["method=chaos", "method.strategy=hoist", "method.hoist_identity=true"],
     "chaos-hoist-identity-offload": ["method=chaos", "method.strategy=hoist", "method.hoist_identity=true",
                                      "method.optimizer_state=offload"],
+    "chaos-hoist-identity-reset": ["method=chaos", "method.strategy=hoist", "method.hoist_identity=true",
+                                   "method.optimizer_state=reset"],
     "chaos-slice": ["method=chaos", "method.strategy=slice"],
     "chaos-slice-identity": ["method=chaos", "method.strategy=slice", "method.hoist_identity=true"],
     "chaos-slice-identity-offload": ["method=chaos", "method.strategy=slice", "method.hoist_identity=true",
