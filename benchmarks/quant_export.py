@@ -16,8 +16,13 @@ int8_zlib_baseline, (b) qat8 int8_zlib_baseline, (c) plain int6_gptq_best, (d) q
 int6_gptq_lqer_best (and qat6w int6k14_gptq_lqer_best).
 
     PYTHONPATH=src python3 benchmarks/quant_export.py --data .data/builtin_sp1024 --out $OUT
-    PYTHONPATH=src python3 benchmarks/quant_export.py --preset tiny-cpu --seconds 2 --val-tokens 8192 \
-        --calibration-batches 2 --set train.max_steps=0 --out /tmp/q
+    PYTHONPATH=src python3 benchmarks/quant_export.py --preset tiny-cpu --seconds 3 --val-tokens 8192 \
+        --calibration-batches 2 --set model.model_dim=384 --set model.attention.num_heads=6 \
+        --set model.attention.num_kv_heads=3 --set model.num_layers=2 --out /tmp/q
+A CPU check that the QAT stage switches on (tiny matrices, so QAT covers what the export keeps float):
+    PYTHONPATH=src python3 benchmarks/quant_export.py --preset tiny-cpu --seconds 20 --val-tokens 2048 \
+        --set quant.keep_float_max_numel=1000 --set train.tokens_per_step=512 --set train.micro_batch_tokens=512 \
+        --set train.seq_len=64 --runs qat6 --schemes int6_gptq_best --calibration-batches 1 --out /tmp/q
 """
 
 from __future__ import annotations
