@@ -11,10 +11,11 @@ table of both (golf_log_progression.md) and the sweep's report.md.
 --only takes phase/variant keys of the sweep and the groups `progression` (the default) and
 `phase3` (01-regularization/baseline and 03-architecture/U1..U10). Over several GPUs of one
 machine: one process per GPU, each `--worker i/n` with CUDA_VISIBLE_DEVICES=i and the same
---out (they share the run store there and split the entries i, i+n, ...; each writes its own
-JSON tagged w<i>of<n>), then `--merge` those JSONs into one JSON, table and sweep report:
+--out and --runs (they share the run store there and split the entries i, i+n, ...; each
+writes its own JSON tagged w<i>of<n>), then `--merge` those JSONs into one JSON, table and
+sweep report:
 
-    for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python3 benchmarks/golf_log_progression.py --out $OUT \
+    for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python3 benchmarks/golf_log_progression.py --out $OUT --runs /tmp/glp \
         --only phase3 progression --worker $i/2 > $OUT/w$i.log 2>&1 & done; wait
     python3 benchmarks/golf_log_progression.py --out $OUT --merge $OUT/golf_log_progression-*-w*of2.json
 
@@ -60,10 +61,10 @@ GROUPS = {"progression": list(PROGRESSION),
 OPTIONS = ("data", "seconds", "tokens", "compile", "only", "tiny")  # what selects and configures the runs
 
 
-def selection(opts: dict[str, Any], out: Path) -> sweeplib.Sweep:
+def selection(opts: dict[str, Any], runs: Path) -> sweeplib.Sweep:
     """The sweep cut down to the chosen entries, each on the benchmark's settings; a phase
     whose stacked baseline is not among them is judged against its own first entry."""
-    os.environ.update(SWEEP_RUNS=str(out / "runs"), SWEEP_DEVICE="cpu" if opts["tiny"] else "cuda", SWEEP_DATA=opts["data"],
+    os.environ.update(SWEEP_RUNS=str(runs), SWEEP_DEVICE="cpu" if opts["tiny"] else "cuda", SWEEP_DATA=opts["data"],
                       SWEEP_SECONDS=str(opts["seconds"]), SWEEP_TOKENS=str(opts["tokens"]))
     plan = sweeplib.load(SWEEP)
     known = {f"{j.phase}/{j.variant}" for j in plan.jobs}
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: a quarter width, 3 steps")
     parser.add_argument("--worker", default="0/1", help="i/n: this process runs entries i, i+n, ... (one process per GPU)")
     parser.add_argument("--tag", default=None, help="suffix of the JSON's name (default: w<i>of<n> with --worker)")
+    parser.add_argument("--runs", default=None, help="runs root and store shared by the workers (default: OUT/runs; "
+                        "a folder outside OUT keeps the run directories, ~12 MB each, out of what comes back)")
     parser.add_argument("--merge", nargs="+", default=None, help="JSONs of the workers: one JSON, table and report")
     args = parser.parse_args()
     out = Path(args.out)
@@ -164,8 +167,8 @@ def main() -> None:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         if len({json.dumps(p["options"], sort_keys=True) for p in parts}) != 1:
             raise SystemExit("--merge: the JSONs were run with different options: " + "; ".join(str(p["options"]) for p in parts))
-        opts, tag = parts[0]["options"], None
-        plan = selection(opts, out)  # the shared store under --out holds every worker's runs
+        opts, tag, runs = parts[0]["options"], None, Path(args.runs or parts[0]["runs"])
+        plan = selection(opts, runs)  # the shared store holds every worker's runs
         order = [f"{j.phase}/{j.variant}" for j in plan.jobs]
         rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: order.index(r["entry"]))
         tally = {k: sum(p["tally"].get(k, 0) for p in parts) for k in parts[0]["tally"]}
@@ -174,7 +177,8 @@ def main() -> None:
         opts = {k: getattr(args, k) for k in OPTIONS}
         worker = sweeplib.parse_worker(args.worker)
         tag = args.tag or (f"w{worker[0]}of{worker[1]}" if worker[1] > 1 else None)
-        plan = selection(opts, out)
+        runs = Path(args.runs or out / "runs")
+        plan = selection(opts, runs)
         tally = sweeplib.run_sweep(plan, worker=worker, say=lambda line: print(line, flush=True))
         mine = [job for i, job in enumerate(plan.jobs) if i % worker[1] == worker[0]]
         rows = rows_of(plan, mine)
@@ -185,7 +189,7 @@ def main() -> None:
         (out / "golf_log_progression.md").write_text(table(rows))
         extra["report"] = str(reportlib.write(plan, out / "report"))
         print(table(rows), flush=True)
-    record = {"benchmark": "golf_log_progression", "sweep": SWEEP.name, "options": opts, "tally": tally,
+    record = {"benchmark": "golf_log_progression", "sweep": SWEEP.name, "options": opts, "runs": str(runs.resolve()), "tally": tally,
               "wall_seconds": time.perf_counter() - started, **extra, "rows": rows, **environment()}
     name = f"golf_log_progression-{device_tag()}" + (f"-{tag}" if tag else "")
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
