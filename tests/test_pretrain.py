@@ -173,22 +173,33 @@ def test_bad_batch_geometry_is_a_config_error(data_dir, tmp_path):
         micro_config(data_dir, tmp_path, "train.tokens_per_step=1000")
 
 
+def torchrun_sets(data_dir):
+    return MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}", "train.checkpoint_every_steps=0", "train.max_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def single(data_dir, tmp_path_factory):
+    """The one-process eager run both torchrun tests compare with."""
+    return track.run(cfglib.resolve("pretrain", "tiny-cpu", torchrun_sets(data_dir) + [f"train.runs_root={tmp_path_factory.mktemp('one')}"]))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun missing")
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_two_process_torchrun_matches_one_process(data_dir, tmp_path, compile):
-    """Also compiled: DDP must wrap the compiled model (dynamo cannot trace DDP's forward)."""
-    sets = MICRO + [f"data.path={data_dir / 'corpus'}", f"data.out={data_dir / 'prepared'}", "train.checkpoint_every_steps=0", "train.max_steps=4"]
-    single = track.run(cfglib.resolve("pretrain", "tiny-cpu", sets + [f"train.runs_root={tmp_path / 'one'}"]))
+def test_two_process_torchrun_matches_one_process(data_dir, single, tmp_path, compile):
+    """Also compiled: DDP must wrap the compiled model (dynamo cannot trace DDP's forward); on
+    the aot_eager backend, as the in-process compile tests (inductor: test_model)."""
+    sets = torchrun_sets(data_dir)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "underpar", "pretrain", "--preset", "tiny-cpu"]
+    cli = ["-m", "underpar"] if not compile else [os.path.join(os.path.dirname(__file__), "aot_eager_cli.py")]
+    args = [torchrun, "--standalone", "--nproc_per_node=2", *cli, "pretrain", "--preset", "tiny-cpu"]
     for s in sets + [f"train.runs_root={tmp_path / 'two'}", "train.micro_batch_tokens=512", f"train.compile={str(compile).lower()}"]:
         args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     (two_dir,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]
     two = json.loads((two_dir / "summary.json").read_text())
-    assert two["world_size"] == 2 and two["steps"] == 4
+    assert two["world_size"] == 2 and two["steps"] == 4 and (two["compiled_graphs"] > 0) == compile
     assert final_losses(two_dir) == pytest.approx(final_losses(single.run_dir), rel=2e-3)
     assert two["val_bpb"] == pytest.approx(single.val_bpb, rel=2e-3)
 
