@@ -143,6 +143,9 @@ def test_metamorphosis_decays_the_dropout_rate_to_zero_over_the_first_half():
     assert rates(model) == pytest.approx([0.05, 0.05]) and dyn.steps == 1
     with pytest.raises(ConfigError, match="decays model.dropout, which is 0 here: set model.dropout"):
         dynamics(tiny(layers=2), weight_dynamics=meta)
+    with pytest.raises(ConfigError, match="decays model.dropout, which is 0 here"):  # refused with the config
+        cfglib.resolve("pretrain", "tiny-cpu", ["optim.weight_dynamics=metamorphosis"])
+    cfglib.resolve("pretrain", "tiny-cpu", ["optim.weight_dynamics=metamorphosis", "model.dropout=0.1"])
     with pytest.raises(ConfigError, match="dropout = 1.0 is out of range"):
         cfglib.validate(from_dict(GPTConfig, {"dropout": 1.0}))
 

@@ -31,6 +31,7 @@ from underpar.model.config import GPTConfig
 from underpar.model.gpt import num_params
 from underpar.model.precision import CONTROL_PATTERNS
 from underpar.optim import OptimConfig, muon_momentum_at
+from underpar.optim.dynamics import Metamorphosis
 from underpar.quant import artifact
 from underpar.quant.calibrate import Calibration, gptq_quantize
 from underpar.quant.config import QuantConfig
@@ -91,6 +92,9 @@ class PretrainConfig:
         if cap and reserve >= cap:
             raise ConfigError(f"quant.gptq_reserve_seconds = {reserve:g} leaves no training time under "
                               f"train.max_wallclock_seconds = {cap:g}")
+        if isinstance(self.optim.weight_dynamics, Metamorphosis) and not self.model.dropout:
+            raise ConfigError("optim.weight_dynamics = 'metamorphosis' decays model.dropout, which is 0 here: "
+                              "set model.dropout to the starting rate (the log's N6: 0.1)")
         if self.model.vocab_size < self.data.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {self.model.vocab_size} is smaller than data.vocab_size = {self.data.vocab_size}"
