@@ -48,7 +48,7 @@ def launch(nproc: int, track: str, preset: str, sets: list[str], runs_root: Path
     """Run `underpar <track>` on nproc ranks; its summary.json, or {"error": log tail}."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "underpar", track, "--preset", preset]
-    for s in sets + [f"{'train.' if track == 'pretrain' else ''}runs_root={runs_root}"]:
+    for s in sets + [f"{'' if track == 'randopt' else 'train.'}runs_root={runs_root}"]:
         cmd += ["--set", s]
     env = {**os.environ, **NO_MULTICAST}
     if not torch.cuda.is_available():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
@@ -182,6 +183,8 @@ def finetune(
     shortcuts = [f"{key}={value}" for key, value in (("method", method), ("model.name", model), ("data.task", task)) if value]
     cfg = cfglib.resolve("finetune", preset, shortcuts + (sets or []))
     summary = track.run(cfg)
+    if int(os.environ.get("RANK", 0)):  # under torchrun rank 0 alone reports
+        return
     typer.echo(f"\n{summary.method}: {summary.steps} step{'s' * (summary.steps != 1)}, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
                f"{summary.median_ms_per_step:.0f} ms/step")
     for name, result in summary.eval.items():
