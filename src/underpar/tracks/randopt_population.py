@@ -12,11 +12,15 @@ materialized variant against the stacked one on SmolLM2's layer shapes.
 
 The forward is written out for Llama-family models (Llama, Qwen2, Mistral without a sliding
 window: RMSNorm, rotary positions from the model's own rotary module, grouped-query attention,
-gated MLP; optional q/k/v biases, tied or untied head). The KV cache is static, one (P x rows,
-kv_heads, max_len, head_dim) tensor per layer; on CUDA each decode step is captured as a CUDA
-graph per attention length bucket (multiples of 64 slots), so early steps read a short cache.
-Shapes depend only on (P, rows, max_len), never on which candidates are decoded, so a
-candidate's tokens do not depend on its population slot or its neighbours (tested on CPU).
+gated MLP; optional q/k/v biases, tied or untied head); the forward and the attention kernels
+are in randopt_population_forward.py. The KV cache is static, one (rows x P, kv_heads, max_len,
+head_dim) tensor per layer; on CUDA each decode step is captured as a CUDA graph per attention
+length bucket (multiples of `bucket` slots), so early steps read a short cache. Prompts are
+decoded longest first and the rows of a batch form `groups` groups, each reading the cache from
+its longest prompt's first slot: the left padding of shorter prompts is mostly not read.
+Shapes depend only on (P, rows, max_len) and the batch's prompt lengths, never on which
+candidates are decoded, so a candidate's tokens do not depend on its population slot or its
+neighbours (tested on CPU).
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ from torch import Tensor
 
 from underpar.errors import ConfigError
 from underpar.eval.generate import (
-    LENGTH_BUCKET, Completion, DecodeConfig, GenerationStats, _finish, _has_stop, _left_pad, _pick, _positions,
-    eos_ids_of,
+    Completion, DecodeConfig, GenerationStats, _finish, _has_stop, _left_pad, _pick, _positions, eos_ids_of,
 )
 from underpar.kernels.perturb import Terms
 from underpar.kernels.perturb_space import PerturbSpace
+from underpar.tracks.randopt_population_forward import Group, PopulationForward, additive, attention_of
 from underpar.tracks.randopt_search import PromptSet, score_texts
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
+ALIGN = 16  # cache slices start and masks are as wide as multiples of this (the CUDA kernels' alignment)
 
 
 def check_model(model: Any, space: PerturbSpace) -> None:
@@ -57,11 +62,19 @@ def check_model(model: Any, space: PerturbSpace) -> None:
         raise ConfigError("decode.population > 1 needs every perturbed tensor in one dtype on one device")
 
 
-class PopulationDecoder:
-    """Static caches, stacked weights and the decode step for `size` candidates x `rows` prompts."""
+class PopulationDecoder(PopulationForward):
+    """Static caches, stacked weights and the decode step for `size` candidates x `rows` prompts.
+    attention: a registered kernel (randopt_population_forward.ATTENTION); groups: row groups
+    with their own first cache slot; bucket: decode steps read the cache up to a multiple of it."""
 
-    def __init__(self, model: Any, space: PerturbSpace, size: int, rows: int, max_len: int, graphs: bool = True):
+    def __init__(self, model: Any, space: PerturbSpace, size: int, rows: int, max_len: int, graphs: bool = True,
+                 attention: str = "sdpa", groups: int = 4, bucket: int = 16):
         check_model(model, space)
+        if groups < 1 or bucket < ALIGN or bucket % ALIGN:
+            raise ConfigError(f"population decoder: groups ({groups}) must be >= 1 and bucket ({bucket}) "
+                              f"a multiple of {ALIGN}")
+        self.attend, self.attention = attention_of(attention), attention
+        self.groups, self.bucket = min(groups, rows), bucket
         c = model.config
         self.model, self.space = model, space
         self.size, self.rows, self.max_len = size, rows, max_len
@@ -98,7 +111,8 @@ class PopulationDecoder:
         self.pad_id = 0
         self._stops: tuple = ()
         self.graphs_on = graphs and self.device.type == "cuda"
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
+        self._starts: tuple[int, ...] = ()  # each row group's first cache slot (set per batch)
 
     # ------------------------------------------------------------------ weights
 
@@ -113,77 +127,24 @@ class PopulationDecoder:
                 terms = population[min(c, len(population) - 1)]
                 self.space.write(self.stacked[c], list(terms or []), backend)
 
-    # ------------------------------------------------------------------ the forward
-
-    def _linear(self, x_pnd: Tensor, name: str) -> Tensor:
-        y = torch.bmm(x_pnd, self.weights[name + ".weight"].transpose(1, 2))
-        bias = self.weights.get(name + ".bias")
-        return y if bias is None else y + bias[:, None, :]
-
-    def _norm(self, x_pnd: Tensor, name: str) -> Tensor:
-        """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order); one fused
-        normalization instead of HF's five elementwise passes (a launch-bound step counts them)."""
-        h = F.rms_norm(x_pnd.float(), (x_pnd.shape[-1],), eps=self.eps)
-        return self.weights[name + ".weight"][:, None, :] * h.to(x_pnd.dtype)
-
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def _forward(self, ids_pbt: Tensor, pos_bt: Tensor, allowed_btl: Tensor, start: int | Tensor,
-                 length: int) -> Tensor:
-        """Logits [P, B, V] of the last position. Tokens sit at cache slots start..start+T-1
-        (an int in prefill, a 0-dim tensor when decoding); attention reads slots [0, length)."""
-        P, B, T = ids_pbt.shape
-        H, G, D = self.heads, self.kv_heads, self.head_dim
-        rep = H // G
-        emb = self.weights["model.embed_tokens.weight"]
-        x = emb[torch.arange(P, device=ids_pbt.device)[:, None, None], ids_pbt].view(P, B * T, -1)
-        cos, sin = self.rotary(x, pos_bt)  # [B, T, D] in the model dtype, as HF computes them
-        cos, sin = cos[None, :, :, None, :], sin[None, :, :, None, :]
-        masked = ~allowed_btl[None, :, None, None, :, :]  # [1, B, 1, 1, T, L]
-        scale = D ** -0.5
-        for i in range(self.layers):
-            p = f"model.layers.{i}."
-            h = self._norm(x, p + "input_layernorm")
-            q = self._rope(self._linear(h, p + "self_attn.q_proj").view(P, B, T, H, D), cos, sin)
-            k = self._rope(self._linear(h, p + "self_attn.k_proj").view(P, B, T, G, D), cos, sin)
-            v = self._linear(h, p + "self_attn.v_proj").view(P, B, T, G, D)
-            k = k.permute(0, 1, 3, 2, 4).reshape(P * B, G, T, D)
-            v = v.permute(0, 1, 3, 2, 4).reshape(P * B, G, T, D)
-            if isinstance(start, int):
-                self.k_cache[i][:, :, start:start + T] = k
-                self.v_cache[i][:, :, start:start + T] = v
-            else:
-                self.k_cache[i].index_copy_(2, start.view(1), k)
-                self.v_cache[i].index_copy_(2, start.view(1), v)
-            keys, values = self.k_cache[i][:, :, :length], self.v_cache[i][:, :, :length]
-            # query heads g*rep .. g*rep+rep-1 share kv head g: group them, read K and V once
-            q = q.view(P, B, T, G, rep, D).permute(0, 1, 3, 4, 2, 5).reshape(P * B, G, rep * T, D)
-            scores = (q @ keys.transpose(-1, -2)) * scale
-            scores = scores.view(P, B, G, rep, T, length).masked_fill(masked, torch.finfo(scores.dtype).min)
-            attn = scores.view(P * B, G, rep * T, length).softmax(-1, dtype=torch.float32).to(q.dtype) @ values
-            attn = attn.view(P, B, G, rep, T, D).permute(0, 1, 4, 2, 3, 5).reshape(P, B * T, H * D)
-            x = x + self._linear(attn, p + "self_attn.o_proj")
-            h = self._norm(x, p + "post_attention_layernorm")
-            gated = self.act(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj")
-            x = x + self._linear(gated, p + "mlp.down_proj")
-        last = self._norm(x.view(P, B, T, -1)[:, :, -1], "model.norm")
-        return torch.bmm(last, self.head.transpose(1, 2))
-
     def _step(self, length: int) -> tuple[Tensor, Tensor]:
         """One decode step from the static inputs (tok, pos, slot, finished); no input is
         written, so running it again (graph warm-up, capture) changes nothing."""
+        P, B = self.size, self.rows
         L = torch.arange(length, device=self.device)
-        allowed = (self.valid_bl[:, :length] & (L <= self.slot))[:, None, :]  # [B, 1, L]
-        logits = self._forward(self.tok_pb[:, :, None], self.pos_b[:, None], allowed, self.slot, length)
+        mask = additive(self.valid_bl[:, :length] & (L <= self.slot), self.dtype)  # [B, L]
+        mask = mask[:, None, :].expand(B, P, length).reshape(B * P, 1, 1, length)
+        rows = -(-B // self.groups)
+        groups = [(b, min(b + rows, B), s, mask[b * P:min(b + rows, B) * P, :, :, s:])
+                  for b, s in zip(range(0, B, rows), self._starts)]
+        logits = self._forward(self.tok_pb[:, :, None], self.pos_b[:, None], groups, self.slot, length)
         return _pick(logits, self.finished_pb, self.eos_t, self.pad_id)
 
     def _replay(self, length: int) -> tuple[Tensor, Tensor]:
         if not self.graphs_on:
             return self._step(length)
-        if length not in self._graphs:
+        key = (length, self._starts)
+        if key not in self._graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -192,10 +153,28 @@ class PopulationDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 outputs = self._step(length)
-            self._graphs[length] = (graph, outputs)
-        graph, outputs = self._graphs[length]
+            self._graphs[key] = (graph, outputs)
+        graph, outputs = self._graphs[key]
         graph.replay()
         return outputs
+
+    def _prefill(self, ids_bw: Tensor, mask_bw: Tensor) -> Tensor:
+        """Logits [P, B, V] after the prompts; each prompt row attends alone (its mask broadcast
+        over the P candidates), pad queries see themselves (no NaN)."""
+        P, B, W = self.size, self.rows, ids_bw.shape[1]
+        slots = torch.arange(W, device=self.device)
+        allowed = mask_bw[:, None, :] & (slots[None, :, None] >= slots[None, None, :])
+        allowed |= torch.eye(W, dtype=torch.bool, device=self.device)
+        rep = self.heads // self.kv_heads  # query rows ordered (head in group, position)
+        mask = additive(allowed, self.dtype)[:, None].expand(B, rep, W, W).reshape(B, 1, rep * W, W)
+        groups: list[Group] = [(b, b + 1, 0, mask[b:b + 1]) for b in range(B)]
+        return self._forward(ids_bw.expand(P, B, W), _positions(mask_bw), groups, 0, W)
+
+    def _group_starts(self, mask_bw: Tensor) -> tuple[int, ...]:
+        """Each row group's first cache slot: its longest prompt's first, rounded down to ALIGN."""
+        first = (mask_bw.shape[1] - mask_bw.sum(-1)).tolist()
+        rows = -(-self.rows // self.groups)
+        return tuple(min(first[b:b + rows]) // ALIGN * ALIGN for b in range(0, self.rows, rows))
 
     # ------------------------------------------------------------------ decoding one batch
 
@@ -210,10 +189,8 @@ class PopulationDecoder:
             self.eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=self.device)
         self.valid_bl.fill_(True)
         self.valid_bl[:, :W] = mask_bw
-        slots = torch.arange(W, device=self.device)
-        allowed = self.valid_bl[:, None, :W] & (slots[None, :, None] >= slots[None, None, :])
-        allowed |= torch.eye(W, dtype=torch.bool, device=self.device)  # pad queries see themselves: no NaN
-        logits = self._forward(ids_bw.expand(P, B, W), _positions(mask_bw), allowed, 0, W)
+        self._starts = self._group_starts(mask_bw)
+        logits = self._prefill(ids_bw, mask_bw)
         tok, finished = _pick(logits, torch.zeros((P, B), dtype=torch.bool, device=self.device), self.eos_t, pad_id)
         self.tok_pb.copy_(tok)
         self.finished_pb.copy_(finished)
@@ -230,7 +207,7 @@ class PopulationDecoder:
                 if bool(self.finished_pb.all()):
                     break
             self.slot.fill_(W + done - 1)  # the previous token's slot
-            length = min(self.max_len, -(-(W + done) // LENGTH_BUCKET) * LENGTH_BUCKET)
+            length = min(self.max_len, -(-(W + done) // self.bucket) * self.bucket)
             tok, finished = self._replay(length)
             out[:, :, done] = tok
             self.tok_pb.copy_(tok)
@@ -244,24 +221,26 @@ def generate_population(decoder: PopulationDecoder, tokenizer: Any, population: 
                         prompts: Sequence[Sequence[int]], cfg: DecodeConfig, backend: str = "auto",
                         stats: GenerationStats | None = None) -> list[list[Completion]]:
     """Greedy completions [candidate][prompt] of each (seed, sigma) combination in `population`
-    (None = the base model), decoded together in batches of `decoder.rows` prompts; a short
-    last batch is filled with copies of its first prompt (dropped afterwards)."""
+    (None = the base model), decoded together in batches of `decoder.rows` prompts, longest
+    first; a short last batch is filled with copies of its first prompt (dropped afterwards)."""
     start = time.perf_counter()
     model = decoder.model
     eos = eos_ids_of(model, tokenizer)
     pad_id = next(i for i in (tokenizer.pad_token_id, *eos, 0) if i is not None)
     prompts = [list(map(int, p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     decoder.load(population, backend)
-    results: list[list[Completion]] = [[] for _ in population]
+    results: list[list[Completion]] = [[None] * len(prompts) for _ in population]  # type: ignore[list-item]
     with torch.no_grad():
         for b in range(0, len(prompts), decoder.rows):
-            batch = prompts[b:b + decoder.rows]
-            real = len(batch)
-            batch += [batch[0]] * (decoder.rows - real)
+            idx = order[b:b + decoder.rows]
+            batch = [prompts[i] for i in idx]
+            batch += [batch[0]] * (decoder.rows - len(idx))
             ids, mask = _left_pad(batch, pad_id, decoder.device)
             tokens = decoder.decode(ids, mask, eos, pad_id, cfg, tokenizer).tolist()
             for c in range(len(population)):
-                results[c] += [_finish(gen, eos, cfg.stop_strings, tokenizer) for gen in tokens[c][:real]]
+                for r, i in enumerate(idx):
+                    results[c][i] = _finish(tokens[c][r], eos, cfg.stop_strings, tokenizer)
             if stats is not None:
                 stats.batches += 1
                 stats.decode_steps += len(tokens[0][0]) - 1
@@ -277,13 +256,16 @@ def generate_population(decoder: PopulationDecoder, tokenizer: Any, population: 
 class PopulationScorer:
     """RandOpt's answerer for whole chunks of candidates: every prompt set is padded to `rows`
     prompts (copies of its first, dropped afterwards) like `Answerer`, so one decoder serves
-    every set; its cache fits the longest prompt of `sets` plus `decode.max_new_tokens`."""
+    every set; its cache fits the longest prompt of `sets` plus `decode.max_new_tokens`.
+    attention, groups, bucket: `PopulationDecoder`'s."""
 
     def __init__(self, model: Any, tokenizer: Any, space: PerturbSpace, decode: DecodeConfig, rows: int,
-                 size: int, backend: str, sets: Sequence[PromptSet]):
+                 size: int, backend: str, sets: Sequence[PromptSet], attention: str = "sdpa", groups: int = 4,
+                 bucket: int = 16):
         longest = max(len(ids) for s in sets for ids in s.ids)
-        max_len = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET + decode.max_new_tokens
-        self.decoder = PopulationDecoder(model, space, size, rows, max_len, graphs=decode.compile)
+        max_len = -(-(longest + decode.max_new_tokens) // ALIGN) * ALIGN
+        self.decoder = PopulationDecoder(model, space, size, rows, max_len, graphs=decode.compile,
+                                         attention=attention, groups=groups, bucket=bucket)
         self.tokenizer, self.decode, self.backend, self.rows, self.size = tokenizer, decode, backend, rows, size
 
     def texts(self, population: Sequence[tuple[int, float]], prompts: PromptSet,

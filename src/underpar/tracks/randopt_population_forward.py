@@ -1,0 +1,142 @@
+"""The population engine's forward (randopt_population.py): a Llama-family model for P candidates
+with stacked weights, and the attention kernels it can use over the static KV cache.
+
+Cache layout: one (B x P, kv_heads, max_len, head_dim) tensor per layer, row b * P + p holding
+prompt b of candidate p, so the rows of a group of prompts are contiguous for all candidates.
+Query heads g*rep .. g*rep+rep-1 share kv head g: they are grouped as rep query rows of kv head g,
+so K and V are read once per kv head ([rows, G, rep*T, D] against [rows, G, L, D]).
+
+Attention over a group of prompt rows reads only the cache slots [start, length) of that group:
+with rows sorted by prompt length (generate_population does), the left padding of the shorter
+prompts is not read. Masks are additive (0 where allowed, -inf elsewhere) in the model's dtype,
+broadcast over the candidates of one prompt row (prefill) or materialized per row (decode).
+
+Attention kernels, a registered choice (`decode.population_attention`):
+- "matmul": scores = q k^T * scale + mask, softmax in fp32, @ V (scores materialized per layer);
+- "sdpa": F.scaled_dot_product_attention with the additive mask (on CUDA the memory-efficient
+  kernel: no materialized scores, K and V streamed once; capturable in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from underpar.errors import ConfigError
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ATTENTION: dict[str, AttentionFn] = {}
+
+
+def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
+    def add(fn: AttentionFn) -> AttentionFn:
+        ATTENTION[name] = fn
+        return fn
+    return add
+
+
+def attention_of(name: str) -> AttentionFn:
+    if name not in ATTENTION:
+        raise ConfigError(f"decode.population_attention={name!r} is not one of {', '.join(ATTENTION)}")
+    return ATTENTION[name]
+
+
+@register_attention("matmul")
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [n, G, M, D], k/v [n, G, L, D], mask broadcastable to [n, 1, M, L] -> [n, G, M, D]."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@register_attention("sdpa")
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where `allowed`, -inf elsewhere, in `dtype`."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.tensor(float("-inf"), dtype=dtype, device=allowed.device))
+
+
+# a group of prompt rows: (first row, end row, first cache slot read, its mask [rows?, 1, M, L])
+Group = tuple[int, int, int, Tensor]
+
+
+class PopulationForward:
+    """The forward of `PopulationDecoder` (which sets the attributes used here)."""
+
+    size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    weights: dict[str, Tensor]
+    head: Tensor
+    k_cache: list[Tensor]
+    v_cache: list[Tensor]
+    attend: AttentionFn
+    act: Callable[[Tensor], Tensor]
+    rotary: torch.nn.Module
+
+    def _linear(self, x_pnd: Tensor, name: str) -> Tensor:
+        y = torch.bmm(x_pnd, self.weights[name + ".weight"].transpose(1, 2))
+        bias = self.weights.get(name + ".bias")
+        return y if bias is None else y + bias[:, None, :]
+
+    def _norm(self, x_pnd: Tensor, name: str) -> Tensor:
+        """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order); one fused
+        normalization instead of HF's five elementwise passes (a launch-bound step counts them)."""
+        h = F.rms_norm(x_pnd.float(), (x_pnd.shape[-1],), eps=self.eps)
+        return self.weights[name + ".weight"][:, None, :] * h.to(x_pnd.dtype)
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _attention(self, i: int, q: Tensor, groups: Sequence[Group], length: int) -> Tensor:
+        P = self.size
+        outs = [self.attend(q[b0 * P:b1 * P], self.k_cache[i][b0 * P:b1 * P, :, s:length],
+                            self.v_cache[i][b0 * P:b1 * P, :, s:length], mask) for b0, b1, s, mask in groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _forward(self, ids_pbt: Tensor, pos_bt: Tensor, groups: Sequence[Group], start: int | Tensor,
+                 length: int) -> Tensor:
+        """Logits [P, B, V] of the last position. Tokens sit at cache slots start..start+T-1
+        (an int in prefill, a 0-dim tensor when decoding); attention reads slots [s, length) of
+        each group's rows."""
+        P, B, T = ids_pbt.shape
+        H, G, D = self.heads, self.kv_heads, self.head_dim
+        rep = H // G
+        emb = self.weights["model.embed_tokens.weight"]
+        x = emb[torch.arange(P, device=ids_pbt.device)[:, None, None], ids_pbt].view(P, B * T, -1)
+        cos, sin = self.rotary(x, pos_bt)  # [B, T, D] in the model dtype, as HF computes them
+        cos, sin = cos[None, :, :, None, :], sin[None, :, :, None, :]
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            h = self._norm(x, p + "input_layernorm")
+            q = self._rope(self._linear(h, p + "self_attn.q_proj").view(P, B, T, H, D), cos, sin)
+            k = self._rope(self._linear(h, p + "self_attn.k_proj").view(P, B, T, G, D), cos, sin)
+            v = self._linear(h, p + "self_attn.v_proj").view(P, B, T, G, D)
+            k = k.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
+            v = v.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
+            if isinstance(start, int):
+                self.k_cache[i][:, :, start:start + T] = k
+                self.v_cache[i][:, :, start:start + T] = v
+            else:
+                self.k_cache[i].index_copy_(2, start.view(1), k)
+                self.v_cache[i].index_copy_(2, start.view(1), v)
+            q = q.view(P, B, T, G, rep, D).permute(1, 0, 3, 4, 2, 5).reshape(B * P, G, rep * T, D)
+            attn = self._attention(i, q, groups, length)
+            attn = attn.view(B, P, G, rep, T, D).permute(1, 0, 4, 2, 3, 5).reshape(P, B * T, H * D)
+            x = x + self._linear(attn, p + "self_attn.o_proj")
+            h = self._norm(x, p + "post_attention_layernorm")
+            gated = self.act(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj")
+            x = x + self._linear(gated, p + "mlp.down_proj")
+        last = self._norm(x.view(P, B, T, -1)[:, :, -1], "model.norm")
+        return torch.bmm(last, self.head.transpose(1, 2))

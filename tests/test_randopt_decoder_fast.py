@@ -1,0 +1,64 @@
+"""The population engine's speed paths (tracks/randopt_population_forward.py): every registered
+attention kernel, row groups that skip the left padding of shorter prompts and fine length
+buckets give, in fp32 on a CPU, the same tokens as one candidate at a time through `generate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_generate import make_model, make_tokenizer  # noqa: E402
+from underpar.errors import ConfigError  # noqa: E402
+from underpar.eval.generate import DecodeConfig, generate  # noqa: E402
+from underpar.kernels.perturb_space import PerturbSpace  # noqa: E402
+from underpar.tracks.randopt_population import PopulationDecoder, generate_population  # noqa: E402
+from underpar.tracks.randopt_population_forward import ATTENTION  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
+
+# lengths 40, 3, 35, 2 (unsorted): sorted longest first into 2 groups of 2, the second group's
+# prompts start at slot 37 of 40, so it reads the cache from slot 32
+PROMPTS = [[(7 * i + 3) % 120 + 1 for i in range(40)], [5, 17, 33], [(5 * i + 2) % 120 + 1 for i in range(35)],
+           [44, 9]]
+POPULATION = [[(11, 0.05)], None, [(3, 0.05), (9, 0.05)]]
+NEW = 21  # past the first 16-slot bucket of the decode steps
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_model("qwen2")  # q/k/v biases
+    space = PerturbSpace(model)
+    tokenizer = make_tokenizer(eos=None)
+    cfg = DecodeConfig(max_new_tokens=NEW, batch_size=len(PROMPTS), engine="static")
+    reference = []
+    for terms in POPULATION:  # one candidate at a time: switch the live weights, decode
+        space.apply_combination(terms) if terms else space.restore()
+        reference.append([c.token_ids for c in generate(model, tokenizer, PROMPTS, cfg)])
+    space.restore()
+    assert len({str(r) for r in reference}) == len(POPULATION)  # the candidates do differ
+    return model, space, tokenizer, cfg, reference
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTION))
+@pytest.mark.parametrize("groups,bucket", [(1, 64), (2, 16)])
+def test_attention_groups_and_buckets_equal_one_candidate_at_a_time(setup, attention, groups, bucket):
+    model, space, tokenizer, cfg, reference = setup
+    decoder = PopulationDecoder(model, space, size=3, rows=4, max_len=64 + 16, attention=attention,
+                                groups=groups, bucket=bucket)
+    got = generate_population(decoder, tokenizer, POPULATION, PROMPTS, cfg)
+    assert [[c.token_ids for c in row] for row in got] == reference
+    # the second group really skipped its padding (slots 0..31); one group reads from slot 0
+    assert decoder._starts == ((0, 32) if groups == 2 else (0,))
+
+
+def test_bad_settings_name_the_choices(setup):
+    model, space = setup[0], setup[1]
+    with pytest.raises(ConfigError, match="matmul, sdpa"):
+        PopulationDecoder(model, space, 2, 2, 64, attention="flash3")
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        PopulationDecoder(model, space, 2, 2, 64, bucket=24)
+    with pytest.raises(ConfigError, match="groups"):
+        PopulationDecoder(model, space, 2, 2, 64, groups=0)
+    assert torch.equal(space.live_flat, space.base_flat)
