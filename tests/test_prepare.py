@@ -16,6 +16,8 @@ from underpar.data.prepare import prepare
 from underpar.data.tokenizer import Tokenizer, split_sentences
 from underpar.errors import ConfigError, DataError
 
+from clirun import run_main
+
 WORDS = (
     "the of and to in is was for on that with as by at from his her an which were are this be had "
     "river city music school war north church film team game party station village family season "
@@ -243,28 +245,30 @@ def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "underpar", *args], capture_output=True, text=True, env=env)
 
 
-def test_cli_error_is_one_line_and_nonzero(tmp_path):
+def test_cli_error_is_one_line_and_nonzero(tmp_path, monkeypatch, capsys):
     result = run_cli("data", "prepare", "--source", "text", "--path", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert result.returncode != 0
     assert result.stderr.strip() == f"error: data path {tmp_path / 'missing'} does not exist"
     assert "Traceback" not in result.stderr
-    result = run_cli("data", "prepare", "--set", "vocab_size=huge")
-    assert result.returncode != 0 and result.stderr.strip() == "error: vocab_size: expected an integer, got 'huge'"
+    code, _, err = run_main(monkeypatch, capsys, "data", "prepare", "--set", "vocab_size=huge")  # in-process: one start is enough
+    assert code != 0 and err.strip() == "error: vocab_size: expected an integer, got 'huge'"
 
 
-def test_cli_prepare_and_eval(tmp_path):
+def test_cli_prepare_and_eval(tmp_path, monkeypatch, capsys):
+    """`python -m underpar data prepare` in a process of its own, then the CLI in-process."""
     write_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     args = ("--source", "text", "--path", str(tmp_path / "corpus"), "--vocab", "400", "--out", str(out), "--set", "val_docs=20")
     result = run_cli("data", "prepare", *args)
     assert result.returncode == 0, result.stderr
     assert "documents" in result.stdout and "bytes/token" in result.stdout
-    assert "up to date" in run_cli("data", "prepare", *args).stdout
+    code, stdout, err = run_main(monkeypatch, capsys, "data", "prepare", *args)
+    assert code == 0 and "up to date" in stdout, err
     scores = {}
     for model in ("uniform", "unigram"):
-        result = run_cli("eval", "bpb", "--model", model, "--vocab", "400", "--data", str(out), "--seq-len", "64")
-        assert result.returncode == 0, result.stderr
-        scores[model] = json.loads(result.stdout)
+        code, stdout, err = run_main(monkeypatch, capsys, "eval", "bpb", "--model", model, "--vocab", "400", "--data", str(out), "--seq-len", "64")
+        assert code == 0, err
+        scores[model] = json.loads(stdout)
     assert scores["unigram"]["val_bpb"] < scores["uniform"]["val_bpb"]
     assert scores["uniform"]["val_loss"] == pytest.approx(__import__("math").log(400))
 
