@@ -6,26 +6,31 @@
 - candidates/s of `model.generate` (engine hf), today's engine (flat switch + the static engine
   with the compiled CUDA-graph decode step, what `underpar randopt` runs with decode.population=1)
   and the population engine (P candidates in one forward, stacked weights, one CUDA graph per
-  step) for each P in --sizes. Each engine gets an untimed warm-up (compile, graph capture).
+  step) for each P in --sizes and each of --variants, ATTENTION:GROUPS:BUCKET (the decoder's
+  attention kernel, prompt-row groups, length bucket): `before` = matmul:1:64 (the engine of
+  issue 18's first measurement: materialized scores, every row reads from slot 0, 64-slot
+  buckets), `after` = sdpa:4:16. Each engine gets an untimed warm-up (compile, graph capture).
 - reward equality: the candidates that every engine scored, by reward and completion digest
   (bf16: near-ties may split greedy paths); and in fp32 (a fresh fp32 load, --fp32-prompts x
   --fp32-tokens) token for token, the static engine eager vs the population engine.
 - reproducibility: the population engine rescored with the chunk's candidates in another order
   (same process), and a child process (same command, --child, its own fresh Inductor cache) that
-  rescores today's engine's candidates (compiled as today, and in Inductor's deterministic mode,
-  `decode.deterministic`) and the population engine's: digests equal across processes or not.
+  rescores the population engine's first chunk at the largest P for each variant but `before`
+  (and, with --child-static, today's engine compiled as today and in Inductor's deterministic
+  mode, `decode.deterministic`): digests equal across processes or not.
 - matmul form: on SmolLM2's linear shapes at the largest P, one decode step's matmuls as stacked
   per-candidate weights (bmm) vs the base read once plus a materialized sign matrix,
   x @ W0^T + s (x @ R^T).
 
-    PYTHONPATH=src python3 benchmarks/randopt_speed.py --out $OUT   # ~5 min on one H200 (~3 with --no-child)
-    PYTHONPATH=src python3 benchmarks/randopt_speed.py --out /tmp/rs --model <tiny folder> \\
-        --prompts 4 --max-new-tokens 8 --sizes 2 --static-candidates 2 --fp32-prompts 3 --fp32-tokens 6   # CPU
+    PYTHONPATH=src python3 benchmarks/randopt_speed.py --out $OUT   # ~5 min on one H200
+    PYTHONPATH=src python3 benchmarks/randopt_speed.py --out /tmp/rs --model <tiny folder> --prompts 4 \\
+        --max-new-tokens 8 --sizes 2 --static-candidates 2 --fp32-prompts 3 --fp32-tokens 6 --chunks 1   # CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -123,17 +128,42 @@ def one_at_a_time(model, tokenizer, space, prompts, drawn, engine: str, compile_
             "seconds": seconds, "warmup_seconds": warmup, "candidates_per_second": len(drawn) / seconds, "rows": rows}
 
 
-def population_engine(model, tokenizer, space, prompts, drawn, size: int, max_new: int) -> dict:
+VARIANT_ALIASES = {"before": "matmul:1:64", "after": "sdpa:4:16"}
+
+
+def variant(spec: str) -> dict:
+    """ATTENTION:GROUPS:BUCKET (or an alias) -> PopulationScorer keywords."""
+    attention, groups, bucket = VARIANT_ALIASES.get(spec, spec).split(":")
+    return {"attention": attention, "groups": int(groups), "bucket": int(bucket)}
+
+
+def population_engine(model, tokenizer, space, prompts, drawn, size: int, max_new: int, spec: str,
+                      shuffle: bool = True) -> dict:
     decode = DecodeConfig(max_new_tokens=max_new, batch_size=len(prompts.ids), compile=True)
-    scorer = PopulationScorer(model, tokenizer, space, decode, len(prompts.ids), size, "auto", [prompts])
+    scorer = PopulationScorer(model, tokenizer, space, decode, len(prompts.ids), size, "auto", [prompts],
+                              **variant(spec))
     _, warmup = timed(lambda: scorer.score(drawn[:size], prompts))  # graph capture, allocator
     chunks = [drawn[k:k + size] for k in range(0, len(drawn), size)]
-    rows, seconds = timed(lambda: [r for chunk in chunks for r in scorer.score(chunk, prompts)])
-    shuffled = drawn[:size][::-1]  # the same candidates in other slots, with other neighbours
-    again = scorer.score(shuffled, prompts)[::-1]
-    return {"engine": f"population-{size}", "size": size, "candidates": len(drawn), "seconds": seconds,
-            "warmup_seconds": warmup, "candidates_per_second": len(drawn) / seconds, "rows": rows,
-            "same_digests_in_other_slots": sum(a["digest"] == b["digest"] for a, b in zip(again, rows[:size]))}
+    stats = []
+    rows, seconds = timed(lambda: [r for chunk in chunks for r in scorer.score(chunk, prompts, stats)])
+    row = {"engine": f"population-{spec}-{size}", "variant": spec, **variant(spec), "size": size,
+           "candidates": len(drawn), "seconds": seconds, "warmup_seconds": warmup,
+           "candidates_per_second": len(drawn) / seconds, "decode_steps": sum(s.decode_steps for s in stats),
+           "graphs": len(scorer.decoder._graphs), "rows": rows}
+    if CUDA:
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if shuffle:
+        shuffled = drawn[:size][::-1]  # the same candidates in other slots, with other neighbours
+        again = scorer.score(shuffled, prompts)[::-1]
+        row["same_digests_in_other_slots"] = sum(a["digest"] == b["digest"] for a, b in zip(again, rows[:size]))
+    return row
+
+
+def free_memory() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()  # a decoder's caches and graphs go with it
+        torch.cuda.reset_peak_memory_stats()
 
 
 def agreement(a: list[dict], b: list[dict]) -> dict:
@@ -143,7 +173,8 @@ def agreement(a: list[dict], b: list[dict]) -> dict:
 
 
 def fp32_check(args, drawn) -> dict:
-    """Token-for-token equality in fp32: static engine eager, one candidate at a time, vs the population engine."""
+    """Token-for-token equality in fp32: static engine eager, one candidate at a time, vs the
+    population engine in each variant."""
     model, tokenizer = hf.load_model(args.model, dtype="float32")
     prompts = load_prompts(tokenizer, args, args.fp32_prompts)
     space = PerturbSpace(model)
@@ -154,11 +185,14 @@ def fp32_check(args, drawn) -> dict:
         space.apply(seed, sigma)
         singles.append(answerer.texts(prompts))
     space.restore()
-    scorer = PopulationScorer(model, tokenizer, space, decode, len(prompts.ids), len(drawn), "auto", [prompts])
-    batched = scorer.texts(drawn, prompts)
-    same = sum(a == b for s, p in zip(singles, batched) for a, b in zip(s, p))
-    return {"prompts": len(prompts.ids), "max_new_tokens": args.fp32_tokens, "candidates": len(drawn),
-            "identical_completions": same, "completions": len(drawn) * len(prompts.ids)}
+    out = {"prompts": len(prompts.ids), "max_new_tokens": args.fp32_tokens, "candidates": len(drawn),
+           "completions": len(drawn) * len(prompts.ids), "identical_completions": {}}
+    for spec in args.variants:
+        scorer = PopulationScorer(model, tokenizer, space, decode, len(prompts.ids), len(drawn), "auto", [prompts],
+                                  **variant(spec))
+        batched = scorer.texts(drawn, prompts)
+        out["identical_completions"][spec] = sum(a == b for s, p in zip(singles, batched) for a, b in zip(s, p))
+    return out
 
 
 def matmul_forms(model, size: int, rows: int) -> dict:
@@ -195,9 +229,15 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="population engine: candidates per forward")
-    parser.add_argument("--chunks", type=int, default=2, help="timed chunks of the largest size")
-    parser.add_argument("--static-candidates", type=int, default=4)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64], help="population engine: candidates per forward")
+    parser.add_argument("--variants", nargs="+", default=["before", "after"],
+                        help="population engine settings ATTENTION:GROUPS:BUCKET, or before (matmul:1:64) / after (sdpa:4:16)")
+    parser.add_argument("--chunks", type=int, default=2, help="timed chunks per population size")
+    parser.add_argument("--static-candidates", type=int, default=2)
+    parser.add_argument("--deterministic-static", action="store_true",
+                        help="also time today's engine in Inductor's deterministic mode (~40 s more)")
+    parser.add_argument("--child-static", action="store_true",
+                        help="the child also rescores today's engine, both modes (~90 s more)")
     parser.add_argument("--hf-candidates", type=int, default=1)
     parser.add_argument("--sigma", type=float, default=1e-3)
     parser.add_argument("--fp32-prompts", type=int, default=32)
@@ -213,15 +253,21 @@ def main() -> None:
     model, tokenizer = hf.load_model(args.model)
     prompts = load_prompts(tokenizer, args, args.prompts)
     space = PerturbSpace(model)  # flat: before any decoder captures parameter addresses
+    for spec in args.variants:
+        variant(spec)  # a bad spec fails here, before any work
     drawn = draw_population(max(args.sizes) * args.chunks, [args.sigma], 0)
     n_static = min(args.static_candidates, len(drawn))
-    if args.child:  # rescore in a fresh process: today's engine (both modes), the largest population's first chunk
-        rows = {name: one_at_a_time(model, tokenizer, space, prompts, drawn[:n_static], "static", CUDA,
-                                    args.max_new_tokens, deterministic=det)["rows"]
-                for name, det in (("static", False), ("static-deterministic", True))}
+    static_modes = [("static", False)] + [("static-deterministic", True)] * args.deterministic_static
+    if args.child:  # rescore in a fresh process: the largest population's first chunk (and today's engine)
+        rows = {}
+        for name, det in static_modes if args.child_static else []:
+            rows[name] = one_at_a_time(model, tokenizer, space, prompts, drawn[:n_static], "static", CUDA,
+                                       args.max_new_tokens, deterministic=det)["rows"]
         size = max(args.sizes)
-        rows[f"population-{size}"] = population_engine(model, tokenizer, space, prompts, drawn[:size], size,
-                                                       args.max_new_tokens)["rows"]
+        for spec in [v for v in args.variants if v != "before"] or args.variants[-1:]:
+            rows[f"population-{spec}-{size}"] = population_engine(
+                model, tokenizer, space, prompts, drawn[:size], size, args.max_new_tokens, spec, shuffle=False)["rows"]
+            free_memory()
         (out / "child.json").write_text(json.dumps(rows))
         return
     record = {"benchmark": "randopt_speed", "model": args.model, "task": args.task, "split": args.split,
@@ -241,20 +287,25 @@ def main() -> None:
         engines["generate"] = one_at_a_time(model, tokenizer, space, prompts, drawn[:args.hf_candidates], "hf", False,
                                             args.max_new_tokens)
         save("model.generate")
-    engines["static"] = one_at_a_time(model, tokenizer, space, prompts, drawn[:n_static], "static", CUDA,
-                                      args.max_new_tokens)
-    save("today's engine")
-    engines["static-deterministic"] = one_at_a_time(model, tokenizer, space, prompts, drawn[:n_static], "static", CUDA,
-                                                    args.max_new_tokens, deterministic=True)
-    save("today's engine, deterministic compile")
-    for size in args.sizes:
-        engines[f"population-{size}"] = population_engine(model, tokenizer, space, prompts,
-                                                          drawn[:size * args.chunks], size, args.max_new_tokens)
-        if CUDA:
-            torch.cuda.empty_cache()  # the decoder's caches go with it
-        save(f"population {size}")
+    for name, det in static_modes:
+        engines[name] = one_at_a_time(model, tokenizer, space, prompts, drawn[:n_static], "static", CUDA,
+                                      args.max_new_tokens, deterministic=det)
+        save(name)
     record["engines"] = engines
+    for size in args.sizes:
+        for spec in args.variants:
+            try:
+                engines[f"population-{spec}-{size}"] = population_engine(
+                    model, tokenizer, space, prompts, drawn[:size * args.chunks], size, args.max_new_tokens, spec,
+                    shuffle=spec != "before")
+            except torch.OutOfMemoryError as e:
+                record.setdefault("out_of_memory", {})[f"population-{spec}-{size}"] = str(e)[:300]
+            free_memory()
+            save(f"population {spec} {size}")
     record["agreement_vs_static"] = {name: agreement(engines["static"]["rows"], e["rows"]) for name, e in engines.items()}
+    record["agreement_vs_before"] = {name: agreement(engines[f"population-before-{e['size']}"]["rows"], e["rows"])
+                                     for name, e in engines.items()
+                                     if "size" in e and f"population-before-{e['size']}" in engines}
     record["matmul_forms"] = matmul_forms(model, max(args.sizes), len(prompts.ids))
     save("matmul forms")
     del model, space
@@ -265,7 +316,7 @@ def main() -> None:
     if not args.no_child:
         child_out = out / "child"
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", "--out", str(child_out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=os.environ.copy())
         if proc.returncode == 0:
             child = json.loads((child_out / "child.json").read_text())
             record["cross_process"] = {name: agreement(engines[name]["rows"], rows) for name, rows in child.items()}
@@ -281,19 +332,22 @@ def table(r: dict) -> str:
     lines = [f"switch ({s['tensors']} tensors, {s['elements'] / 1e6:.1f}M elements): flat {s['flat_ms']:.3f} ms "
              f"(wall {s['flat_wall_ms']:.3f}), per tensor {s['per_tensor_ms']:.3f} ms (wall {s['per_tensor_wall_ms']:.3f}), "
              f"restore {s['restore_ms']:.3f} ms; bit-equal {s['flat_equals_per_tensor']}", "",
-             "| engine | candidates | seconds | candidates/s | speedup vs generate | same reward / digest as today's |",
-             "|---|---|---|---|---|---|"]
+             "| engine | candidates | seconds | candidates/s | speedup vs generate | same reward / digest as today's "
+             "| same reward / digest as before |", "|---|---|---|---|---|---|---|"]
     ref = r["engines"].get("generate", r["engines"]["static"])["candidates_per_second"]
     for name, e in r["engines"].items():
-        a = r["agreement_vs_static"][name]
+        a, b = r["agreement_vs_static"][name], r.get("agreement_vs_before", {}).get(name)
+        vs_before = f"{b['same_reward']}/{b['candidates']} / {b['same_digest']}/{b['candidates']}" if b else ""
         lines.append(f"| {name} | {e['candidates']} | {e['seconds']:.2f} | {e['candidates_per_second']:.3f} | "
                      f"{e['candidates_per_second'] / ref:.1f}x | {a['same_reward']}/{a['candidates']} / "
-                     f"{a['same_digest']}/{a['candidates']} |")
+                     f"{a['same_digest']}/{a['candidates']} | {vs_before} |")
     m = r["matmul_forms"]
     lines.append(f"\nmatmuls per decode step, P={m['size']} x {m['rows']} rows: stacked bmm {m['stacked_ms_per_step']:.2f} ms, "
                  f"base once + materialized R {m['base_once_materialized_ms_per_step']:.2f} ms")
     f = r["fp32"]
-    lines.append(f"fp32: {f['identical_completions']}/{f['completions']} completions identical (population vs one at a time)")
+    lines.append(f"fp32: completions identical to one at a time, of {f['completions']}: {f['identical_completions']}")
+    if r.get("out_of_memory"):
+        lines.append(f"out of memory: {', '.join(r['out_of_memory'])}")
     if "cross_process" in r:
         lines.append(f"cross-process: {json.dumps(r['cross_process'])[:300]}")
     lines.append(f"{r['device']}, torch {r['torch']}, {r['dtype']}, {r['seconds']:.0f} s in all")

@@ -112,6 +112,7 @@ class PopulationDecoder(PopulationForward):
         self._stops: tuple = ()
         self.graphs_on = graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
+        self._pool = None
         self._starts: tuple[int, ...] = ()  # each row group's first cache slot (set per batch)
 
     # ------------------------------------------------------------------ weights
@@ -151,7 +152,11 @@ class PopulationDecoder(PopulationForward):
                 self._step(length)  # warm-up outside the capture (allocator, cuBLAS handles)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # one memory pool for every graph: each reads only the static inputs and its outputs
+            # are copied out before the next replay, so their intermediates can share memory
+            # (P x rows x vocab logits per graph otherwise)
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
                 outputs = self._step(length)
             self._graphs[key] = (graph, outputs)
         graph, outputs = self._graphs[key]
@@ -281,9 +286,13 @@ class PopulationScorer:
         per_set = [[[s.task.extract(t) for t in row] for row in self.texts(population, s)] for s in sets]
         return [[per_set[k][c] for k in range(len(sets))] for c in range(len(population))]
 
-    def score(self, population: Sequence[tuple[int, float]], prompts: PromptSet) -> list[dict[str, Any]]:
-        """`score_candidate`'s row for each candidate (its seconds: the chunk's time shared out)."""
+    def score(self, population: Sequence[tuple[int, float]], prompts: PromptSet,
+              log: list[GenerationStats] | None = None) -> list[dict[str, Any]]:
+        """`score_candidate`'s row for each candidate (its seconds: the chunk's time shared out);
+        the chunk's GenerationStats is appended to `log` if given."""
         stats = GenerationStats()
+        if log is not None:
+            log.append(stats)
         texts = self.texts(population, prompts, stats)
         seconds = round(stats.seconds / len(population), 4)
         return [{**score_texts(prompts, row), "tokens": stats.generated_tokens // len(population), "seconds": seconds}
