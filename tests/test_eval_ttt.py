@@ -172,7 +172,8 @@ def test_two_ranks_train_as_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     single = run(tiny_gpt("none"), stream(700), dataclasses.replace(FAST, batch_seqs=3))
-    mp.spawn(_ttt_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # fork: the children inherit the imports (and one_thread's single thread: no OpenMP pool)
+    mp.start_processes(_ttt_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(ranks[0]["sums"], ranks[1]["sums"]) and ranks[0]["updates"] == single.updates
     assert ranks[0]["sums"][2] == single.meter.tokens and ranks[0]["sums"][1] == single.meter.bytes
