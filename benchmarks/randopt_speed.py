@@ -6,10 +6,12 @@
 - candidates/s of `model.generate` (engine hf), today's engine (flat switch + the static engine
   with the compiled CUDA-graph decode step, what `underpar randopt` runs with decode.population=1)
   and the population engine (P candidates in one forward, stacked weights, one CUDA graph per
-  step) for each P in --sizes and each of --variants, ATTENTION:GROUPS:BUCKET (the decoder's
-  attention kernel, prompt-row groups, length bucket): `before` = matmul:1:64 (the engine of
-  issue 18's first measurement: materialized scores, every row reads from slot 0, 64-slot
-  buckets), `after` = sdpa:4:16. Each engine gets an untimed warm-up (compile, graph capture).
+  step) for each P in --sizes and each of --variants, ATTENTION:GROUPS:BUCKET[:compact] (the
+  decoder's attention kernel, prompt-row groups, length bucket, finished-row compaction):
+  `before` = matmul:1:64 (the engine of issue 18's first measurement: materialized scores,
+  every row reads from slot 0, 64-slot buckets), `after` = sdpa_efficient:8:16 (the default),
+  `compact` = after + compaction. Each engine gets an untimed warm-up (compile, graph capture);
+  a variant that fails (out of memory, a kernel that cannot run) is recorded and skipped.
 - reward equality: the candidates that every engine scored, by reward and completion digest
   (bf16: near-ties may split greedy paths); and in fp32 (a fresh fp32 load, --fp32-prompts x
   --fp32-tokens) token for token, the static engine eager vs the population engine.
@@ -128,13 +130,15 @@ def one_at_a_time(model, tokenizer, space, prompts, drawn, engine: str, compile_
             "seconds": seconds, "warmup_seconds": warmup, "candidates_per_second": len(drawn) / seconds, "rows": rows}
 
 
-VARIANT_ALIASES = {"before": "matmul:1:64", "after": "sdpa:4:16"}
+VARIANT_ALIASES = {"before": "matmul:1:64", "after": "sdpa_efficient:8:16", "compact": "sdpa_efficient:8:16:compact"}
 
 
 def variant(spec: str) -> dict:
-    """ATTENTION:GROUPS:BUCKET (or an alias) -> PopulationScorer keywords."""
-    attention, groups, bucket = VARIANT_ALIASES.get(spec, spec).split(":")
-    return {"attention": attention, "groups": int(groups), "bucket": int(bucket)}
+    """ATTENTION:GROUPS:BUCKET[:compact] (or an alias) -> PopulationScorer keywords."""
+    fields = VARIANT_ALIASES.get(spec, spec).split(":")
+    if len(fields) not in (3, 4) or fields[3:] not in ([], ["compact"]):
+        raise SystemExit(f"--variants: {spec!r} is not ATTENTION:GROUPS:BUCKET[:compact] or one of {list(VARIANT_ALIASES)}")
+    return {"attention": fields[0], "groups": int(fields[1]), "bucket": int(fields[2]), "compact": len(fields) == 4}
 
 
 def population_engine(model, tokenizer, space, prompts, drawn, size: int, max_new: int, spec: str,
@@ -149,7 +153,7 @@ def population_engine(model, tokenizer, space, prompts, drawn, size: int, max_ne
     row = {"engine": f"population-{spec}-{size}", "variant": spec, **variant(spec), "size": size,
            "candidates": len(drawn), "seconds": seconds, "warmup_seconds": warmup,
            "candidates_per_second": len(drawn) / seconds, "decode_steps": sum(s.decode_steps for s in stats),
-           "graphs": len(scorer.decoder._graphs), "rows": rows}
+           "graphs": len(scorer.decoder._graphs), "compactions": scorer.decoder.compactions, "rows": rows}
     if CUDA:
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if shuffle:
@@ -230,9 +234,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64], help="population engine: candidates per forward")
-    parser.add_argument("--variants", nargs="+", default=["before", "after"],
-                        help="population engine settings ATTENTION:GROUPS:BUCKET, or before (matmul:1:64) / after (sdpa:4:16)")
-    parser.add_argument("--chunks", type=int, default=2, help="timed chunks per population size")
+    parser.add_argument("--variants", nargs="+", default=["before", "after", "compact"],
+                        help="population engine settings ATTENTION:GROUPS:BUCKET[:compact], or an alias: "
+                        + ", ".join(f"{k} ({v})" for k, v in VARIANT_ALIASES.items()))
+    parser.add_argument("--chunks", type=int, default=1, help="timed chunks per population size")
     parser.add_argument("--static-candidates", type=int, default=2)
     parser.add_argument("--deterministic-static", action="store_true",
                         help="also time today's engine in Inductor's deterministic mode (~40 s more)")
@@ -298,8 +303,8 @@ def main() -> None:
                 engines[f"population-{spec}-{size}"] = population_engine(
                     model, tokenizer, space, prompts, drawn[:size * args.chunks], size, args.max_new_tokens, spec,
                     shuffle=spec != "before")
-            except torch.OutOfMemoryError as e:
-                record.setdefault("out_of_memory", {})[f"population-{spec}-{size}"] = str(e)[:300]
+            except Exception as e:  # noqa: BLE001 - recorded; the other variants still run
+                record.setdefault("failed", {})[f"population-{spec}-{size}"] = f"{type(e).__name__}: {str(e)[:300]}"
             free_memory()
             save(f"population {spec} {size}")
     record["agreement_vs_static"] = {name: agreement(engines["static"]["rows"], e["rows"]) for name, e in engines.items()}
@@ -346,8 +351,8 @@ def table(r: dict) -> str:
                  f"base once + materialized R {m['base_once_materialized_ms_per_step']:.2f} ms")
     f = r["fp32"]
     lines.append(f"fp32: completions identical to one at a time, of {f['completions']}: {f['identical_completions']}")
-    if r.get("out_of_memory"):
-        lines.append(f"out of memory: {', '.join(r['out_of_memory'])}")
+    for name, error in r.get("failed", {}).items():
+        lines.append(f"failed: {name}: {error}")
     if "cross_process" in r:
         lines.append(f"cross-process: {json.dumps(r['cross_process'])[:300]}")
     lines.append(f"{r['device']}, torch {r['torch']}, {r['dtype']}, {r['seconds']:.0f} s in all")

@@ -62,3 +62,25 @@ def test_bad_settings_name_the_choices(setup):
     with pytest.raises(ConfigError, match="groups"):
         PopulationDecoder(model, space, 2, 2, 64, groups=0)
     assert torch.equal(space.live_flat, space.base_flat)
+
+
+def test_compaction_keeps_tokens_when_rows_finish(setup):
+    """With EOS a token that some rows emit early, the running rows move onto fewer rows (4 -> 2
+    -> 1) and every completion still equals one candidate at a time."""
+    model, space = setup[0], setup[1]
+    probe = generate(model, make_tokenizer(eos=None), PROMPTS, DecodeConfig(max_new_tokens=NEW))
+    eos = probe[0].token_ids[12]  # ends prompts 0 and 2 near the middle for both candidates, not prompt 3
+    tokenizer = make_tokenizer(eos=eos)
+    cfg = DecodeConfig(max_new_tokens=NEW, batch_size=len(PROMPTS), check_every=2)
+    population = [None, [(5, 0.002)]]
+    reference = []
+    for terms in population:
+        space.apply_combination(terms) if terms else space.restore()
+        reference.append([c.token_ids for c in generate(model, tokenizer, PROMPTS, cfg)])
+    space.restore()
+    lengths = sorted(len(t) for row in reference for t in row)
+    assert lengths[0] < NEW - 4 and lengths[-1] == NEW  # some rows end early, some run to the end
+    decoder = PopulationDecoder(model, space, size=2, rows=4, max_len=64 + 16, groups=2, compact=True)
+    got = generate_population(decoder, tokenizer, population, PROMPTS, cfg)
+    assert [[c.token_ids for c in row] for row in got] == reference
+    assert decoder.compactions >= 1 and decoder._n < 4

@@ -65,16 +65,22 @@ def check_model(model: Any, space: PerturbSpace) -> None:
 class PopulationDecoder(PopulationForward):
     """Static caches, stacked weights and the decode step for `size` candidates x `rows` prompts.
     attention: a registered kernel (randopt_population_forward.ATTENTION); groups: row groups
-    with their own first cache slot; bucket: decode steps read the cache up to a multiple of it."""
+    with their own first cache slot; bucket: decode steps read the cache up to a multiple of it;
+    compact: at each check (every decode.check_every steps) the prompt rows still running for
+    some candidate move to the front and the step runs on the fewest of rows, rows/2, rows/4 ...
+    that holds them (its own graphs). Off by default: a row's matmuls then run in a batch
+    shape that depends on when its neighbours finish, which on CUDA may pick another kernel
+    (bf16 near-ties could then differ with the chunk's composition)."""
 
     def __init__(self, model: Any, space: PerturbSpace, size: int, rows: int, max_len: int, graphs: bool = True,
-                 attention: str = "sdpa", groups: int = 4, bucket: int = 16):
+                 attention: str = "sdpa_efficient", groups: int = 8, bucket: int = 16, compact: bool = False):
         check_model(model, space)
         if groups < 1 or bucket < ALIGN or bucket % ALIGN:
             raise ConfigError(f"population decoder: groups ({groups}) must be >= 1 and bucket ({bucket}) "
                               f"a multiple of {ALIGN}")
         self.attend, self.attention = attention_of(attention), attention
-        self.groups, self.bucket = min(groups, rows), bucket
+        self.groups, self.bucket, self.compact = groups, bucket, compact
+        self.compactions = 0  # row compactions done (all batches)
         c = model.config
         self.model, self.space = model, space
         self.size, self.rows, self.max_len = size, rows, max_len
@@ -114,6 +120,7 @@ class PopulationDecoder(PopulationForward):
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
         self._pool = None
         self._starts: tuple[int, ...] = ()  # each row group's first cache slot (set per batch)
+        self._n = rows  # rows the decode step runs on (fewer after a compaction)
 
     # ------------------------------------------------------------------ weights
 
@@ -131,20 +138,20 @@ class PopulationDecoder(PopulationForward):
     def _step(self, length: int) -> tuple[Tensor, Tensor]:
         """One decode step from the static inputs (tok, pos, slot, finished); no input is
         written, so running it again (graph warm-up, capture) changes nothing."""
-        P, B = self.size, self.rows
+        P, B = self.size, self._n
         L = torch.arange(length, device=self.device)
-        mask = additive(self.valid_bl[:, :length] & (L <= self.slot), self.dtype)  # [B, L]
+        mask = additive(self.valid_bl[:B, :length] & (L <= self.slot), self.dtype)  # [B, L]
         mask = mask[:, None, :].expand(B, P, length).reshape(B * P, 1, 1, length)
-        rows = -(-B // self.groups)
+        rows = -(-B // min(self.groups, B))
         groups = [(b, min(b + rows, B), s, mask[b * P:min(b + rows, B) * P, :, :, s:])
                   for b, s in zip(range(0, B, rows), self._starts)]
-        logits = self._forward(self.tok_pb[:, :, None], self.pos_b[:, None], groups, self.slot, length)
-        return _pick(logits, self.finished_pb, self.eos_t, self.pad_id)
+        logits = self._forward(self.tok_pb[:, :B, None], self.pos_b[:B, None], groups, self.slot, length)
+        return _pick(logits, self.finished_pb[:, :B], self.eos_t, self.pad_id)
 
     def _replay(self, length: int) -> tuple[Tensor, Tensor]:
         if not self.graphs_on:
             return self._step(length)
-        key = (length, self._starts)
+        key = (self._n, length, self._starts)
         if key not in self._graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -177,9 +184,34 @@ class PopulationDecoder(PopulationForward):
 
     def _group_starts(self, mask_bw: Tensor) -> tuple[int, ...]:
         """Each row group's first cache slot: its longest prompt's first, rounded down to ALIGN."""
+        B = mask_bw.shape[0]
         first = (mask_bw.shape[1] - mask_bw.sum(-1)).tolist()
-        rows = -(-self.rows // self.groups)
-        return tuple(min(first[b:b + rows]) // ALIGN * ALIGN for b in range(0, self.rows, rows))
+        rows = -(-B // min(self.groups, B))
+        return tuple(min(first[b:b + rows]) // ALIGN * ALIGN for b in range(0, B, rows))
+
+    def _compact(self, live: Tensor, width: int, written: int) -> Tensor:
+        """Move the rows still running for some candidate to the front, onto the fewest of
+        rows, rows/2, ... that holds them (finished rows fill the rest), keeping their order;
+        returns the original row of each row now decoded."""
+        n, P = self._n, self.size
+        running = (~self.finished_pb[:, :n].all(0)).nonzero().flatten()
+        m = n
+        while m > 1 and -(-m // 2) >= len(running):
+            m = -(-m // 2)
+        if m == n:
+            return live
+        done = (self.finished_pb[:, :n].all(0)).nonzero().flatten()
+        keep = torch.cat([running, done[:m - len(running)]]).sort().values
+        for cache in (*self.k_cache, *self.v_cache):
+            rows = cache[:n * P].view(n, P, *cache.shape[1:])[keep, :, :, :written]
+            cache[:m * P].view(m, P, *cache.shape[1:])[:, :, :, :written] = rows
+        for state in (self.tok_pb, self.finished_pb):
+            state[:, :m] = state[:, :n][:, keep]
+        self.pos_b[:m] = self.pos_b[:n][keep]
+        self.valid_bl[:m] = self.valid_bl[:n][keep]
+        self._n, self._starts = m, self._group_starts(self.valid_bl[:m, :width])
+        self.compactions += 1
+        return live[keep]
 
     # ------------------------------------------------------------------ decoding one batch
 
@@ -194,13 +226,14 @@ class PopulationDecoder(PopulationForward):
             self.eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=self.device)
         self.valid_bl.fill_(True)
         self.valid_bl[:, :W] = mask_bw
-        self._starts = self._group_starts(mask_bw)
+        self._n, self._starts = B, self._group_starts(mask_bw)
+        live = torch.arange(B, device=self.device)  # the original row of each decoded row
         logits = self._prefill(ids_bw, mask_bw)
         tok, finished = _pick(logits, torch.zeros((P, B), dtype=torch.bool, device=self.device), self.eos_t, pad_id)
         self.tok_pb.copy_(tok)
         self.finished_pb.copy_(finished)
         self.pos_b.copy_(mask_bw.sum(-1))
-        out = torch.empty((P, B, cfg.max_new_tokens), dtype=torch.long, device=self.device)
+        out = torch.full((P, B, cfg.max_new_tokens), pad_id, dtype=torch.long, device=self.device)
         out[:, :, 0] = tok
         done = 1
         while done < cfg.max_new_tokens:
@@ -208,16 +241,22 @@ class PopulationDecoder(PopulationForward):
                 if cfg.stop_strings:
                     flat = out[:, :, :done].reshape(P * B, done)
                     hit = _has_stop(flat, cfg.stop_strings, tokenizer).view(P, B)
-                    self.finished_pb |= hit
-                if bool(self.finished_pb.all()):
+                    self.finished_pb[:, :self._n] |= hit[:, live]
+                if bool(self.finished_pb[:, :self._n].all()):
                     break
+                if self.compact:
+                    live = self._compact(live, W, W + done - 1)
+            n = self._n
             self.slot.fill_(W + done - 1)  # the previous token's slot
             length = min(self.max_len, -(-(W + done) // self.bucket) * self.bucket)
             tok, finished = self._replay(length)
-            out[:, :, done] = tok
-            self.tok_pb.copy_(tok)
-            self.finished_pb.copy_(finished)
-            self.pos_b += 1
+            if n == B:
+                out[:, :, done] = tok
+            else:
+                out[:, live, done] = tok  # rows not decoded any more are finished: pad_id
+            self.tok_pb[:, :n].copy_(tok)
+            self.finished_pb[:, :n].copy_(finished)
+            self.pos_b[:n] += 1
             done += 1
         return out[:, :, :done]
 
@@ -262,15 +301,15 @@ class PopulationScorer:
     """RandOpt's answerer for whole chunks of candidates: every prompt set is padded to `rows`
     prompts (copies of its first, dropped afterwards) like `Answerer`, so one decoder serves
     every set; its cache fits the longest prompt of `sets` plus `decode.max_new_tokens`.
-    attention, groups, bucket: `PopulationDecoder`'s."""
+    attention, groups, bucket, compact: `PopulationDecoder`'s."""
 
     def __init__(self, model: Any, tokenizer: Any, space: PerturbSpace, decode: DecodeConfig, rows: int,
-                 size: int, backend: str, sets: Sequence[PromptSet], attention: str = "sdpa", groups: int = 4,
-                 bucket: int = 16):
+                 size: int, backend: str, sets: Sequence[PromptSet], attention: str = "sdpa_efficient", groups: int = 8,
+                 bucket: int = 16, compact: bool = False):
         longest = max(len(ids) for s in sets for ids in s.ids)
         max_len = -(-(longest + decode.max_new_tokens) // ALIGN) * ALIGN
         self.decoder = PopulationDecoder(model, space, size, rows, max_len, graphs=decode.compile,
-                                         attention=attention, groups=groups, bucket=bucket)
+                                         attention=attention, groups=groups, bucket=bucket, compact=compact)
         self.tokenizer, self.decode, self.backend, self.rows, self.size = tokenizer, decode, backend, rows, size
 
     def texts(self, population: Sequence[tuple[int, float]], prompts: PromptSet,

@@ -13,8 +13,10 @@ broadcast over the candidates of one prompt row (prefill) or materialized per ro
 
 Attention kernels, a registered choice (`decode.population_attention`):
 - "matmul": scores = q k^T * scale + mask, softmax in fp32, @ V (scores materialized per layer);
-- "sdpa": F.scaled_dot_product_attention with the additive mask (on CUDA the memory-efficient
-  kernel: no materialized scores, K and V streamed once; capturable in a CUDA graph).
+- "sdpa": F.scaled_dot_product_attention with the additive mask (flash cannot take a mask, so
+  on CUDA torch picks the memory-efficient or cuDNN kernel: no materialized scores, K and V
+  streamed once; capturable in a CUDA graph);
+- "sdpa_efficient" (the default): the same held to the memory-efficient kernel on CUDA.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from underpar.errors import ConfigError
 
@@ -54,6 +57,14 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 @register_attention("sdpa")
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@register_attention("sdpa_efficient")
+def sdpa_efficient_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """SDPA held to the memory-efficient kernel (math where it cannot run, e.g. on a CPU),
+    whatever torch would prefer: one known kernel, chosen by rule."""
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -125,12 +136,13 @@ class PopulationForward:
             v = self._linear(h, p + "self_attn.v_proj").view(P, B, T, G, D)
             k = k.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
             v = v.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
+            k_cache, v_cache = self.k_cache[i][:B * P], self.v_cache[i][:B * P]  # fewer rows after a compaction
             if isinstance(start, int):
-                self.k_cache[i][:, :, start:start + T] = k
-                self.v_cache[i][:, :, start:start + T] = v
+                k_cache[:, :, start:start + T] = k
+                v_cache[:, :, start:start + T] = v
             else:
-                self.k_cache[i].index_copy_(2, start.view(1), k)
-                self.v_cache[i].index_copy_(2, start.view(1), v)
+                k_cache.index_copy_(2, start.view(1), k)
+                v_cache.index_copy_(2, start.view(1), v)
             q = q.view(P, B, T, G, rep, D).permute(1, 0, 3, 4, 2, 5).reshape(B * P, G, rep * T, D)
             attn = self._attention(i, q, groups, length)
             attn = attn.view(B, P, G, rep, T, D).permute(1, 0, 4, 2, 3, 5).reshape(P, B * T, H * D)
