@@ -84,3 +84,27 @@ def test_compaction_keeps_tokens_when_rows_finish(setup):
     got = generate_population(decoder, tokenizer, population, PROMPTS, cfg)
     assert [[c.token_ids for c in row] for row in got] == reference
     assert decoder.compactions >= 1 and decoder._n < 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", sorted(ATTENTION))
+def test_cuda_graphs_with_groups_and_compaction_equal_one_candidate_at_a_time(attention):
+    model = make_model("qwen2").cuda()
+    space = PerturbSpace(model)
+    probe = generate(model, make_tokenizer(eos=None), PROMPTS, DecodeConfig(max_new_tokens=NEW))
+    tokenizer = make_tokenizer(eos=probe[0].token_ids[12])
+    cfg = DecodeConfig(max_new_tokens=NEW, batch_size=len(PROMPTS), check_every=2)
+    population = [None, [(5, 0.002)], [(7, 0.05)]]
+    reference = []
+    for terms in population:
+        space.apply_combination(terms) if terms else space.restore()
+        reference.append([c.token_ids for c in generate(model, tokenizer, PROMPTS, cfg)])
+    space.restore()
+    decoder = PopulationDecoder(model, space, size=3, rows=4, max_len=64 + 16, attention=attention, groups=2,
+                                compact=True)
+    assert decoder.graphs_on
+    got = generate_population(decoder, tokenizer, population, PROMPTS, cfg)
+    assert [[c.token_ids for c in row] for row in got] == reference
+    again = generate_population(decoder, tokenizer, population[::-1], PROMPTS, cfg)  # replays
+    assert again[::-1] == got and len(decoder._graphs) >= 2

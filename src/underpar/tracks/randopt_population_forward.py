@@ -68,9 +68,9 @@ def sdpa_efficient_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> T
 
 
 def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """0 where `allowed`, -inf elsewhere, in `dtype`."""
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.tensor(float("-inf"), dtype=dtype, device=allowed.device))
+    """0 where `allowed`, -inf elsewhere, in `dtype` (fill kernels only: no host-to-device copy,
+    so it can be captured in a CUDA graph)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 # a group of prompt rows: (first row, end row, first cache slot read, its mask [rows?, 1, M, L])
