@@ -108,3 +108,14 @@ def test_cuda_graphs_with_groups_and_compaction_equal_one_candidate_at_a_time(at
     assert [[c.token_ids for c in row] for row in got] == reference
     again = generate_population(decoder, tokenizer, population[::-1], PROMPTS, cfg)  # replays
     assert again[::-1] == got and len(decoder._graphs) >= 2
+
+
+def test_randopt_config_names_the_kernels():
+    from underpar.config import validate
+    from underpar.tracks.randopt_search import RODecodeConfig
+
+    cfg = RODecodeConfig(population=4, population_attention="matmul", population_compact=True)
+    validate(cfg)
+    assert not hasattr(cfg.engine_config(), "population_attention")  # the one-candidate engine takes none of them
+    with pytest.raises(ConfigError, match="sdpa_efficient"):
+        validate(RODecodeConfig(population_attention="flash3"))

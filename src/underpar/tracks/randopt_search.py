@@ -23,6 +23,7 @@ from underpar.errors import ConfigError, DataError
 from underpar.eval.generate import ENGINES, DecodeConfig, GenerationStats, generate
 from underpar.eval.stats import mean
 from underpar.kernels.perturb_space import PerturbSpace
+from underpar.tracks.randopt_population_forward import ATTENTION
 from underpar.ui import progress
 
 POPULATION_FILE = "population.jsonl"
@@ -161,9 +162,12 @@ class RODecodeConfig:
     # a CUDA graph per step when compile is on; reproducible: no kernel is chosen by timing);
     # 1 = one candidate at a time through `engine`
     population: int = bounded(1, 1)
+    # population > 1: its attention kernel, and finished-row compaction (randopt_population.py)
+    population_attention: str = choice("sdpa_efficient", tuple(ATTENTION))
+    population_compact: bool = False
 
     def engine_config(self) -> DecodeConfig:
-        return DecodeConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k != "population"})
+        return DecodeConfig(**{k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("population")})
 
 
 
