@@ -427,9 +427,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_distributed_muon_matches_single_process(tmp_path) -> None:
+def test_distributed_muon_matches_single_process(tmp_path, one_thread) -> None:
     single = _run_muon(*_params_and_grads())
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children inherit the imports and one_thread's single thread (no OpenMP pool)
+    mp.start_processes(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     for name in ("rank0", "rank1", "rank0-fused", "rank1-fused"):  # the fused step (eager) too
         sharded = torch.load(tmp_path / f"{name}.pt")
         for a, b in zip(single, sharded):
