@@ -138,13 +138,11 @@ class PopulationDecoder(PopulationForward):
     def _step(self, length: int) -> tuple[Tensor, Tensor]:
         """One decode step from the static inputs (tok, pos, slot, finished); no input is
         written, so running it again (graph warm-up, capture) changes nothing."""
-        P, B = self.size, self._n
+        B = self._n
         L = torch.arange(length, device=self.device)
-        mask = additive(self.valid_bl[:B, :length] & (L <= self.slot), self.dtype)  # [B, L]
-        mask = mask[:, None, :].expand(B, P, length).reshape(B * P, 1, 1, length)
+        mask = additive(self.valid_bl[:B, :length] & (L <= self.slot), self.dtype)[:, None, None, :]  # [B, 1, 1, L]
         rows = -(-B // min(self.groups, B))
-        groups = [(b, min(b + rows, B), s, mask[b * P:min(b + rows, B) * P, :, :, s:])
-                  for b, s in zip(range(0, B, rows), self._starts)]
+        groups = [(b, min(b + rows, B), s, mask[b:b + rows, :, :, s:]) for b, s in zip(range(0, B, rows), self._starts)]
         logits = self._forward(self.tok_pb[:, :B, None], self.pos_b[:B, None], groups, self.slot, length)
         return _pick(logits, self.finished_pb[:, :B], self.eos_t, self.pad_id)
 
@@ -171,15 +169,16 @@ class PopulationDecoder(PopulationForward):
         return outputs
 
     def _prefill(self, ids_bw: Tensor, mask_bw: Tensor) -> Tensor:
-        """Logits [P, B, V] after the prompts; each prompt row attends alone (its mask broadcast
-        over the P candidates), pad queries see themselves (no NaN)."""
+        """Logits [P, B, V] after the prompts, attention in the decode step's row groups from
+        slot 0; pad queries see themselves (no NaN)."""
         P, B, W = self.size, self.rows, ids_bw.shape[1]
         slots = torch.arange(W, device=self.device)
         allowed = mask_bw[:, None, :] & (slots[None, :, None] >= slots[None, None, :])
         allowed |= torch.eye(W, dtype=torch.bool, device=self.device)
         rep = self.heads // self.kv_heads  # query rows ordered (head in group, position)
         mask = additive(allowed, self.dtype)[:, None].expand(B, rep, W, W).reshape(B, 1, rep * W, W)
-        groups: list[Group] = [(b, b + 1, 0, mask[b:b + 1]) for b in range(B)]
+        rows = -(-B // min(self.groups, B))
+        groups: list[Group] = [(b, min(b + rows, B), 0, mask[b:b + rows]) for b in range(0, B, rows)]
         return self._forward(ids_bw.expand(P, B, W), _positions(mask_bw), groups, 0, W)
 
     def _group_starts(self, mask_bw: Tensor) -> tuple[int, ...]:

@@ -4,12 +4,13 @@ with stacked weights, and the attention kernels it can use over the static KV ca
 Cache layout: one (B x P, kv_heads, max_len, head_dim) tensor per layer, row b * P + p holding
 prompt b of candidate p, so the rows of a group of prompts are contiguous for all candidates.
 Query heads g*rep .. g*rep+rep-1 share kv head g: they are grouped as rep query rows of kv head g,
-so K and V are read once per kv head ([rows, G, rep*T, D] against [rows, G, L, D]).
+so K and V are read once per kv head. Attention sees candidates as heads: [B, P x G, rep*T, D]
+against [B, P x G, L, D] (views, no copy), so a prompt row's mask [B, 1, rep*T or 1, L] is
+broadcast over its candidates and never materialized per candidate.
 
 Attention over a group of prompt rows reads only the cache slots [start, length) of that group:
 with rows sorted by prompt length (generate_population does), the left padding of the shorter
-prompts is not read. Masks are additive (0 where allowed, -inf elsewhere) in the model's dtype,
-broadcast over the candidates of one prompt row (prefill) or materialized per row (decode).
+prompts is not read. Masks are additive (0 where allowed, -inf elsewhere) in the model's dtype.
 
 Attention kernels, a registered choice (`decode.population_attention`):
 - "matmul": scores = q k^T * scale + mask, softmax in fp32, @ V (scores materialized per layer);
@@ -49,7 +50,7 @@ def attention_of(name: str) -> AttentionFn:
 
 @register_attention("matmul")
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [n, G, M, D], k/v [n, G, L, D], mask broadcastable to [n, 1, M, L] -> [n, G, M, D]."""
+    """q [n, H, M, D], k/v [n, H, L, D], mask broadcastable to [n, 1, M, L] -> [n, H, M, D]."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
     return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
@@ -73,7 +74,7 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-# a group of prompt rows: (first row, end row, first cache slot read, its mask [rows?, 1, M, L])
+# a group of prompt rows: (first row, end row, first cache slot read, its mask [rows, 1, M or 1, L])
 Group = tuple[int, int, int, Tensor]
 
 
@@ -111,10 +112,15 @@ class PopulationForward:
         return x * cos + rotated * sin
 
     def _attention(self, i: int, q: Tensor, groups: Sequence[Group], length: int) -> Tensor:
-        P = self.size
-        outs = [self.attend(q[b0 * P:b1 * P], self.k_cache[i][b0 * P:b1 * P, :, s:length],
-                            self.v_cache[i][b0 * P:b1 * P, :, s:length], mask) for b0, b1, s, mask in groups]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        """q [B x P, G, M, D] -> [B x P, G, M, D], candidates as heads: [B, P x G, M, D]."""
+        n, G, M, D = q.shape
+        B, heads = n // self.size, self.size * G
+        k = self.k_cache[i][:n].view(B, heads, -1, D)
+        v = self.v_cache[i][:n].view(B, heads, -1, D)
+        q = q.view(B, heads, M, D)
+        outs = [self.attend(q[b0:b1], k[b0:b1, :, s:length], v[b0:b1, :, s:length], mask)
+                for b0, b1, s, mask in groups]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(n, G, M, D)
 
     def _forward(self, ids_pbt: Tensor, pos_bt: Tensor, groups: Sequence[Group], start: int | Tensor,
                  length: int) -> Tensor:
