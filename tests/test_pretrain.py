@@ -23,6 +23,8 @@ from underpar.tracks import pretrain as track
 
 from test_prepare import write_corpus
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny matmuls, one thread
+
 MICRO = [
     "model.num_layers=2", "model.model_dim=64", "model.attention.num_heads=2", "model.attention.num_kv_heads=1", "model.vocab_size=400",
     "data.source=text", "data.vocab_size=400", "data.val_docs=20",
