@@ -4,10 +4,18 @@ on the same questions, the K=1 train-reward/test-accuracy Spearman, and ES (`--m
 antithetic pairs, z-scored rewards, fp32 master, tracks/randopt_es.py) after the same number of
 candidate evaluations on the same train slice, for each task and global seed. One process, one model load; candidates are decoded --size at a
 time (decode.population). The JSON is rewritten after every (task, seed), so a call cut short
-keeps what finished; split a long grid over calls with --tasks / --global-seeds.
+keeps what finished; split a long grid over calls or GPUs with --tasks / --global-seeds, and give
+each process its own --tag (the file is randopt_quality-<tag>-<device>.json).
 
-    PYTHONPATH=src python3 benchmarks/randopt_quality.py --out $OUT [--tasks basic_arithmetic chain_sum] \\
-        [--global-seeds 0 1 2] [--population 256]
+The default tasks are the mid-range ones of data/tasks/generated.py (chain_sum_easy,
+basic_arithmetic_easy: short direct answers, so --max-new-tokens and the stop strings default to
+each task's TASK_DECODE; 256 tokens for other tasks). Cost per (task, seed) is search + ES (the same
+number of candidate evaluations) + ensembles (up to max(--ks) members on the test set) + K=1
+(--k1-seeds members on the test set): about (2 * population * train + (max(ks) + k1_seeds) * test)
+prompt decodes of up to --max-new-tokens tokens.
+
+    PYTHONPATH=src python3 benchmarks/randopt_quality.py --out $OUT [--tasks chain_sum_easy basic_arithmetic_easy] \\
+        [--global-seeds 0 1 2] [--population 512] [--tag gpu0]
 """
 
 from __future__ import annotations
@@ -25,20 +33,33 @@ from underpar.runs.rundir import device_tag, environment
 from underpar.tracks import randopt
 
 RUNS = tempfile.mkdtemp(prefix="randopt-quality-")
+# (new tokens, stop strings) each task's answers need, from SmolLM2-135M-Instruct's greedy
+# completions on 200 test questions (CPU, fp32): chain_sum_easy's end by themselves within 16
+# tokens; basic_arithmetic_easy's state the sum on the first line and then may ramble on (with
+# other numbers, which the last-number extraction would take), so they stop at the line break.
+TASK_DECODE = {"chain_sum_easy": (16, []), "basic_arithmetic_easy": (48, ["\n"])}
+
+
+def decode_sets(task: str, max_new_tokens: int) -> list[str]:
+    """The decode overrides for `task`: its TASK_DECODE entry (256 tokens, no stop strings for
+    other tasks), with max_new_tokens replaced when it is not 0."""
+    tokens, stops = TASK_DECODE.get(task, (256, []))
+    return [f"decode.max_new_tokens={max_new_tokens or tokens}", f"decode.stop_strings={json.dumps(stops)}"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", nargs="+", default=["basic_arithmetic", "chain_sum"])
+    parser.add_argument("--tasks", nargs="+", default=["chain_sum_easy", "basic_arithmetic_easy"])
     parser.add_argument("--global-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--population", type=int, default=256)
+    parser.add_argument("--population", type=int, default=512)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--train-examples", type=int, default=64)
     parser.add_argument("--test-examples", type=int, default=200)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0 = the task's TASK_DECODE, else 256")
+    parser.add_argument("--tag", default="", help="file name prefix (one per process when a grid is split)")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--size", type=int, default=16, help="candidates decoded together (decode.population)")
     parser.add_argument("--k1-seeds", type=int, default=64, help="-1 = the whole population")
@@ -54,19 +75,20 @@ def main() -> None:
     model, tokenizer = hf.load_model(args.model)
     record = {"benchmark": "randopt_quality", "model": args.model, "args": vars(args), "runs": [],
               "load_seconds": time.time() - started, **environment()}
-    path = out / f"randopt_quality-{device_tag()}.json"
+    path = out / f"randopt_quality-{args.tag + '-' if args.tag else ''}{device_tag()}.json"
     for task in args.tasks:
+        decode = decode_sets(task, args.max_new_tokens)
         for seed in args.global_seeds:
             cfg = cfglib.resolve("randopt", "randopt-smollm2", [
                 f"task={task}", f"test_tasks={json.dumps([task])}", f"seed={seed}", f"name=quality-{task}-{seed}",
                 f"population={args.population}", f"sigmas={json.dumps(args.sigmas)}",
                 f"top_ratios={json.dumps([k / args.population for k in args.ks])}",
                 f"train_examples={args.train_examples}", f"test_examples={args.test_examples}",
-                f"decode.max_new_tokens={args.max_new_tokens}", f"decode.batch_size={args.batch_size}",
+                *decode, f"decode.batch_size={args.batch_size}",
                 f"decode.population={args.size}", f"diagnostics.k1_seeds={args.k1_seeds}",
                 "diagnostics.merge_pairs=0", "diagnostics.bpb_documents=0", f"runs_root={RUNS}", *args.sets])
             summary = dataclasses.asdict(randopt.run(cfg, model, tokenizer))
-            run = {"task": task, "global_seed": seed, **{k: summary[k] for k in (
+            run = {"task": task, "global_seed": seed, "decode": decode, **{k: summary[k] for k in (
                 "base", "population", "search", "ensembles", "diagnostics", "timing")}}
             if not args.no_es:  # the same task, train slice and number of candidate evaluations
                 es_cfg = cfg
@@ -79,7 +101,9 @@ def main() -> None:
             record["runs"].append(run)
             record["seconds"] = time.time() - started
             path.write_text(json.dumps(record, indent=2) + "\n")
-            print(f"{task} seed {seed} done at {record['seconds']:.0f} s", flush=True)
+            phases = ", ".join(f"{k} {v:.0f} s" for k, v in summary["timing"].items())
+            es_s = f", es {run['es']['seconds']:.0f} s" if "es" in run else ""
+            print(f"{task} seed {seed} done at {record['seconds']:.0f} s ({phases}{es_s})", flush=True)
     print(f"wrote {path}")
     print(table(record))
 

@@ -158,8 +158,8 @@ def check_model_name(name: str) -> str:
     missing path, a file, a folder without config.json) is a DataError, raised here in
     microseconds so callers can refuse it before any work (nothing is loaded or fetched)."""
     path = Path(name).expanduser()
-    if name == "smollm2-135m":
-        return "smollm2"
+    if name in ("smollm2-135m", "gemma3-270m"):  # the offline models (model/smollm2.py, model/gemma3.py)
+        return name.split("-")[0]
     hint = "pass a folder written by save_pretrained, a hub id like Qwen/Qwen2.5-0.5B-Instruct, or smollm2-135m"
     if name.strip() and path.is_dir():
         if not (path / "config.json").is_file():
@@ -247,14 +247,15 @@ def load_model(
     (left at random init) are named in a warning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from underpar.model import smollm2  # it imports this module
+    from underpar.model import gemma3, smollm2  # they import this module
 
     quiet_transformers()
     device = _device(device)
     kind = check_model_name(name)
     from_hub = kind == "hub"
     cache_only = _hub_access(name) if from_hub else False
-    source = str(smollm2.smollm2_dir()) if kind == "smollm2" else name if from_hub else str(Path(name).expanduser())
+    offline = {"smollm2": smollm2.smollm2_dir, "gemma3": gemma3.gemma3_dir}
+    source = str(offline[kind]()) if kind in offline else name if from_hub else str(Path(name).expanduser())
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source, dtype=_dtype(dtype, device), output_loading_info=True, local_files_only=cache_only)

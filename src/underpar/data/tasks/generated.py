@@ -29,8 +29,17 @@ class Generated(Task):
     DEFAULT_SIZE = {"train": 2000, "validation": 200, "test": 500}
     BUCKETS = 20  # bucket 0-1 -> test, 2 -> validation, 3-19 -> train
 
-    def __init__(self, name: str, **config: Any):
-        self.name, self.config = name, config
+    def __init__(self, name: str, dataset: str | None = None, instruction: str | None = None, **config: Any):
+        """Task `name` from reasoning-gym's `dataset` (default: the same name) built with `config`
+        (the dataset's own config fields, e.g. max_terms=3); `instruction` replaces the numeric one."""
+        self.name, self.dataset, self.config = name, dataset or name, config
+        if instruction is not None:
+            self.instruction = instruction
+
+    def prompt_messages(self, example: Example) -> list[dict]:
+        if not self.instruction:  # the question alone (it states what to answer)
+            return [{"role": "user", "content": example.question}]
+        return super().prompt_messages(example)
 
     @classmethod
     def split_of(cls, question: str) -> str:
@@ -65,7 +74,7 @@ class Generated(Task):
             raise DataError(f"task {self.name!r} needs reasoning-gym (pip install 'underpar[hf]')") from None
         max_tries = 50 * size + 10_000
         stream_seed = int(hashlib.sha256(f"{self.name}:{split}:{seed}".encode()).hexdigest()[:8], 16)
-        dataset = reasoning_gym.create_dataset(self.name, size=max_tries, seed=stream_seed, **self.config)
+        dataset = reasoning_gym.create_dataset(self.dataset, size=max_tries, seed=stream_seed, **self.config)
         records, seen = [], set()
         for idx in range(max_tries):
             if len(records) == size:
@@ -102,3 +111,15 @@ class Generated(Task):
 
 for _name in ("gsm_symbolic", "basic_arithmetic", "chain_sum"):
     register_task(Generated(_name))
+
+# Variants where SmolLM2-135M-Instruct is mid-range, so that RandOpt's votes can help (issue 18).
+# The question alone is the prompt: with the step-by-step instruction the model writes long,
+# mostly wrong derivations, and it never uses "####" (the last number is what gets scored).
+# Measured on CPU (fp32, greedy, 200 test questions; Wilson 95%): chain_sum_easy 0.150
+# [0.107, 0.206] (16 new tokens), basic_arithmetic_easy 0.255 [0.200, 0.320] (48 new tokens).
+# The defaults (2-6 terms of 1-4 digits, and basic_arithmetic's * / parentheses) score 0.02-0.08.
+register_task(Generated("chain_sum_easy", dataset="chain_sum", instruction="",
+                        min_terms=2, max_terms=3, min_digits=1, max_digits=1))  # "3 - 9 + 4 ="
+register_task(Generated("basic_arithmetic_easy", dataset="basic_arithmetic", instruction="",
+                        min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=["+"],
+                        allow_parentheses=False, allow_negation=False, format_style="natural"))  # "What is 23 + 45?"

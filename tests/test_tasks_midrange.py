@@ -1,0 +1,70 @@
+"""The mid-range task variants (data/tasks/generated.py, issue 18): each generates what its name
+and config say, is prompted with the question alone, and is what randopt_quality.py runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("reasoning_gym")
+
+from underpar.data.tasks import TASKS, get_task  # noqa: E402
+from underpar.data.tasks.base import NUMERIC_INSTRUCTION  # noqa: E402
+
+CHAIN = re.compile(r"State the final answer to the following arithmetic problem: (\d(?: [+-] \d){1,2}) =")
+SUM = re.compile(r"(?:What is (?P<a>.+)\?|Solve (?P<b>.+)\.|Compute (?P<c>.+)\.|Evaluate: (?P<d>.+)\.)")
+
+
+def test_chain_sum_easy_is_two_or_three_one_digit_terms():
+    task = get_task("chain_sum_easy")
+    test = task.load("test", limit=100)
+    terms = set()
+    for example in test:
+        match = CHAIN.fullmatch(example.question)
+        assert match, example.question
+        expression = match.group(1)
+        terms.add(len(expression.split()) // 2 + 1)
+        assert int(example.answer) == eval(expression)  # noqa: S307 (digits, + and - only)
+        assert task.prompt_messages(example) == [{"role": "user", "content": example.question}]
+        assert task.reward(f"{expression} = {example.answer}", example) == 1.0
+    assert terms == {2, 3}
+    assert not {e.question for e in test} & {e.question for e in task.load("train", limit=200)}
+
+
+def test_basic_arithmetic_easy_is_a_sum_of_two_numbers_below_101():
+    task = get_task("basic_arithmetic_easy")
+    test = task.load("test", limit=100)
+    widths = set()
+    for example in test:
+        match = SUM.fullmatch(example.question)
+        assert match, example.question
+        a, b = next(g for g in match.groups() if g).split(" + ")
+        widths.add(max(len(a), len(b)))
+        assert int(a) <= 100 and int(b) <= 100 and int(example.answer) == int(a) + int(b)
+        assert task.prompt_messages(example) == [{"role": "user", "content": example.question}]
+    assert widths >= {1, 2}
+    assert len({m.group(0).split()[0] for e in test if (m := SUM.fullmatch(e.question))}) == 4  # all phrasings
+
+
+def test_variants_keep_the_defaults_apart():
+    # the default tasks keep their config, cached data and the step-by-step instruction
+    chain = get_task("chain_sum")
+    example = chain.load("test", limit=1)[0]
+    assert chain.prompt_messages(example)[0]["content"].endswith(NUMERIC_INSTRUCTION)
+    assert get_task("chain_sum_easy").dataset == "chain_sum" and chain.config == {}
+    assert example.question not in {e.question for e in get_task("chain_sum_easy").load("test", limit=100)}
+
+
+def test_quality_benchmark_runs_registered_tasks():
+    path = Path(__file__).parents[1] / "benchmarks" / "randopt_quality.py"
+    spec = importlib.util.spec_from_file_location("randopt_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert set(module.TASK_DECODE) <= set(TASKS)
+    assert module.decode_sets("chain_sum_easy", 0) == ["decode.max_new_tokens=16", "decode.stop_strings=[]"]
+    assert module.decode_sets("basic_arithmetic_easy", 0)[1] == 'decode.stop_strings=["\\n"]'
+    assert module.decode_sets("gsm_symbolic", 0) == ["decode.max_new_tokens=256", "decode.stop_strings=[]"]
+    assert module.decode_sets("chain_sum_easy", 64)[0] == "decode.max_new_tokens=64"
