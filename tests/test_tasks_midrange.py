@@ -28,7 +28,7 @@ def test_chain_sum_easy_is_two_or_three_one_digit_terms():
         expression = match.group(1)
         terms.add(len(expression.split()) // 2 + 1)
         assert int(example.answer) == eval(expression)  # noqa: S307 (digits, + and - only)
-        assert task.prompt_messages(example) == [{"role": "user", "content": example.question}]
+        assert task.prompt_messages(example) == [{"role": "user", "content": f"{example.question}\n\n{NUMERIC_INSTRUCTION}"}]
         assert task.reward(f"{expression} = {example.answer}", example) == 1.0
     assert terms == {2, 3}
     assert not {e.question for e in test} & {e.question for e in task.load("train", limit=200)}
@@ -45,6 +45,9 @@ def test_basic_arithmetic_easy_is_a_sum_of_two_numbers_below_101():
         widths.add(max(len(a), len(b)))
         assert int(a) <= 100 and int(b) <= 100 and int(example.answer) == int(a) + int(b)
         assert task.prompt_messages(example) == [{"role": "user", "content": example.question}]
+        # the first line is the answer; what follows is not read
+        assert task.reward(f"{a} + {b} = {example.answer}\n\nIn Python, 2 + 2 is 4.", example) == 1.0
+        assert task.reward(f"To add them:\n{a} + {b} = {example.answer}", example) == 0.0
     assert widths >= {1, 2}
     assert len({m.group(0).split()[0] for e in test if (m := SUM.fullmatch(e.question))}) == 4  # all phrasings
 
@@ -54,6 +57,7 @@ def test_variants_keep_the_defaults_apart():
     chain = get_task("chain_sum")
     example = chain.load("test", limit=1)[0]
     assert chain.prompt_messages(example)[0]["content"].endswith(NUMERIC_INSTRUCTION)
+    assert not chain.first_line and not get_task("chain_sum_easy").first_line
     assert get_task("chain_sum_easy").dataset == "chain_sum" and chain.config == {}
     assert example.question not in {e.question for e in get_task("chain_sum_easy").load("test", limit=100)}
 
@@ -63,8 +67,4 @@ def test_quality_benchmark_runs_registered_tasks():
     spec = importlib.util.spec_from_file_location("randopt_quality", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert set(module.TASK_DECODE) <= set(TASKS)
-    assert module.decode_sets("chain_sum_easy", 0) == ["decode.max_new_tokens=16", "decode.stop_strings=[]"]
-    assert module.decode_sets("basic_arithmetic_easy", 0)[1] == 'decode.stop_strings=["\\n"]'
-    assert module.decode_sets("gsm_symbolic", 0) == ["decode.max_new_tokens=256", "decode.stop_strings=[]"]
-    assert module.decode_sets("chain_sum_easy", 64)[0] == "decode.max_new_tokens=64"
+    assert set(module.TASK_TOKENS) == {"chain_sum_easy", "basic_arithmetic_easy"} <= set(TASKS)

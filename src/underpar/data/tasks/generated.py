@@ -29,12 +29,20 @@ class Generated(Task):
     DEFAULT_SIZE = {"train": 2000, "validation": 200, "test": 500}
     BUCKETS = 20  # bucket 0-1 -> test, 2 -> validation, 3-19 -> train
 
-    def __init__(self, name: str, dataset: str | None = None, instruction: str | None = None, **config: Any):
+    def __init__(self, name: str, dataset: str | None = None, instruction: str | None = None,
+                 first_line: bool = False, **config: Any):
         """Task `name` from reasoning-gym's `dataset` (default: the same name) built with `config`
-        (the dataset's own config fields, e.g. max_terms=3); `instruction` replaces the numeric one."""
-        self.name, self.dataset, self.config = name, dataset or name, config
+        (the dataset's own config fields, e.g. max_terms=3); `instruction` replaces the numeric
+        one ("" = the question alone); `first_line`: answers are read from the reply's first line
+        only (a direct answer, whatever the model rambles on about afterwards)."""
+        self.name, self.dataset, self.config, self.first_line = name, dataset or name, config, first_line
         if instruction is not None:
             self.instruction = instruction
+
+    def extract_all(self, text: str | None) -> dict[str, str | None]:
+        if self.first_line and text:
+            text = text.strip().split("\n", 1)[0]
+        return super().extract_all(text)
 
     def prompt_messages(self, example: Example) -> list[dict]:
         if not self.instruction:  # the question alone (it states what to answer)
@@ -112,14 +120,14 @@ class Generated(Task):
 for _name in ("gsm_symbolic", "basic_arithmetic", "chain_sum"):
     register_task(Generated(_name))
 
-# Variants where SmolLM2-135M-Instruct is mid-range, so that RandOpt's votes can help (issue 18).
-# The question alone is the prompt: with the step-by-step instruction the model writes long,
-# mostly wrong derivations, and it never uses "####" (the last number is what gets scored).
-# Measured on CPU (fp32, greedy, 200 test questions; Wilson 95%): chain_sum_easy 0.150
-# [0.107, 0.206] (16 new tokens), basic_arithmetic_easy 0.255 [0.200, 0.320] (48 new tokens).
-# The defaults (2-6 terms of 1-4 digits, and basic_arithmetic's * / parentheses) score 0.02-0.08.
-register_task(Generated("chain_sum_easy", dataset="chain_sum", instruction="",
+# Variants where SmolLM2-135M-Instruct is mid-range, so that RandOpt's votes can help (issue 18);
+# the defaults (2-6 terms of 1-4 digits; basic_arithmetic's * / parentheses) score 0.02-0.08.
+# chain_sum_easy keeps the step-by-step instruction: the replies are short ("4 - 4 = 0", median
+# 11 tokens) and score higher than with the question alone (0.25 vs 0.15 on one sample).
+# basic_arithmetic_easy is the question alone ("What is 23 + 45?"), read from the reply's first
+# line: the model states the sum there, then often rambles on with other numbers.
+register_task(Generated("chain_sum_easy", dataset="chain_sum",
                         min_terms=2, max_terms=3, min_digits=1, max_digits=1))  # "3 - 9 + 4 ="
-register_task(Generated("basic_arithmetic_easy", dataset="basic_arithmetic", instruction="",
+register_task(Generated("basic_arithmetic_easy", dataset="basic_arithmetic", instruction="", first_line=True,
                         min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=["+"],
-                        allow_parentheses=False, allow_negation=False, format_style="natural"))  # "What is 23 + 45?"
+                        allow_parentheses=False, allow_negation=False, format_style="natural"))
