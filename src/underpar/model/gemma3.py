@@ -9,6 +9,7 @@ in benchmarks/randopt_quality.py's notes)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -119,11 +120,9 @@ def gemma3_dir() -> Path:
 def _convert(gguf_file: Path, out: Path) -> None:
     """GGUF Q4_K_M -> dequantized Gemma3ForCausalLM saved as bf16 (the release's dtype), with
     the tokenizer, Gemma's chat template, and <end_of_turn> as a stop token."""
-    try:
-        import accelerate  # noqa: F401  (transformers needs it to read GGUF)
-        import gguf  # noqa: F401
-    except ImportError as e:
-        raise DataError(f"converting the Gemma 3 GGUF needs the `{e.name}` package; pip install {e.name}") from None
+    for needed in ("accelerate", "gguf"):  # what transformers needs to read GGUF
+        if importlib.util.find_spec(needed) is None:
+            raise DataError(f"converting the Gemma 3 GGUF needs the `{needed}` package; pip install {needed}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
