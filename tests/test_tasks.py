@@ -39,7 +39,7 @@ GSM_RECORDS = [
 
 def test_registry_and_unknown_task():
     assert set(TASKS) == {"gsm8k", "math500", "s1k", "chat", "gsm_symbolic", "basic_arithmetic",
-                          "chain_sum", "asdiv"}
+                          "chain_sum", "asdiv", "chain_sum_easy", "basic_arithmetic_easy"}
     assert get_task("gsm8k").answer_kind == "numeric" and get_task("math500").answer_kind == "math"
     assert get_task("chat").answer_kind is None
     with pytest.raises(ConfigError, match="unknown task 'gsm9k'; valid: gsm8k, math500"):
@@ -407,7 +407,8 @@ def eval_task_cases(root):
         (["--batch-size", "-2"], "error: batch_size = -2 is out of range; it must lie in [1, inf]"),
         (["--task", "nope"], "error: task = 'nope' is not valid; choose one of: gsm8k, math500, s1k, chat, asdiv"),
         (["--task", "chat"], "error: task = 'chat' has no gold answers to score; choose an answer-scored task "
-                             "(gsm8k, math500, asdiv, gsm_symbolic, basic_arithmetic, chain_sum)"),
+                             "(gsm8k, math500, asdiv, gsm_symbolic, basic_arithmetic, chain_sum, chain_sum_easy, "
+                             "basic_arithmetic_easy)"),
         (["--task", "asdiv", "--split", "train"], "error: task = 'asdiv' has no 'train' split (its splits: test)"),
         (["--split", "dev"], "error: task = 'gsm_symbolic' has no 'dev' split (its splits: train, validation, test)"),
         (["--task", "gsm8k", "--path", str(root / "missing.jsonl")], f"error: task data file {root / 'missing.jsonl'} does not exist"),
