@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from underpar.errors import DataError  # noqa: E402
-from underpar.model import gemma3  # noqa: E402
+from underpar.model import gemma3, smollm2  # noqa: E402
 from underpar.model.hf import check_model_name, num_parameters  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def test_env_folder_must_be_converted(tmp_path, monkeypatch):
 def _converted():
     from underpar.data.corpora import cache_dir
     folder = cache_dir() / "models" / gemma3.GEMMA3_DIR_NAME
-    return folder if gemma3._is_converted(folder) else None
+    return folder if smollm2._is_converted(folder) else None
 
 
 @pytest.mark.slow  # ~30 s on 2 busy cores (a 544 MB model)

