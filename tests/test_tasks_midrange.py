@@ -48,6 +48,7 @@ def test_basic_arithmetic_easy_is_a_sum_of_two_numbers_below_101():
         # the first line is the answer; what follows is not read
         assert task.reward(f"{a} + {b} = {example.answer}\n\nIn Python, 2 + 2 is 4.", example) == 1.0
         assert task.reward(f"To add them:\n{a} + {b} = {example.answer}", example) == 0.0
+        assert task.reward(f"To add them:\n{a} + {b}\n#### {example.answer}", example) == 1.0  # the strict form
     assert widths >= {1, 2}
     assert len({m.group(0).split()[0] for e in test if (m := SUM.fullmatch(e.question))}) == 4  # all phrasings
 

@@ -33,14 +33,15 @@ class Generated(Task):
                  first_line: bool = False, **config: Any):
         """Task `name` from reasoning-gym's `dataset` (default: the same name) built with `config`
         (the dataset's own config fields, e.g. max_terms=3); `instruction` replaces the numeric
-        one ("" = the question alone); `first_line`: answers are read from the reply's first line
-        only (a direct answer, whatever the model rambles on about afterwards)."""
+        one ("" = the question alone); `first_line`: a reply without the strict '#### <answer>'
+        line is read from its first line only (a direct answer, whatever the model rambles on
+        about afterwards)."""
         self.name, self.dataset, self.config, self.first_line = name, dataset or name, config, first_line
         if instruction is not None:
             self.instruction = instruction
 
     def extract_all(self, text: str | None) -> dict[str, str | None]:
-        if self.first_line and text:
+        if self.first_line and text and "####" not in text:
             text = text.strip().split("\n", 1)[0]
         return super().extract_all(text)
 
