@@ -8,12 +8,11 @@ median ms of one firing of its hook alone (after_step on a step where it fires, 
 after_backward on random gradients), with that cost amortized over its period.
 
     PYTHONPATH=src python3 benchmarks/dynamics_overhead.py --data .data/builtin_sp1024 --out $OUT
-    # CPU check: --device cpu --preset tiny-cpu --steps 3 --tokens-per-step 4096 --set train.compile=false
+    # CPU check: --device cpu --preset tiny-cpu --steps 3 --tokens-per-step 8192 --set train.compile=false
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from underpar.data.dataset import PreparedData
 from underpar.optim import build_dynamics
 from underpar.runs.rundir import device_tag, environment
 from underpar.tracks.pretrain import Trainer
-from variant_runs import run_variants
+from variant_runs import common_sets, run_variants, variant_names, variant_parser
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -91,25 +90,15 @@ def table(record: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--preset", default="golf-baseline")
-    parser.add_argument("--steps", type=int, default=20)
+    parser = variant_parser(20, "timed training steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tokens-per-step", type=int, default=131_072)
-    parser.add_argument("--set", nargs="*", default=[], dest="sets", help="extra config overrides (CPU check)")
-    parser.add_argument("--only", nargs="*", default=None, help="variant names (baseline always runs first)")
-    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     env = dist.setup(args.device)
-    base = [f"data.out={args.data}", f"train.tokens_per_step={args.tokens_per_step}", "train.warmup_steps=3",
-            f"train.device={args.device}", *args.sets]
+    base = common_sets(args)
     cfg = cfglib.resolve("pretrain", args.preset, base)
     trainer = Trainer(cfg, env, PreparedData.ready(cfg.data, env))
     compile_seconds = trainer.warm_up()
-    names = ["baseline"] + [n for n in (args.only or VARIANTS) if n != "baseline"]
+    names = variant_names(args.only, VARIANTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "dynamics_overhead", "preset": args.preset, "steps": args.steps, "repeats": args.repeats,

@@ -5,12 +5,11 @@ stage that changes the graph), ms/step in every training stage against the basel
 same process, and the graphs compiled inside the timed steps (must be 0).
 
     PYTHONPATH=src python3 benchmarks/structure_speed.py --data .data/builtin_sp1024 --out $OUT [--only a b ...]
-    # CPU check: --device cpu --preset tiny-cpu --steps 2 --tokens-per-step 4096 --set train.compile=false
+    # CPU check: --device cpu --preset tiny-cpu --steps 2 --tokens-per-step 8192 --set train.compile=false
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from underpar.data.dataset import PreparedData
 from underpar.runs.rundir import device_tag, environment
 from underpar.stages import compiled_graphs
 from underpar.tracks.pretrain import Trainer
-from variant_runs import run_variants
+from variant_runs import common_sets, run_variants, variant_names, variant_parser
 
 # The log's U1-U6 at its numbers where they fit the 9 x 512, 8-head baseline: growing starts
 # at 8 of 9 layers (2 graphs; the log's start at 3 would compile 7), pruning keeps 4 of 8 heads.
@@ -75,22 +74,11 @@ def time_variant(sets: list[str], preset: str, data: PreparedData, env: dist.Env
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--preset", default="golf-baseline")
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per training stage")
-    parser.add_argument("--tokens-per-step", type=int, default=131_072)
-    parser.add_argument("--set", nargs="*", default=[], dest="sets", help="extra config overrides (CPU check)")
-    parser.add_argument("--only", nargs="*", default=None, help="variant names (baseline always runs first)")
-    parser.add_argument("--tag", default="")
-    args = parser.parse_args()
+    args = variant_parser(15, "timed steps per training stage").parse_args()
     env = dist.setup(args.device)
-    common = [f"data.out={args.data}", f"train.tokens_per_step={args.tokens_per_step}", "train.warmup_steps=3",
-              f"train.device={args.device}", *args.sets]
+    common = common_sets(args)
     data = PreparedData.ready(cfglib.resolve("pretrain", args.preset, common).data, env)
-    names = ["baseline"] + [n for n in (args.only or VARIANTS) if n != "baseline"]
+    names = variant_names(args.only, VARIANTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "structure_speed", "preset": args.preset, "steps_per_stage": args.steps,

@@ -19,7 +19,7 @@ from underpar import dist
 from underpar.data.dataset import PreparedData
 from underpar.runs.rundir import device_tag, environment
 from underpar.tracks.pretrain import Trainer
-from variant_runs import run_variants
+from variant_runs import run_variants, variant_names
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -91,7 +91,7 @@ def main() -> None:
     env = dist.setup("cuda")
     common = [f"data.out={args.data}", f"train.tokens_per_step={args.tokens_per_step}", "train.warmup_steps=3"]
     data = PreparedData.ready(cfglib.resolve("pretrain", "golf-baseline", common).data, env)
-    names = ["baseline"] + [n for n in (args.only or VARIANTS) if n != "baseline"]
+    names = variant_names(args.only, VARIANTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "technique_speed", "steps": args.steps, "tokens_per_step": args.tokens_per_step,

@@ -4,10 +4,37 @@ run, its ms/step set against the first (baseline) row's, the JSON rewritten afte
 
 from __future__ import annotations
 
+import argparse
 import json
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+
+
+def variant_parser(steps: int, steps_help: str) -> argparse.ArgumentParser:
+    """The options the in-process variant benchmarks share (structure_speed, dynamics_overhead)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="golf-baseline")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--tokens-per-step", type=int, default=131_072)
+    parser.add_argument("--set", nargs="*", default=[], dest="sets", help="extra config overrides (CPU check)")
+    parser.add_argument("--only", nargs="*", default=None, help="variant names (baseline always runs first)")
+    parser.add_argument("--tag", default="")
+    return parser
+
+
+def common_sets(args: argparse.Namespace) -> list[str]:
+    """The overrides every variant of a `variant_parser` run starts from."""
+    return [f"data.out={args.data}", f"train.tokens_per_step={args.tokens_per_step}", "train.warmup_steps=3",
+            f"train.device={args.device}", *args.sets]
+
+
+def variant_names(only: list[str] | None, variants: dict[str, list[str]]) -> list[str]:
+    """`only` (default: every variant) with the baseline first."""
+    return ["baseline"] + [n for n in (only or variants) if n != "baseline"]
 
 
 def run_variants(names: list[str], variants: dict[str, list[str]], measure: Callable[[list[str]], dict],
