@@ -85,6 +85,16 @@ def test_warmup_restore_leaves_a_fresh_init(data_dir):
     assert not torch.equal(trainer.model.state_dict()["blocks.0.attn.proj.weight"], fresh["blocks.0.attn.proj.weight"])
 
 
+def test_an_eager_run_compiles_nothing(data_dir):
+    """train.compile=false: neither the model nor Muon's Newton-Schulz under torch.compile (on
+    CUDA Muon compiles by default, one graph per shape, inside the timed region)."""
+    for compile, model_compiled, muon_compile in (("true", True, None), ("false", False, False)):
+        cfg = micro_config(data_dir, "unused", f"train.compile={compile}")
+        trainer = track.Trainer(cfg, dist.setup("cpu"), PreparedData.open(cfg.data))
+        assert (trainer.forward is not trainer.model) == model_compiled
+        assert trainer.optimizers[0].compile is muon_compile
+
+
 def final_losses(run_dir):
     return [r["train_loss"] for r in RunDir(run_dir).metrics() if "train_loss" in r]
 

@@ -181,3 +181,21 @@ def test_a_killed_sweep_resumes_with_no_run_lost_or_repeated(tmp_path):
     done = [r["job"] for r in rows if r["status"] == "done"]
     assert sorted(done) == sorted(j.key for j in plan.jobs), "each job done exactly once"
     assert [r["job"] for r in rows if r["status"] == "killed"] == ["act/leaky/seed=1"]
+
+
+def test_each_in_process_job_starts_with_empty_dynamo_caches(monkeypatch):
+    """Jobs of one sweep share a process: a fullgraph function compiled for other shapes by
+    earlier jobs must not hit dynamo's recompile limit in a later one (as the 131-run log's
+    entries did on an H200: new widths and head counts recompile Muon's iteration)."""
+    import types
+
+    import torch
+
+    step = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False, fullgraph=True)
+    probe = types.ModuleType("underpar.tracks._probe")
+    probe.run = lambda n: step(torch.ones(n)).sum().item()
+    monkeypatch.setitem(sys.modules, "underpar.tracks._probe", probe)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert [sweeplib.run_track("_probe", n) for n in (2, 3, 4)] == [6.0, 9.0, 12.0]
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # the same outside run_track: past the limit
+            step(torch.ones(5))

@@ -94,9 +94,10 @@ class OptimConfig:
 
 
 def build_optimizers(
-    model: nn.Module, cfg: OptimConfig, tie_embeddings: bool
+    model: nn.Module, cfg: OptimConfig, tie_embeddings: bool, compile: bool | None = None
 ) -> list[torch.optim.Optimizer]:
-    """[Muon, Adam] (either left out when it has no parameters), following the param table."""
+    """[Muon, Adam] (either left out when it has no parameters), following the param table.
+    compile: Muon's Newton-Schulz under torch.compile (None: when the parameters are on CUDA)."""
     groups: dict[tuple[str, str, float], list[nn.Parameter]] = {}
     for a in assign_params(model, cfg, tie_embeddings):
         groups.setdefault((a.rule.optimizer, a.rule.lr_field, a.lr), []).append(a.param)
@@ -121,6 +122,7 @@ def build_optimizers(
                 numuon=cfg.numuon,
                 numuon_min_rank=cfg.numuon_min_rank,
                 fused=cfg.muon_fused,
+                compile=compile,
             )
         )
     adam_groups = param_groups("adam")

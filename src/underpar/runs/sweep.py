@@ -274,9 +274,14 @@ def parse_worker(text: str) -> tuple[int, int]:
 
 
 def run_track(track: str, cfg: Any) -> Any:
-    """The track's own `run` in this process: the summary it returns."""
+    """The track's own `run` in this process: the summary it returns. Dynamo's caches are
+    emptied first, so the graphs of earlier jobs (other shapes of the same functions) do not
+    count against its recompile limit, which fails a fullgraph compile once reached."""
     from importlib import import_module
 
+    import torch
+
+    torch._dynamo.reset()
     return import_module(f"underpar.tracks.{track}").run(cfg)
 
 

@@ -58,7 +58,7 @@ class TrainConfig:
     val_batch_tokens: int = bounded(65_536, 1)
     checkpoint_every_steps: int = bounded(0, 0)  # 0 = no checkpoints
     seed: int = 1337
-    compile: bool = True
+    compile: bool = True  # the model (fullgraph) and Muon's iteration under torch.compile; false: all eager
     device: str = choice("auto", ("auto", "cpu", "cuda"))
     artifact_limit_bytes: int = bounded(artifact.LIMIT_BYTES, 1)
     runs_root: str = "runs"

@@ -65,7 +65,10 @@ class Trainer:
         if use_bf16:
             cast_for_bf16_training(self.model)
         check_sdpa_backend(cfg.model.attention, cfg.model.model_dim, env.device, torch.bfloat16 if use_bf16 else torch.float32)
-        self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied)
+        # train.compile=false is eager throughout: Muon's iteration too (its graphs would otherwise
+        # compile inside the timed region, one per new shape)
+        self.optimizers = build_optimizers(self.model, cfg.optim, cfg.model.embeddings.tied,
+                                           compile=None if train.compile else False)
         self.averager = build_averager(self.model, cfg.optim)  # EMA/SWA/LAWA (optim.averaging); no-op by default
         # the log's weight dynamics, gradient tricks and weight-decay schedule; no-ops by default
         self.dynamics = build_dynamics(self.model, cfg.optim, train.seed)
