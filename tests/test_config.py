@@ -101,6 +101,20 @@ def test_presets_listed_and_loaded():
         cfglib.load_preset("nope")
 
 
+def test_the_largest_model_preset_is_the_one_measured():
+    """golf-max16mb is what benchmarks/quant_largest.py found to fit 16,000,000 bytes on an H200
+    (results/quant_largest-h200.json): its parameter count and the export that made it fit."""
+    import torch
+
+    from underpar.model.gpt import build, num_params
+
+    cfg = cfglib.resolve("pretrain", "golf-max16mb")
+    with torch.device("meta"):
+        assert num_params(build(cfg.model)) == 35_948_152
+    q = cfg.quant
+    assert (q.qat_bits, q.qat_clip, q.qat_start, q.gptq, q.lqer_rank, q.clip.matrix_sigmas) == (6, "sdclip", 0.5, True, 4, 14.0)
+
+
 def test_unknown_track():
     with pytest.raises(ConfigError, match="unknown track 'golf'; valid tracks: prepare"):
         cfglib.root_class("golf")
