@@ -26,6 +26,7 @@ from underpar.eval.accuracy import evaluate_task
 from underpar.eval.generate import DecodeConfig
 from underpar.eval.stats import mean_ci, welch_test
 from underpar.model import hf
+from underpar.runs.rundir import device_tag
 from underpar.tracks import finetune
 
 EVAL_TASKS = ("gsm_symbolic", "asdiv")
@@ -86,7 +87,7 @@ def main() -> None:
               "base": {n: {k: base[n][k] for k in ("accuracy", "strict", "flexible", "n", "generated_tokens_per_second")} for n in EVAL_TASKS},
               "runs": runs, "stats": stats, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "commit": os.environ.get("UNDERPAR_GIT_COMMIT"), "seconds": time.time() - started}
-    (out / "finetune_quality-h100.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"finetune_quality-{device_tag()}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table(record))
 
 

@@ -315,3 +315,18 @@ def test_kill_and_resume_with_dynamics_is_exact(data_dir, tmp_path, monkeypatch)
     resumed = track.run(cfglib.load_json(killed_dir / "config.json"), resume=killed_dir)
     assert final_losses(killed_dir) == final_losses(uninterrupted.run_dir)
     assert resumed.val_bpb_pre_quant == uninterrupted.val_bpb_pre_quant and resumed.val_bpb == uninterrupted.val_bpb
+
+
+def test_the_logged_lr_includes_the_logs_lr_tricks(data_dir, tmp_path):  # noqa: F811
+    """The lr column of a run is the multiplier the optimizers got: the schedule's times the
+    trick's (here a burst at progress 0 over a floor of 0.3 elsewhere)."""
+    from underpar.runs.rundir import RunDir
+
+    def logged_lr(*sets):
+        summary = track.run(micro_config(data_dir, tmp_path / str(len(sets)), *sets))
+        return [r["lr"] for r in RunDir(summary.run_dir).metrics() if "train_loss" in r]
+
+    plain = logged_lr()
+    bursts = logged_lr("optim.gradient_trick=punctuated_equilibrium", "optim.gradient_trick.centres=[0.0]",
+                       "optim.gradient_trick.width=0.01")
+    assert bursts == pytest.approx([plain[0]] + [0.3 * lr for lr in plain[1:]])

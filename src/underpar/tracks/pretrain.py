@@ -212,8 +212,8 @@ def train_loop(trainer: Trainer, state: Progress, run_dir: RunDir, ckpt_file: Pa
         started = time.perf_counter()
         for change in trainer.stages.enter(progress):
             run_dir.log(f"step {state.step} | {change} ({100 * progress:.1f}% of training)")
-        lr = schedule(progress)
-        loss = trainer.step(lr, muon_momentum_at(cfg.optim, state.step), progress)
+        loss = trainer.step(schedule(progress), muon_momentum_at(cfg.optim, state.step), progress)
+        lr = trainer.lr_multiplier
         state.step += 1
         step = state.step
         trainer.averager.update(step, progress)  # eager foreach ops after the optimizer step, timed with it

@@ -97,7 +97,9 @@ class Trainer:
     def step(self, lr_multiplier: float, momentum: float, progress: float = 0.0) -> float:
         """One optimizer step over the global batch; the mean training loss of all ranks."""
         train, env = self.cfg.train, self.env
-        set_lr(self.optimizers, lr_multiplier * self.dynamics.lr_multiplier(progress))
+        # the schedule's multiplier times the log's LR tricks (bursts, predator-prey): what is logged
+        self.lr_multiplier = lr_multiplier * self.dynamics.lr_multiplier(progress)
+        set_lr(self.optimizers, self.lr_multiplier)
         set_weight_decay(self.optimizers, self.dynamics.wd_multiplier(progress))
         set_muon_momentum(self.optimizers, momentum)
         set_muon_progress(self.optimizers, progress)  # NuMuon's rank schedule
