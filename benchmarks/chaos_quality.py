@@ -49,6 +49,8 @@ METHODS = {
     "chaos-slice-mean-halves": ["method=chaos", "method.strategy=slice", "method.stub=mean_halves"],
     "chaos-hoist-frozen-identity": ["method=chaos", "method.strategy=hoist", "method.train_identity=false"],
     "chaos-hoist-dead-cap": ["method=chaos", "method.strategy=hoist", "method.active_fraction_min=0.5"],
+    # memory rather than quality: AdamW moments of parameters that sit a block out dropped (restart at 0)
+    "chaos-hoist-moments-reset": ["method=chaos", "method.strategy=hoist", "method.optimizer_state=reset"],
 }
 
 
