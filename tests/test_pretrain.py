@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,23 +198,47 @@ def single(data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun missing")
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_two_process_torchrun_matches_one_process(data_dir, single, tmp_path, compile):
-    """Also compiled: DDP must wrap the compiled model (dynamo cannot trace DDP's forward); on
-    the aot_eager backend, as the in-process compile tests (inductor: test_model)."""
+def test_two_process_torchrun_matches_one_process(data_dir, single, tmp_path):
+    """Eager here; compiled in the next test."""
     sets = torchrun_sets(data_dir)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cli = ["-m", "underpar"] if not compile else [os.path.join(os.path.dirname(__file__), "aot_eager_cli.py")]
-    args = [torchrun, "--standalone", "--nproc_per_node=2", *cli, "pretrain", "--preset", "tiny-cpu"]
-    for s in sets + [f"train.runs_root={tmp_path / 'two'}", "train.micro_batch_tokens=512", f"train.compile={str(compile).lower()}"]:
+    args = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "underpar", "pretrain", "--preset", "tiny-cpu"]
+    for s in sets + [f"train.runs_root={tmp_path / 'two'}", "train.micro_batch_tokens=512"]:
         args += ["--set", s]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     (two_dir,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]
     two = json.loads((two_dir / "summary.json").read_text())
-    assert two["world_size"] == 2 and two["steps"] == 4 and (two["compiled_graphs"] > 0) == compile
+    assert two["world_size"] == 2 and two["steps"] == 4 and two["compiled_graphs"] == 0
     assert final_losses(two_dir) == pytest.approx(final_losses(single.run_dir), rel=2e-3)
     assert two["val_bpb"] == pytest.approx(single.val_bpb, rel=2e-3)
+
+
+@pytest.mark.slow
+def test_compiled_ddp_splits_the_graph_at_gradient_buckets(data_dir, tmp_path):
+    """Compiled (on the aot_eager backend, as the in-process compile tests; inductor: test_model),
+    DDP wraps the compiled model (dynamo cannot trace DDP's forward under fullgraph). That model is
+    compiled on its first call, inside DDP's forward, so dynamo's DDPOptimizer splits it at DDP's
+    gradient buckets (1 MiB first, then 25 MiB): each bucket's backward is its own graph and its
+    all-reduce starts while the earlier layers' backward runs. A 256-wide model has more than one
+    bucket; the losses stay those of one process."""
+    sets = torchrun_sets(data_dir) + ["model.model_dim=256"]
+    one = track.run(cfglib.resolve("pretrain", "tiny-cpu", sets + [f"train.runs_root={tmp_path / 'one'}"]))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = [torchrun, "--standalone", "--nproc_per_node=2", os.path.join(os.path.dirname(__file__), "aot_eager_cli.py"),
+            "pretrain", "--preset", "tiny-cpu"]
+    for s in sets + [f"train.runs_root={tmp_path / 'two'}", "train.micro_batch_tokens=512", "train.compile=true"]:
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_LOGS": "+torch._dynamo.backends.distributed"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    buckets = [int(n) for n in re.findall(r"\[rank0\].*DDPOptimizer used bucket cap \d+ and created (\d+) buckets", result.stderr)]
+    assert buckets and min(buckets) > 1, result.stderr[-3000:]
+    (two_dir,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]
+    two = json.loads((two_dir / "summary.json").read_text())
+    assert two["world_size"] == 2 and two["compiled_graphs"] > 0
+    assert final_losses(two_dir) == pytest.approx(final_losses(one.run_dir), rel=2e-3)
+    assert two["val_bpb"] == pytest.approx(one.val_bpb, rel=2e-3)
 
 
 @pytest.mark.slow

@@ -76,8 +76,9 @@ class Trainer:
         self.stages = Stages(self.model.stage_switches() + [Switch(*s) for s in qat_switches(self.model, cfg.quant)])
         self.stages.enter(0.0)
         # Compile the model, then wrap it, as the reference does: dynamo cannot trace DDP's own
-        # forward under fullgraph=True. The price: the gradient all-reduce (67 MB a step for the
-        # baseline) starts after the compiled backward instead of overlapping it.
+        # forward under fullgraph=True. The compile happens on the first call, inside DDP's forward,
+        # so dynamo's DDPOptimizer splits the graph at DDP's gradient buckets: each bucket's
+        # all-reduce overlaps the rest of the backward (test_pretrain's compiled DDP test).
         # Inductor (torch 2.11, H200) asserts in its mix-order-reduction fusion on the two-lane
         # residual's backward; without that fusion it compiles (benchmarks/results/technique_speed-*).
         options = {"triton.mix_order_reduction": False} if cfg.model.residual.two_lane_start >= 0 else None
