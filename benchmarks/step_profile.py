@@ -2,11 +2,15 @@
 golf-baseline, any --set), runs the untimed compile warmup and a few steps, then profiles --steps
 steps with torch.profiler: device time per kernel, summed into groups (matmuls, attention,
 inductor/Triton fused kernels, communication, copies, other), against the wall time of the same
-steps (wall minus device time is where the GPU waited for the host). Writes
-step_profile-<device>[-<tag>].json with the groups and the top kernels.
+steps (wall minus device time is where the GPU waited for the host). Under torchrun each rank
+trains its share as `underpar pretrain` does and rank 0's step is profiled (its all-reduces and
+the waits inside them show up as communication). Writes step_profile-<device>[-<tag>].json with
+the groups and the top kernels.
 
     PYTHONPATH=src python3 benchmarks/step_profile.py --data .data/builtin_sp1024 --out $OUT \\
         [--set train.micro_batch_tokens=524288] [--tag micro]
+    PYTHONPATH=src torchrun --standalone --nproc_per_node=2 benchmarks/step_profile.py --data .data/builtin_sp1024 \\
+        --out $OUT --tag 2gpu      # NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     PYTHONPATH=src python3 benchmarks/step_profile.py --preset tiny-cpu --out /tmp/sp --steps 2   # CPU smoke
 """
 
@@ -28,7 +32,7 @@ from underpar.runs.rundir import device_tag, environment
 from underpar.tracks.pretrain import Trainer
 
 GROUPS = [  # first match wins
-    ("communication", r"nccl"),
+    ("communication", r"nccl|gloo|c10d|all_?reduce|all_?gather|reduce_?scatter"),
     ("attention", r"flash|fmha|attention|cudnn_sdpa|sdpa"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|matmul|\bmm\b|addmm|bmm"),
     ("fused (inductor/Triton)", r"^triton|_kernel$"),
@@ -76,7 +80,7 @@ def main() -> None:
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + ms
     busy = sum(groups.values())
     record = {
-        "benchmark": "step_profile", "preset": args.preset, "sets": sets, "steps": args.steps,
+        "benchmark": "step_profile", "preset": args.preset, "sets": sets, "steps": args.steps, "world_size": env.world_size,
         "compile_seconds": round(compile_seconds, 1), "wall_ms_per_step": round(wall_ms, 2),
         "device_ms_per_step": round(busy, 2), "host_wait_ms_per_step": round(wall_ms - busy, 2) if cuda else None,
         "groups": {g: {"ms": round(ms, 2), "share": round(ms / busy, 4)} for g, ms in sorted(groups.items(), key=lambda x: -x[1])},
@@ -84,6 +88,9 @@ def main() -> None:
                         for ms, name in kernels[: args.top]],
         **environment(),
     }
+    dist.teardown()
+    if not env.is_main:
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_profile-{device_tag()}{'-' + args.tag if args.tag else ''}.json"
