@@ -34,7 +34,6 @@ from underpar.config import bounded, choice, items, variant
 from underpar.errors import ConfigError
 from underpar.model.attention_gates import ATTENTION_GATES, AttentionGate, head_gates, init_gate_weight
 from underpar.model.linear import CastedLinear, rms_norm
-from underpar.quant.qat import fake_quantize_rows
 from underpar.model.rope import ROPE_DTYPES, Rotary, apply_rotary
 from underpar.model.rope_scaling import ROPE_SCALINGS, RopeScaling
 
@@ -137,12 +136,6 @@ def check_sdpa_backend(cfg: AttentionConfig, model_dim: int, device: torch.devic
     )
 
 
-def casted_weight(linear: CastedLinear, dtype: torch.dtype) -> Tensor:
-    """The weight `linear`'s forward multiplies by: fake-quantized under QAT, cast to `dtype`."""
-    w = linear.weight
-    return (fake_quantize_rows(w, linear.qat_bits) if linear.qat_bits else w).to(dtype)
-
-
 def remove_self_value(y_bhtd: Tensor, v_bktd: Tensor) -> Tensor:
     """XSA: y_i <- y_i - (y_i . v_i / |v_i|^2) v_i per head, where v_i is the token's own value
     in the KV head the query head reads (query head h uses KV head h // (heads / kv_heads), as
@@ -214,7 +207,7 @@ class CausalSelfAttention(nn.Module):
         if not (self.fused_qkv and self.training):
             return self.c_q(x_btd), self.c_k(x_btd), self.c_v(x_btd)
         linears = (self.c_q, self.c_k, self.c_v)
-        w = torch.cat([casted_weight(lin, x_btd.dtype) for lin in linears])
+        w = torch.cat([lin.casted_weight(x_btd.dtype) for lin in linears])
         return F.linear(x_btd, w).split([lin.out_features for lin in linears], dim=-1)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ that computes in the input's dtype."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -37,8 +38,10 @@ class CastedLinear(nn.Linear):
         if zero_init:
             nn.init.zeros_(self.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def casted_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight the forward multiplies by: fake-quantized under QAT, cast to `dtype`."""
         w = self.weight
-        if self.qat_bits:
-            w = fake_quantize_rows(w, self.qat_bits)
-        return F.linear(x, w.to(x.dtype))
+        return (fake_quantize_rows(w, self.qat_bits) if self.qat_bits else w).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.casted_weight(x.dtype))

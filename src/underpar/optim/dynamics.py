@@ -216,11 +216,16 @@ class Metamorphosis:
     def rate(self, p0: float, progress: float) -> float:
         return p0 * max(0.0, 1.0 - progress / self.until)
 
-    def build(self, model: nn.Module, seed: int) -> Hooks:
-        p0 = getattr(getattr(model, "cfg", None), "dropout", 0.0)
+    @staticmethod
+    def check_dropout(p0: float) -> None:
+        """Refuse a model without dropout (checked with the config and again at build)."""
         if not p0:
             raise ConfigError("optim.weight_dynamics = 'metamorphosis' decays model.dropout, which is 0 here: "
                               "set model.dropout to the starting rate (the log's N6: 0.1)")
+
+    def build(self, model: nn.Module, seed: int) -> Hooks:
+        p0 = getattr(getattr(model, "cfg", None), "dropout", 0.0)
+        self.check_dropout(p0)
         return _Metamorphosis(model, p0, self)
 
 

@@ -66,8 +66,7 @@ def check_inputs(cfg: FinetuneConfig, device: torch.device, model: PreTrainedMod
         say(f"{model_name} has random weights and no tokenizer: it trains on random tokens, and data.task and "
             "eval.tasks are not used")
     if model is None and cfg.model.architecture and device.type == "cpu":
-        depth = {"num_hidden_layers": cfg.model.num_layers} if cfg.model.num_layers else {}
-        size = hf.num_parameters(hf.random_model(cfg.model.architecture, device="meta", **depth))  # shapes only
+        size = hf.num_parameters(hf.random_model(cfg.model.architecture, device="meta", **depth(cfg.model)))  # shapes only
         if size > CPU_PARAMETERS_WARNING:
             say(f"warning: {model_name} has {size:,} parameters; on a CPU that is ~{16 * size / 1e9:.0f} GB of "
                 "float32 weights, gradients and AdamW state and minutes per step (it is a GPU job)")
@@ -90,12 +89,16 @@ def check_inputs(cfg: FinetuneConfig, device: torch.device, model: PreTrainedMod
     return Inputs(model, tokenizer, encoded, eval_examples, notes)
 
 
+def depth(cfg: FTModelConfig) -> dict[str, int]:
+    """The config override of a random-init architecture's depth (model.num_layers; none at 0)."""
+    return {"num_hidden_layers": cfg.num_layers} if cfg.num_layers else {}
+
+
 def load(cfg: FTModelConfig, device: torch.device, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model, tokenizer); a random-init architecture has no tokenizer."""
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if cfg.architecture:
-        depth = {"num_hidden_layers": cfg.num_layers} if cfg.num_layers else {}
-        return hf.random_model(cfg.architecture, dtype=dtype, device=device, seed=seed, **depth), None
+        return hf.random_model(cfg.architecture, dtype=dtype, device=device, seed=seed, **depth(cfg)), None
     return hf.load_model(cfg.name, device=device, dtype=dtype)
 
 

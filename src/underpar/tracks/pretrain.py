@@ -92,9 +92,8 @@ class PretrainConfig:
         if cap and reserve >= cap:
             raise ConfigError(f"quant.gptq_reserve_seconds = {reserve:g} leaves no training time under "
                               f"train.max_wallclock_seconds = {cap:g}")
-        if isinstance(self.optim.weight_dynamics, Metamorphosis) and not self.model.dropout:
-            raise ConfigError("optim.weight_dynamics = 'metamorphosis' decays model.dropout, which is 0 here: "
-                              "set model.dropout to the starting rate (the log's N6: 0.1)")
+        if isinstance(self.optim.weight_dynamics, Metamorphosis):
+            self.optim.weight_dynamics.check_dropout(self.model.dropout)
         if self.model.vocab_size < self.data.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {self.model.vocab_size} is smaller than data.vocab_size = {self.data.vocab_size}"

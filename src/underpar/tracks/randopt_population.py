@@ -141,7 +141,7 @@ class PopulationDecoder(PopulationForward):
         B = self._n
         L = torch.arange(length, device=self.device)
         mask = additive(self.valid_bl[:B, :length] & (L <= self.slot), self.dtype)[:, None, None, :]  # [B, 1, 1, L]
-        rows = -(-B // min(self.groups, B))
+        rows = self._group_rows(B)
         groups = [(b, min(b + rows, B), s, mask[b:b + rows, :, :, s:]) for b, s in zip(range(0, B, rows), self._starts)]
         logits = self._forward(self.tok_pb[:, :B, None], self.pos_b[:B, None], groups, self.slot, length)
         return _pick(logits, self.finished_pb[:, :B], self.eos_t, self.pad_id)
@@ -177,15 +177,19 @@ class PopulationDecoder(PopulationForward):
         allowed |= torch.eye(W, dtype=torch.bool, device=self.device)
         rep = self.heads // self.kv_heads  # query rows ordered (head in group, position)
         mask = additive(allowed, self.dtype)[:, None].expand(B, rep, W, W).reshape(B, 1, rep * W, W)
-        rows = -(-B // min(self.groups, B))
+        rows = self._group_rows(B)
         groups: list[Group] = [(b, min(b + rows, B), 0, mask[b:b + rows]) for b in range(0, B, rows)]
         return self._forward(ids_bw.expand(P, B, W), _positions(mask_bw), groups, 0, W)
+
+    def _group_rows(self, B: int) -> int:
+        """Rows per row group when B rows are decoded (the last group may have fewer)."""
+        return -(-B // min(self.groups, B))
 
     def _group_starts(self, mask_bw: Tensor) -> tuple[int, ...]:
         """Each row group's first cache slot: its longest prompt's first, rounded down to ALIGN."""
         B = mask_bw.shape[0]
         first = (mask_bw.shape[1] - mask_bw.sum(-1)).tolist()
-        rows = -(-B // min(self.groups, B))
+        rows = self._group_rows(B)
         return tuple(min(first[b:b + rows]) // ALIGN * ALIGN for b in range(0, B, rows))
 
     def _compact(self, live: Tensor, width: int, written: int) -> Tensor:
