@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch._dynamo
 from torch._dynamo.utils import counters
+
+GRAPHS_PER_STAGE = 8  # dynamo's default recompile limit, for each stage
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,14 @@ class Stages:
                 changes.append(f"{switch.name} {'on' if value else 'off'}")
         self._on = on
         return changes
+
+    def allow_their_graphs(self) -> None:
+        """Let every compiled function keep dynamo's default number of graphs in each stage: a
+        stage that changes shapes (progressive growing: every Muon stack grows) gives each
+        compiled function a graph per shape and stage, which dynamo counts as recompiles and fails
+        a fullgraph compile past its limit. Only raises the limit."""
+        limit = GRAPHS_PER_STAGE * len(self)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
     def describe(self) -> str:
         if not self.switches:

@@ -158,6 +158,7 @@ class Trainer:
         will use; then model, optimizer state, loader, dynamics, RNG and stage are put back
         exactly: the warmup trains nothing. Returns its seconds."""
         started = time.perf_counter()
+        self.stages.allow_their_graphs()
         if self.cfg.train.warmup_steps:
             model_state = copy.deepcopy(self.model.state_dict())
             optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
