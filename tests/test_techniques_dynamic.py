@@ -224,8 +224,8 @@ def test_growing_with_compiled_muon_warms_up_more_graphs_than_dynamos_default_li
     aot_eager_compile(monkeypatch)
     build = trainer_module.build_optimizers
     monkeypatch.setattr(trainer_module, "build_optimizers", lambda *a, **kw: build(*a, **{**kw, "compile": True}))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever ran before
     sets = ["train.compile=true", "model.num_layers=4", "model.residual.encoder_layers=0",
             "model.structure.grow={name = 'progressive', start_layers = 1, at = [0.25, 0.5, 0.75]}"]
-    summary = track.run(micro_config(data_dir, tmp_path, *sets))
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default, whatever ran before
+        summary = track.run(micro_config(data_dir, tmp_path, *sets))
     assert summary.recompiles_in_timed_region == 0 and summary.compiled_graphs > 8
