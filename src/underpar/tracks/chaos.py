@@ -30,6 +30,12 @@ Semantics, following the team's published code (JuiceB0xC0de/lucky-pick-schedule
   evaluate the full model inside `controller.restored()`.
 - active victims per block: underpar's bounds stay inside the configured fractions
   (`active_count="strict"`); `"round"` is the published rounding (see the field).
+- slice forms (`slice_form`): "gather" gathers the kept rows / columns from the full weights in
+  every forward and backward (zero gradients elsewhere: AdamW momentum and weight decay still
+  move entries that are not kept); "pack" copies them once per block into contiguous parameters
+  that train instead (tracks/chaos_pack.py): entries that are not kept do not move at all, the
+  kept entries' AdamW moments carry across blocks, and the values are written back before the
+  full model is used (`restored()`, `end()`) and at each block's end.
 - stubs are seeded by (seed, original index of the run's first layer), so a run that starts at
   the same layer gets the same stub in every block, as in the published code.
 
@@ -51,6 +57,7 @@ from underpar.config import bounded, choice, items, validate
 from underpar.errors import ConfigError
 from underpar.model import surgery
 from underpar.tracks import chaos_repairs
+from underpar.tracks.chaos_pack import Packs
 from underpar.tracks.chaos_scheduler import BlockPlan, ChaosScheduler, resolve_layers  # noqa: F401 (re-exported)
 from underpar.tracks.chaos_strategies import CHAOS_STRATEGIES
 from underpar.tracks.finetune_methods import METHODS, Controller, MethodConfig
@@ -97,6 +104,12 @@ class ChaosConfig(MethodConfig):
     calibration_batches: int = bounded(4, 1)
     seed: int = bounded(0, 0)
     optimizer_state: str = choice("keep", ["keep", "reset", "offload"])  # of params sitting out
+    # slice: "gather" the kept rows / cols of the full weights in each forward and backward (zero
+    # gradients for the rest, which AdamW momentum and weight decay still move), or "pack" them once
+    # per block into contiguous parameters that train instead (no per-step gather / scatter; entries
+    # not kept do not move; kept entries' AdamW moments are carried from and back to the full
+    # parameters' state; optimizer_state="reset": a packed copy's moments last one block)
+    slice_form: str = choice("gather", ["gather", "pack"])
     # mask: hooks act in training mode only (published), or in eval mode too (True)
     mask_in_eval: bool = False
     # mask: parameters of dead layers and disabled halves are frozen ("freeze": no gradient, AdamW
@@ -120,6 +133,10 @@ class ChaosConfig(MethodConfig):
             raise ConfigError(f"method.masked_params = {self.masked_params!r} applies to method.strategy = 'mask' "
                               f"only (strategy {self.strategy!r} takes what sits out out of the graph); "
                               "leave it at 'freeze'")
+        if self.slice_form != "gather" and self.strategy != "slice":
+            raise ConfigError(f"method.slice_form = {self.slice_form!r} applies to method.strategy = 'slice' only "
+                              f"(strategy {self.strategy!r} slices no weights); leave it at 'gather' or set "
+                              "method.strategy=slice")
         if self.stub != "random" and self.strategy == "mask":
             raise ConfigError(f"method.stub = {self.stub!r} applies to strategies that remove layers (hoist, slice); "
                               "strategy 'mask' runs dead layers as x -> x and has no stubs")
@@ -166,6 +183,8 @@ class ChaosController(Controller):
         self._requires_grad = [(p, p.requires_grad) for p in self.params]
         self._offloaded: dict[torch.Tensor, torch.device] = {}
         self._host: dict[tuple[torch.Tensor, str], torch.Tensor] = {}  # optimizer_state="offload"
+        self.packs = Packs()  # slice_form="pack": this block's packed copies
+        self._optimizer: torch.optim.Optimizer | None = None  # where the packed copies train
 
     def block_of(self, step: int) -> int:
         return step // self.cfg.sticky_interval
@@ -203,6 +222,7 @@ class ChaosController(Controller):
                      for m in modes]
         surgery.set_trainable(self.model, modes, train_embeddings=cfg.train_embeddings,
                               train_identity=cfg.train_identity, skip_identity=cfg.hoist_identity)
+        self.packs.freeze_sources()  # pack: the copies train, not the full weights behind them
         for p in self.params:
             if not p.requires_grad:
                 p.grad = None
@@ -210,15 +230,38 @@ class ChaosController(Controller):
 
     def _apply(self) -> None:
         self.strategy.apply(self.model, self.plan, self.cfg)
+        if self.cfg.slice_form == "pack":
+            self.packs.attach(self.model)
 
-    def _undo(self) -> None:
+    def _undo(self, block_end: bool = True) -> None:
+        """The full model; slice_form="pack": with the packed values written back, and at a
+        block's end (`block_end`) the copies' optimizer state too, and the copies dropped."""
+        self.packs.write_back()
+        if block_end:
+            self._drop_packs(self._optimizer)
         self.strategy.undo(self.model)
+
+    def _drop_packs(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None:
+            self.packs.leave(optimizer, self.cfg.optimizer_state != "reset", self._new_state)
+        self.packs, self._optimizer = Packs(), None
+
+    def _new_state(self, p: torch.Tensor, key: str, like: torch.Tensor) -> torch.Tensor:
+        """A zero state tensor `key` of full parameter `p` (for packed moments to land in):
+        optimizer_state="offload" makes it on the host, as an offloaded one."""
+        if self.cfg.optimizer_state == "offload":
+            pin = torch.cuda.is_available() and p.device.type == "cuda"
+            self._offloaded.setdefault(p, p.device)
+            if (p, key) not in self._host:
+                self._host[p, key] = torch.empty_like(p, dtype=like.dtype, device="cpu", pin_memory=pin)
+            return self._host[p, key].zero_()
+        return torch.zeros_like(p, dtype=like.dtype)
 
     @contextlib.contextmanager
     def restored(self) -> Iterator[nn.Module]:
         """The full model (original layers, config, no masks) inside the block; `requires_grad`
         is left as the block set it. The block's structure comes back on exit."""
-        self._undo()
+        self._undo(block_end=False)
         try:
             yield self.model
         finally:
@@ -229,8 +272,12 @@ class ChaosController(Controller):
         """AdamW state of parameters that sit out this block: "keep" leaves it; "reset" drops it
         (they restart from zero moments when they return; frees memory meanwhile); "offload"
         moves the moment tensors to (pinned) CPU memory and brings them back on return.
-        Call it right after `begin_block` (`begin(..., optimizer)` does)."""
+        Call it right after `begin_block` (`begin(..., optimizer)` does). slice_form="pack": the
+        packed copies join `optimizer` first, with their full parameters' state (chaos_pack)."""
         mode = self.cfg.optimizer_state
+        if self.packs:
+            self._optimizer = optimizer
+            self.packs.join(optimizer)
         if mode == "keep":
             return
         for group in optimizer.param_groups:
@@ -262,7 +309,10 @@ class ChaosController(Controller):
             del self._offloaded[p]
 
     def end(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Restore the model (layers, config, masks, `requires_grad`) and any offloaded state."""
+        """Restore the model (layers, config, masks, `requires_grad`) and any offloaded state
+        (slice_form="pack": the packed values and their moments, written back)."""
+        if optimizer is not None and self.packs:
+            self._optimizer = optimizer
         self._undo()
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
