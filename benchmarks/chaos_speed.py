@@ -8,7 +8,8 @@ parameter first, as after every layer has trained once).
     PYTHONPATH=src python3 benchmarks/chaos_speed.py --out $OUT [--arch qwen2.5-3b] [--blocks 3] [--only ...]
 
 "chaos-slice*" variants hoist and run the kept heads / channel groups / output groups as
-smaller matmuls (model/sliced.py, eager). Held-out loss measuring is off (eval.heldout_examples=0):
+smaller matmuls (model/sliced.py, eager): gathered from the full weights every step, or, in
+"chaos-slice-pack*", packed once per block into parameters that train (method.slice_form=pack). Held-out loss measuring is off (eval.heldout_examples=0):
 this is a speed run on random tokens.
 """
 
@@ -42,6 +43,11 @@ VARIANTS = {
                                      "method.optimizer_state=offload"],
     "chaos-slice-identity-reset": ["method=chaos", "method.strategy=slice", "method.hoist_identity=true",
                                    "method.optimizer_state=reset"],
+    # kept rows / cols packed once per block into parameters that train (no per-step gather / scatter)
+    "chaos-slice-pack-identity": ["method=chaos", "method.strategy=slice", "method.slice_form=pack",
+                                  "method.hoist_identity=true"],
+    "chaos-slice-pack-identity-reset": ["method=chaos", "method.strategy=slice", "method.slice_form=pack",
+                                        "method.hoist_identity=true", "method.optimizer_state=reset"],
 }
 
 

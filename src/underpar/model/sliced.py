@@ -89,8 +89,8 @@ def _put(full: torch.Tensor, part: torch.Tensor, rows: torch.Tensor | None, cols
         full.copy_(part) if rows is None else full.index_copy_(0, rows, part)
     elif rows is None:
         full.index_copy_(1, cols, part)
-    else:
-        full[rows[:, None], cols] = part
+    else:  # two copies (a 2-D index_put would broadcast an index per entry)
+        full.index_copy_(0, rows, full.index_select(0, rows).index_copy_(1, cols, part))
 
 
 class PackedLinear(nn.Module):
