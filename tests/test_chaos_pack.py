@@ -48,8 +48,19 @@ def kept_mask(full, rows, cols):
 
 @pytest.mark.parametrize("arch", ARCHS)  # qwen2: q/k/v biases are packed too
 def test_packed_forward_and_backward_equal_the_gather_form(arch):
-    base = tiny(arch, seed=5).train()
-    x = tokens(seed=3, seq_len=12)
+    compare_packed_and_gathered(arch, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_equals_gathered_on_cuda(arch):
+    compare_packed_and_gathered(arch, "cuda")
+
+
+def compare_packed_and_gathered(arch, device):
+    base = tiny(arch, seed=5).train().to(device)
+    x = tokens(seed=3, seq_len=12).to(device)
     names = [n for n, _ in base.named_parameters()]
     losses, grads = {}, {}
     for form in ("gather", "pack"):

@@ -91,7 +91,8 @@ CHAOS_STRATEGIES.register("mask")(Strategy(apply=mask, undo=surgery.remove_masks
 # Hoisting plus the mask plan's kept units physically sliced out of the weights: dead layers
 # leave the graph, and active layers run smaller matmuls over their kept heads, channel groups
 # and output groups (what the write-up describes; the published hoist runs kept layers at full
-# width). Same plans, same numbers as "mask" up to rounding (see model/sliced.py).
+# width). Same plans, same numbers as "mask" up to rounding (see model/sliced.py). The controller
+# runs the sliced projections on packed copies instead with `slice_form = "pack"` (chaos_pack.py).
 
 
 def hoist_sliced(model: nn.Module, plan: BlockPlan, cfg: ChaosConfig) -> None:
