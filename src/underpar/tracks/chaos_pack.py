@@ -18,8 +18,14 @@ A block's `Packs` lives from the block's start to its end:
   and the group and its state removed.
 
 Entries that are not kept do not move during the block: no gradient, no momentum, no weight
-decay (the "gather" form instead gives them zero gradients, on which AdamW momentum and weight
-decay still act).
+decay, and their moments stay as they were (the "gather" form instead gives them zero
+gradients, on which AdamW momentum and weight decay still act, and decays their moments). The
+full parameter's step (bias correction) is one scalar: it advances with the block's steps.
+optimizer_state: "keep" as above; "offload": the full parameters' state sits on the host while
+they sit out (moments made for them at a block's end are made there); "reset": the full
+weights behind the copies sit out, so their state is dropped once the copies have gathered from
+it, and a copy's moments last one block (the gather form keeps a layer's moments while it stays
+active in consecutive blocks).
 """
 
 from __future__ import annotations
