@@ -51,6 +51,10 @@ METHODS = {
     "chaos-hoist-dead-cap": ["method=chaos", "method.strategy=hoist", "method.active_fraction_min=0.5"],
     # memory rather than quality: AdamW moments of parameters that sit a block out dropped (restart at 0)
     "chaos-hoist-moments-reset": ["method=chaos", "method.strategy=hoist", "method.optimizer_state=reset"],
+    # the configuration that meets the speed/memory target (chaos_speed-pack-*-h200.json): packed
+    # sub-networks (entries not kept do not move), identity layers hoisted, idle moments dropped
+    "chaos-slice-pack-identity-reset": ["method=chaos", "method.strategy=slice", "method.slice_form=pack",
+                                        "method.hoist_identity=true", "method.optimizer_state=reset"],
 }
 
 
