@@ -161,9 +161,13 @@ class SlicedLayer(_LayerBase):
         self.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False)
         if hasattr(layer, "_gradient_checkpointing_func"):
             self._gradient_checkpointing_func = layer._gradient_checkpointing_func
+        self._projections = self._find_projections()  # fixed for the block: not rebuilt per call
 
     def projections(self) -> dict[str, tuple[nn.Linear, torch.Tensor | None, torch.Tensor | None]]:
         """name -> (the full linear, kept output rows, kept input cols; None = all) of what runs."""
+        return self._projections
+
+    def _find_projections(self) -> dict[str, tuple[nn.Linear, torch.Tensor | None, torch.Tensor | None]]:
         k, out = self.kept, {}
         if self.mode in ("both", "attn"):
             a = self.self_attn
@@ -192,7 +196,7 @@ class SlicedLayer(_LayerBase):
         """Projection `name` over the kept units: the packed copy, or gathered from the full weight."""
         if self.packed is not None:
             return self.packed[name](x)
-        linear, rows, cols = self.projections()[name]
+        linear, rows, cols = self._projections[name]
         return sliced_linear(x, linear, rows, cols)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, position_embeddings: Any = None,
