@@ -80,7 +80,7 @@ def main() -> None:
         records = [json.loads(Path(f).read_text()) for f in args.merge]
         record = {**records[0], "runs": [r for rec in records for r in rec["runs"]], "merged": args.merge}
         record["stats"] = stats(record["runs"], record["eval_tasks"])
-        write(out, record, "merged")
+        write(out, record, "merged", device_tag(record["device"]))  # where the runs ran
         return
     started = time.time()
     model, tokenizer = hf.load_model("smollm2-135m")
@@ -158,9 +158,9 @@ def stats(runs: list[dict], tasks: list[str]) -> dict:
     return out
 
 
-def write(out: Path, record: dict, tag: str) -> None:
+def write(out: Path, record: dict, tag: str, device: str | None = None) -> None:
     record["stats"] = stats(record["runs"], record["eval_tasks"])
-    (out / f"chaos_quality{'-' + tag if tag else ''}-{device_tag()}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"chaos_quality{'-' + tag if tag else ''}-{device or device_tag()}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table(record), flush=True)
 
 

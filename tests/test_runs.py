@@ -6,7 +6,7 @@ from __future__ import annotations
 from underpar import dist
 from underpar.runs import plots
 from underpar.runs.clock import Clock
-from underpar.runs.rundir import RunDir, Summary
+from underpar.runs.rundir import RunDir, Summary, device_tag
 
 
 def test_new_run_directories_never_reuse_a_path(tmp_path):
@@ -18,6 +18,11 @@ def test_new_run_directories_never_reuse_a_path(tmp_path):
 def test_summary_records_where_it_ran():
     summary = Summary(name="n", run_dir="d")
     assert summary.device and summary.torch and summary.python
+
+
+def test_device_tag_names_a_recorded_device():
+    assert device_tag("NVIDIA H200") == "h200" and device_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert device_tag("cpu (x86_64, 2 cores)") == "cpu" and device_tag("NVIDIA B200") == "gpu"
 
 
 def test_final_val_bpb_is_not_joined_to_the_periodic_line(tmp_path):

@@ -201,11 +201,14 @@ def environment() -> dict[str, Any]:
     }
 
 
-def device_tag() -> str:
-    """A short device name for result file names: h100, h200, ..., gpu, or cpu."""
-    if not torch.cuda.is_available():
+def device_tag(name: str | None = None) -> str:
+    """A short device name for result file names: h100, h200, ..., gpu, or cpu; of this machine,
+    or of a device `name` as results record it (e.g. "NVIDIA H200", a merged file's runs)."""
+    if name is None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = name.lower()
+    if name.startswith("cpu"):
         return "cpu"
-    name = torch.cuda.get_device_name().lower()
     return next((tag for tag in ("h200", "h100", "a100", "l40s", "l4") if tag in name), "gpu")
 
 
