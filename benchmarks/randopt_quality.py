@@ -16,6 +16,11 @@ prompt decodes of up to --max-new-tokens tokens.
 
     PYTHONPATH=src python3 benchmarks/randopt_quality.py --out $OUT [--tasks chain_sum_easy basic_arithmetic_easy] \\
         [--global-seeds 0 1 2] [--population 512] [--tag gpu0]
+    python3 benchmarks/randopt_quality.py --out $OUT --merge a.json b.json   # one table and the per-seed summary
+
+The summary gives, per task and K (and for ES), the mean accuracy gain over the global seeds with
+its Student-t interval and a one-sample t-test of the gains (the seeds redraw the population; the
+test questions are the same), beside how many seeds' McNemar tests reach p < 0.05.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from pathlib import Path
 
 from underpar import config as cfglib
+from underpar.eval.stats import mean_ci, t_sf
 from underpar.model import hf
 from underpar.runs.rundir import device_tag, environment
 from underpar.tracks import randopt
@@ -60,9 +66,17 @@ def main() -> None:
     parser.add_argument("--es-lr", type=float, default=5e-7)
     parser.add_argument("--no-es", action="store_true")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra randopt config overrides")
+    parser.add_argument("--merge", nargs="+", help="result files of earlier runs: one table and summary, no decoding")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        records = [json.loads(Path(f).read_text()) for f in args.merge]
+        record = {**records[0], "runs": [r for rec in records for r in rec["runs"]], "merged": args.merge}
+        record["summary"] = summary_over_seeds(record["runs"])
+        (out / f"randopt_quality-merged-{device_tag(record['device'])}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(table(record))
+        return
     started = time.time()
     model, tokenizer = hf.load_model(args.model)
     record = {"benchmark": "randopt_quality", "model": args.model, "args": vars(args), "runs": [],
@@ -112,8 +126,42 @@ def table(record: dict) -> str:
         for ens in run["ensembles"]:
             lines.append(f"| {run['task']} | {run['global_seed']} | {fmt(ens['base'])} | {ens['k']} | {fmt(ens['accuracy'])} | "
                          f"{ens['gained']} / {ens['lost']} | {ens['mcnemar_p']:.3f} | {rho} | {es_text} | {es_p} |")
-    lines.append(f"\n{record['device']}, torch {record['torch']}, {record.get('seconds', 0):.0f} s in all")
+    if "summary" in record:
+        lines += ["", "| task | K | seeds | base | accuracy, mean | gain, mean [95% t-CI] | t-test p | seeds with McNemar p < 0.05 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in record["summary"]:
+            g = row["gain"]
+            p = "-" if row["p"] is None else f"{row['p']:.3f}"
+            lines.append(f"| {row['task']} | {row['k']} | {g['n']} | {row['base']:.3f} | {row['accuracy']:.3f} | "
+                         f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] | {p} | {row['significant']} |")
+    else:
+        lines.append(f"\n{record['device']}, torch {record['torch']}, {record.get('seconds', 0):.0f} s in all")
     return "\n".join(lines)
+
+
+def summary_over_seeds(runs: list[dict]) -> list[dict]:
+    """Per task and K (and "ES"): the gain over the base model on the test questions, over global
+    seeds: mean, t-interval and a two-sided one-sample t-test against 0."""
+    cells: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for run in runs:
+        for ens in run["ensembles"]:
+            cells.setdefault((run["task"], str(ens["k"])), []).append(
+                (ens["base"]["mean"], ens["accuracy"]["mean"], ens["mcnemar_p"]))
+        if "es" in run:
+            e = run["es"]["test"][run["task"]]
+            cells.setdefault((run["task"], "ES"), []).append((e["base"]["mean"], e["accuracy"]["mean"], e["mcnemar_p"]))
+    rows = []
+    for (task, k), values in cells.items():
+        gains = [acc - base for base, acc, _ in values]
+        gain = mean_ci(gains)
+        p = None
+        if len(gains) > 1:
+            p = 1.0 if gain["std"] == 0 and gain["mean"] == 0 else (
+                0.0 if gain["std"] == 0 else 2 * t_sf(abs(gain["mean"]) / (gain["std"] / len(gains) ** 0.5), len(gains) - 1))
+        rows.append({"task": task, "k": k, "base": sum(v[0] for v in values) / len(values),
+                     "accuracy": sum(v[1] for v in values) / len(values), "gain": gain, "p": p,
+                     "significant": sum(v[2] < 0.05 for v in values)})
+    return rows
 
 
 if __name__ == "__main__":

@@ -63,9 +63,28 @@ def test_variants_keep_the_defaults_apart():
     assert example.question not in {e.question for e in get_task("chain_sum_easy").load("test", limit=100)}
 
 
-def test_quality_benchmark_runs_registered_tasks():
+def quality_benchmark():
     path = Path(__file__).parents[1] / "benchmarks" / "randopt_quality.py"
     spec = importlib.util.spec_from_file_location("randopt_quality", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_benchmark_runs_registered_tasks():
+    module = quality_benchmark()
     assert set(module.TASK_TOKENS) == {"chain_sum_easy", "basic_arithmetic_easy"} <= set(TASKS)
+
+
+def test_quality_summary_tests_the_gain_over_seeds():
+    def run(seed, acc, p, es_acc):
+        return {"task": "t", "global_seed": seed,
+                "ensembles": [{"k": 16, "base": {"mean": 0.2}, "accuracy": {"mean": acc}, "mcnemar_p": p}],
+                "es": {"test": {"t": {"base": {"mean": 0.2}, "accuracy": {"mean": es_acc}, "mcnemar_p": 0.5}}}}
+    rows = quality_benchmark().summary_over_seeds([run(0, 0.26, 0.01, 0.2), run(1, 0.25, 0.2, 0.2), run(2, 0.27, 0.03, 0.2)])
+    k16, es = rows
+    assert (k16["k"], es["k"]) == ("16", "ES") and k16["significant"] == 2 and es["significant"] == 0
+    assert abs(k16["gain"]["mean"] - 0.06) < 1e-12 and abs(k16["accuracy"] - 0.26) < 1e-12
+    # gains 0.06, 0.05, 0.07: t = 0.06 / (0.01 / sqrt 3) = 10.39 on 2 df, two-sided p = 0.0091
+    assert abs(k16["p"] - 0.0091) < 2e-4 and k16["gain"]["lo"] > 0
+    assert es["p"] == 1.0 and es["gain"]["mean"] == 0
