@@ -74,6 +74,10 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
+# linears of one input whose weights lie back to back in PerturbSpace's flat layout (sorted by name)
+QV = ("self_attn.q_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
 # a group of prompt rows: (first row, end row, first cache slot read, its mask [rows, 1, M or 1, L])
 Group = tuple[int, int, int, Tensor]
 
@@ -88,6 +92,7 @@ class PopulationForward:
     head_dim: int
     eps: float
     weights: dict[str, Tensor]
+    fused: dict[tuple[str, tuple[str, ...]], Tensor]  # (layer prefix, linears) -> their weights as one [P, out, in]
     head: Tensor
     k_cache: list[Tensor]
     v_cache: list[Tensor]
@@ -99,6 +104,15 @@ class PopulationForward:
         y = torch.bmm(x_pnd, self.weights[name + ".weight"].transpose(1, 2))
         bias = self.weights.get(name + ".bias")
         return y if bias is None else y + bias[:, None, :]
+
+    def _linears(self, x_pnd: Tensor, prefix: str, parts: tuple[str, ...]) -> Sequence[Tensor]:
+        """Several linear layers of the same input: one bmm over their concatenated weights where
+        the decoder fused them (adjacent in the flat layout, no bias), else one bmm each."""
+        w = self.fused.get((prefix, parts))
+        if w is None:
+            return [self._linear(x_pnd, prefix + part) for part in parts]
+        sizes = [self.weights[prefix + part + ".weight"].shape[1] for part in parts]
+        return torch.bmm(x_pnd, w.transpose(1, 2)).split(sizes, -1)
 
     def _norm(self, x_pnd: Tensor, name: str) -> Tensor:
         """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order); one fused
@@ -137,9 +151,10 @@ class PopulationForward:
         for i in range(self.layers):
             p = f"model.layers.{i}."
             h = self._norm(x, p + "input_layernorm")
-            q = self._rope(self._linear(h, p + "self_attn.q_proj").view(P, B, T, H, D), cos, sin)
+            q, v = self._linears(h, p, QV)
+            q = self._rope(q.reshape(P, B, T, H, D), cos, sin)
             k = self._rope(self._linear(h, p + "self_attn.k_proj").view(P, B, T, G, D), cos, sin)
-            v = self._linear(h, p + "self_attn.v_proj").view(P, B, T, G, D)
+            v = v.reshape(P, B, T, G, D)
             k = k.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
             v = v.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
             k_cache, v_cache = self.k_cache[i][:B * P], self.v_cache[i][:B * P]  # fewer rows after a compaction
@@ -154,7 +169,8 @@ class PopulationForward:
             attn = attn.view(B, P, G, rep, T, D).permute(1, 0, 4, 2, 3, 5).reshape(P, B * T, H * D)
             x = x + self._linear(attn, p + "self_attn.o_proj")
             h = self._norm(x, p + "post_attention_layernorm")
-            gated = self.act(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj")
+            gate, up = self._linears(h, p, GATE_UP)
+            gated = self.act(gate) * up
             x = x + self._linear(gated, p + "mlp.down_proj")
         last = self._norm(x.view(P, B, T, -1)[:, :, -1], "model.norm")
         return torch.bmm(last, self.head.transpose(1, 2))

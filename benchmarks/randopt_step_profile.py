@@ -1,0 +1,161 @@
+"""Where the population engine's decode step spends its time (issue 18). SmolLM2-135M's shape with
+random weights (no download), --size candidates x --rows prompts of gsm_symbolic's chat-prompt
+lengths (99-212 tokens, SmolLM2's tokenizer), --new-tokens greedy steps. Per variant
+(ATTENTION:GROUPS:BUCKET, and whether q/v and gate/up run as one bmm each):
+
+- the CUDA-graph decode step (median of --repeats replays, CUDA events) at three cache lengths,
+  the prompt's end, half way and the end, as the engine's length buckets round them;
+- the decode time of one chunk predicted from those (linear in the length), the number to set
+  against randopt_speed.py's measured seconds per chunk;
+- with --profile, torch.profiler's kernel table of eager steps at the half-way length for the
+  first variant: which kernels take the time.
+
+And the bytes floor: the KV cache slots and weights a step must read, at the device's copy rate.
+
+    PYTHONPATH=src python3 benchmarks/randopt_step_profile.py --out $OUT [--size 32] [--rows 128] [--profile]
+    PYTHONPATH=src python3 benchmarks/randopt_step_profile.py --out /tmp/sp --size 2 --rows 4 --layers 2 \\
+        --new-tokens 32 --repeats 2 --profile   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from underpar.eval.generate import DecodeConfig
+from underpar.kernels.perturb_space import PerturbSpace
+from underpar.runs.rundir import device_tag, environment
+from underpar.tracks.randopt_population import ALIGN, PopulationDecoder
+
+CUDA = torch.cuda.is_available()
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+               max_position_embeddings=8192)
+VARIANTS = ["matmul:1:64", "matmul:8:16", "sdpa_efficient:8:16", "sdpa:8:16", "matmul:1:64:unfused"]
+
+
+def prompt_lengths(rows: int, shortest: int = 99, longest: int = 212) -> list[int]:
+    """Longest first, evenly spread over gsm_symbolic's range (the engine sorts a batch so)."""
+    return [round(longest - (longest - shortest) * r / max(1, rows - 1)) for r in range(rows)]
+
+
+def timed_step(decoder: PopulationDecoder, length: int, repeats: int) -> float:
+    """Median ms of one decode step reading `length` cache slots (graph replay on CUDA)."""
+    decoder.slot.fill_(length - 1)
+    decoder._replay(length)  # capture
+    times = []
+    for _ in range(repeats):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            decoder._replay(length)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            decoder._replay(length)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_table(decoder: PopulationDecoder, length: int, top: int = 25) -> list[dict]:
+    decoder.slot.fill_(length - 1)
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            decoder._step(length)
+        if CUDA:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        device_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if CUDA and device_us and not e.key.startswith("aten::"):  # kernels, not the ops that launch them
+            rows.append({"kernel": e.key[:160], "calls": e.count // 3, "ms_per_step": device_us / 3e3})
+        elif not CUDA and e.key.startswith("aten::"):
+            rows.append({"kernel": e.key, "calls": e.count // 3, "ms_per_step": e.self_cpu_time_total / 3e3})
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:top]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="ATTENTION:GROUPS:BUCKET[:unfused]")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    import transformers
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    device = "cuda" if CUDA else "cpu"
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SMOLLM2, "num_hidden_layers": args.layers}))
+    model = model.to(device, torch.bfloat16 if CUDA else torch.float32).eval()
+    space = PerturbSpace(model)
+    lengths = prompt_lengths(args.rows)
+    W = lengths[0]
+    max_len = -(-(W + args.new_tokens) // ALIGN) * ALIGN
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (args.rows, W), device=device)
+    mask = torch.arange(W, device=device)[None, :] >= torch.tensor([W - n for n in lengths], device=device)[:, None]
+    c = model.config
+    kv_bytes_per_slot = 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * space.params[0].element_size()
+    record = {"benchmark": "randopt_step_profile", "shape": "smollm2-135m (random weights)", "size": args.size,
+              "rows": args.rows, "prompt_tokens": {"min": min(lengths), "max": W, "mean": statistics.mean(lengths)},
+              "new_tokens": args.new_tokens, "layers": args.layers, **environment(), "variants": {}}
+    path = out / f"randopt_step_profile-{device_tag()}.json"
+    for spec in args.variants:
+        attention, groups, bucket, *rest = spec.split(":")
+        decoder = PopulationDecoder(model, space, args.size, args.rows, max_len, graphs=CUDA, attention=attention,
+                                    groups=int(groups), bucket=int(bucket), fuse="unfused" not in rest)
+        decoder.load([[(seed, 1e-3)] for seed in range(args.size)])
+        with torch.no_grad():
+            decoder.decode(ids, mask, [], 0, DecodeConfig(max_new_tokens=2), None)  # prefill, the row groups' starts
+            points = sorted({min(max_len, -(-(W + t) // int(bucket)) * int(bucket))
+                             for t in (1, args.new_tokens // 2, args.new_tokens)})
+            steps_ms = {n: timed_step(decoder, n, args.repeats) for n in points}
+            # one chunk's decode: every step t reads the bucket-rounded W + t slots
+            predicted = sum(_interpolate(steps_ms, min(max_len, -(-(W + t) // int(bucket)) * int(bucket)))
+                            for t in range(1, args.new_tokens)) / 1e3
+            row = {"steps_ms": steps_ms, "predicted_decode_seconds": predicted, "fused": sorted({"+".join(p) for _, p in decoder.fused}),
+                   "graphs": len(decoder._graphs)}
+            if args.profile and not record["variants"]:
+                row["kernels"] = kernel_table(decoder, points[len(points) // 2])
+        # the bytes a step must read at the half-way length: K and V of every row from its group's start, the weights
+        half = points[len(points) // 2]
+        starts = decoder._starts
+        rows_per_group = -(-args.rows // len(starts))
+        slots = sum(min(rows_per_group, args.rows - g * rows_per_group) * (half - s) for g, s in enumerate(starts))
+        row["bytes_per_step"] = {"kv": slots * args.size * args.layers * kv_bytes_per_slot,
+                                 "weights": args.size * space.numel * space.params[0].element_size()}
+        record["variants"][spec] = row
+        print(spec, json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
+        for k in row.get("kernels", []):
+            print(f"  {k['ms_per_step']:8.3f} ms  {k['calls']:5d}x  {k['kernel'][:110]}", flush=True)
+        del decoder
+        gc.collect()
+        if CUDA:
+            torch.cuda.empty_cache()
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _interpolate(points: dict[int, float], n: int) -> float:
+    xs = sorted(points)
+    lo = max([x for x in xs if x <= n], default=xs[0])
+    hi = min([x for x in xs if x >= n], default=xs[-1])
+    return points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (n - lo) / (hi - lo)
+
+
+if __name__ == "__main__":
+    main()
