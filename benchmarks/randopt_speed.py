@@ -9,15 +9,15 @@
   step) for each P in --sizes and each of --variants, ATTENTION:GROUPS:BUCKET[:compact] (the
   decoder's attention kernel, prompt-row groups, length bucket, finished-row compaction):
   `before` = matmul:1:64 (the engine of issue 18's first measurement: materialized scores,
-  every row reads from slot 0, 64-slot buckets), `after` = sdpa_efficient:8:16 (the default),
-  `compact` = after + compaction. Each engine gets an untimed warm-up (compile, graph capture);
+  every row reads from slot 0, 64-slot buckets; measured fastest, the default again),
+  `after` = sdpa_efficient:8:16 (the attention rework), `compact` = after + compaction. Each engine gets an untimed warm-up (compile, graph capture);
   a variant that fails (out of memory, a kernel that cannot run) is recorded and skipped.
 - reward equality: the candidates that every engine scored, by reward and completion digest
   (bf16: near-ties may split greedy paths); and in fp32 (a fresh fp32 load, --fp32-prompts x
   --fp32-tokens) token for token, the static engine eager vs the population engine.
 - reproducibility: the population engine rescored with the chunk's candidates in another order
   (same process), and a child process (same command, --child, its own fresh Inductor cache) that
-  rescores the population engine's first chunk at the largest P for each variant but `before`
+  rescores the population engine's first chunk at the largest P for each variant
   (and, with --child-static, today's engine compiled as today and in Inductor's deterministic
   mode, `decode.deterministic`): digests equal across processes or not.
 - matmul form: on SmolLM2's linear shapes at the largest P, one decode step's matmuls as stacked
@@ -233,7 +233,8 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64], help="population engine: candidates per forward")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32],
+                        help="population engine: candidates per forward (64 does not fit an H200 at 128 x 256)")
     parser.add_argument("--variants", nargs="+", default=["before", "after", "compact"],
                         help="population engine settings ATTENTION:GROUPS:BUCKET[:compact], or an alias: "
                         + ", ".join(f"{k} ({v})" for k, v in VARIANT_ALIASES.items()))
@@ -269,7 +270,7 @@ def main() -> None:
             rows[name] = one_at_a_time(model, tokenizer, space, prompts, drawn[:n_static], "static", CUDA,
                                        args.max_new_tokens, deterministic=det)["rows"]
         size = max(args.sizes)
-        for spec in [v for v in args.variants if v != "before"] or args.variants[-1:]:
+        for spec in args.variants:
             rows[f"population-{spec}-{size}"] = population_engine(
                 model, tokenizer, space, prompts, drawn[:size], size, args.max_new_tokens, spec, shuffle=False)["rows"]
             free_memory()

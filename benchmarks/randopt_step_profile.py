@@ -1,7 +1,7 @@
 """Where the population engine's decode step spends its time (issue 18). SmolLM2-135M's shape with
 random weights (no download), --size candidates x --rows prompts of gsm_symbolic's chat-prompt
 lengths (99-212 tokens, SmolLM2's tokenizer), --new-tokens greedy steps. Per variant
-(ATTENTION:GROUPS:BUCKET, and whether q/v and gate/up run as one bmm each):
+(ATTENTION:GROUPS:BUCKET):
 
 - the CUDA-graph decode step (median of --repeats replays, CUDA events) at three cache lengths,
   the prompt's end, half way and the end, as the engine's length buckets round them;
@@ -37,7 +37,7 @@ CUDA = torch.cuda.is_available()
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                max_position_embeddings=8192)
-VARIANTS = ["matmul:1:64", "matmul:8:16", "sdpa_efficient:8:16", "sdpa:8:16", "matmul:1:64:unfused"]
+VARIANTS = ["matmul:1:64", "matmul:8:16", "sdpa_efficient:8:16", "sdpa:8:16"]
 
 
 def prompt_lengths(rows: int, shortest: int = 99, longest: int = 212) -> list[int]:
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="ATTENTION:GROUPS:BUCKET[:unfused]")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="ATTENTION:GROUPS:BUCKET")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -115,9 +115,9 @@ def main() -> None:
               "new_tokens": args.new_tokens, "layers": args.layers, **environment(), "variants": {}}
     path = out / f"randopt_step_profile-{device_tag()}.json"
     for spec in args.variants:
-        attention, groups, bucket, *rest = spec.split(":")
+        attention, groups, bucket = spec.split(":")
         decoder = PopulationDecoder(model, space, args.size, args.rows, max_len, graphs=CUDA, attention=attention,
-                                    groups=int(groups), bucket=int(bucket), fuse="unfused" not in rest)
+                                    groups=int(groups), bucket=int(bucket))
         decoder.load([[(seed, 1e-3)] for seed in range(args.size)])
         with torch.no_grad():
             decoder.decode(ids, mask, [], 0, DecodeConfig(max_new_tokens=2), None)  # prefill, the row groups' starts
@@ -127,8 +127,7 @@ def main() -> None:
             # one chunk's decode: every step t reads the bucket-rounded W + t slots
             predicted = sum(_interpolate(steps_ms, min(max_len, -(-(W + t) // int(bucket)) * int(bucket)))
                             for t in range(1, args.new_tokens)) / 1e3
-            row = {"steps_ms": steps_ms, "predicted_decode_seconds": predicted, "fused": sorted({"+".join(p) for _, p in decoder.fused}),
-                   "graphs": len(decoder._graphs)}
+            row = {"steps_ms": steps_ms, "predicted_decode_seconds": predicted, "graphs": len(decoder._graphs)}
             if args.profile and not record["variants"]:
                 row["kernels"] = kernel_table(decoder, points[len(points) // 2])
         # the bytes a step must read at the half-way length: K and V of every row from its group's start, the weights

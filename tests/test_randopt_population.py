@@ -15,7 +15,6 @@ from underpar.errors import ConfigError  # noqa: E402
 from underpar.eval.generate import DecodeConfig, GenerationStats, generate  # noqa: E402
 from underpar.kernels.perturb_space import PerturbSpace  # noqa: E402
 from underpar.tracks.randopt_population import PopulationDecoder, generate_population  # noqa: E402
-from underpar.tracks.randopt_population_forward import GATE_UP, QV  # noqa: E402
 
 POPULATION = [[(11, 0.05)], None, [(7, 0.08)], [(3, 0.05), (9, 0.05)]]  # None: the base model
 
@@ -77,21 +76,6 @@ def test_eos_and_stop_strings_end_rows_like_generate(model):
     assert [[c.token_ids for c in row] for row in got] == reference
     texts = [c.text for c in generate(model, tokenizer, PROMPTS, cfg)]
     assert [c.text for c in got[0]] == texts and any(c.finished for c in got[0])
-
-
-def test_fused_projections_decode_the_same_tokens(model):
-    """q/v and gate/up as one bmm each, where their weights are adjacent in the flat layout
-    (Llama; Qwen2's q and v have biases: only gate/up fuse), give the unfused forward's tokens."""
-    tokenizer = make_tokenizer(eos=None)
-    space = PerturbSpace(model)
-    cfg = DecodeConfig(max_new_tokens=12, engine="static")
-    fused = PopulationDecoder(model, space, size=4, rows=len(PROMPTS), max_len=64 + 12)
-    plain = PopulationDecoder(model, space, size=4, rows=len(PROMPTS), max_len=64 + 12, fuse=False)
-    kinds = {parts for _, parts in fused.fused}
-    assert len(fused.fused) == len(kinds) * 2 and not plain.fused  # two layers
-    assert kinds == ({QV, GATE_UP} if model.config.model_type == "llama" else {GATE_UP})
-    got = [[c.token_ids for c in row] for row in generate_population(fused, tokenizer, POPULATION, PROMPTS, cfg)]
-    assert got == [[c.token_ids for c in row] for row in generate_population(plain, tokenizer, POPULATION, PROMPTS, cfg)]
 
 
 def test_refusals_name_the_way_out(model):

@@ -39,9 +39,7 @@ from underpar.eval.generate import (
 )
 from underpar.kernels.perturb import Terms
 from underpar.kernels.perturb_space import PerturbSpace
-from underpar.tracks.randopt_population_forward import (
-    GATE_UP, QV, Group, PopulationForward, additive, attention_of,
-)
+from underpar.tracks.randopt_population_forward import Group, PopulationForward, additive, attention_of
 from underpar.tracks.randopt_search import PromptSet, score_texts
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -75,8 +73,7 @@ class PopulationDecoder(PopulationForward):
     (bf16 near-ties could then differ with the chunk's composition)."""
 
     def __init__(self, model: Any, space: PerturbSpace, size: int, rows: int, max_len: int, graphs: bool = True,
-                 attention: str = "sdpa_efficient", groups: int = 8, bucket: int = 16, compact: bool = False,
-                 fuse: bool = True):
+                 attention: str = "matmul", groups: int = 1, bucket: int = 64, compact: bool = False):
         check_model(model, space)
         if groups < 1 or bucket < ALIGN or bucket % ALIGN:
             raise ConfigError(f"population decoder: groups ({groups}) must be >= 1 and bucket ({bucket}) "
@@ -108,10 +105,6 @@ class PopulationDecoder(PopulationForward):
                 off = space.offsets[space.names[k]]
                 self.weights[name] = self.stacked[:, off:off + p.numel()].view(size, *p.shape)
         self.head = self.weights.get("lm_head.weight", self.weights["model.embed_tokens.weight"])
-        self.fused = {}
-        for i in range(self.layers) if fuse else ():
-            for parts in (QV, GATE_UP):
-                self._fuse(space, f"model.layers.{i}.", parts)
         shape = (size * rows, self.kv_heads, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
@@ -130,19 +123,6 @@ class PopulationDecoder(PopulationForward):
         self._n = rows  # rows the decode step runs on (fewer after a compaction)
 
     # ------------------------------------------------------------------ weights
-
-    def _fuse(self, space: PerturbSpace, prefix: str, parts: tuple[str, ...]) -> None:
-        """One [P, sum of outputs, in] view over linears whose weights lie back to back in the
-        flat layout (sorted by name: q/v and gate/up are) and have no bias."""
-        names = [prefix + part + ".weight" for part in parts]
-        if any(n not in space.offsets or n.replace(".weight", ".bias") in self.weights for n in names):
-            return
-        shapes = [self.weights[n].shape[1:] for n in names]
-        ends = [space.offsets[n] + shape.numel() for n, shape in zip(names, shapes)]
-        if len({shape[1] for shape in shapes}) > 1 or any(space.offsets[n] != e for n, e in zip(names[1:], ends)):
-            return
-        start, rows = space.offsets[names[0]], sum(shape[0] for shape in shapes)
-        self.fused[(prefix, parts)] = self.stacked[:, start:ends[-1]].view(self.size, rows, shapes[0][1])
 
     def load(self, population: Sequence[Terms | None], backend: str = "auto") -> None:
         """Row c <- base + sum sigma R over population[c] (None or [] = the base): one fused
@@ -327,8 +307,8 @@ class PopulationScorer:
     attention, groups, bucket, compact: `PopulationDecoder`'s."""
 
     def __init__(self, model: Any, tokenizer: Any, space: PerturbSpace, decode: DecodeConfig, rows: int,
-                 size: int, backend: str, sets: Sequence[PromptSet], attention: str = "sdpa_efficient", groups: int = 8,
-                 bucket: int = 16, compact: bool = False):
+                 size: int, backend: str, sets: Sequence[PromptSet], attention: str = "matmul", groups: int = 1,
+                 bucket: int = 64, compact: bool = False):
         longest = max(len(ids) for s in sets for ids in s.ids)
         max_len = -(-(longest + decode.max_new_tokens) // ALIGN) * ALIGN
         self.decoder = PopulationDecoder(model, space, size, rows, max_len, graphs=decode.compile,

@@ -13,11 +13,18 @@ with rows sorted by prompt length (generate_population does), the left padding o
 prompts is not read. Masks are additive (0 where allowed, -inf elsewhere) in the model's dtype.
 
 Attention kernels, a registered choice (`decode.population_attention`):
-- "matmul": scores = q k^T * scale + mask, softmax in fp32, @ V (scores materialized per layer);
+- "matmul" (the default): scores = q k^T * scale + mask, softmax in fp32, @ V (scores
+  materialized per layer);
 - "sdpa": F.scaled_dot_product_attention with the additive mask (flash cannot take a mask, so
   on CUDA torch picks the memory-efficient or cuDNN kernel: no materialized scores, K and V
   streamed once; capturable in a CUDA graph);
-- "sdpa_efficient" (the default): the same held to the memory-efficient kernel on CUDA.
+- "sdpa_efficient": the same held to the memory-efficient kernel on CUDA.
+"matmul" with one row group and 64-slot buckets is the fastest measured on an H200 (decode step
+at P = 32 x 128 rows: 18.9-26.4 ms against 24.1-39.3 for sdpa_efficient with 8 groups and
+16-slot buckets, benchmarks/results/randopt_step_profile-h200.json; 3.68 against 3.27
+candidates/s end to end, randopt_speed-repro-h200.json): a decode step has 3 query rows per kv
+head, where batched matmuls stream K and V near the copy rate and the fused kernels do not, and
+more row groups cost more launches than the left padding they skip.
 """
 
 from __future__ import annotations
@@ -74,10 +81,6 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-# linears of one input whose weights lie back to back in PerturbSpace's flat layout (sorted by name)
-QV = ("self_attn.q_proj", "self_attn.v_proj")
-GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
-
 # a group of prompt rows: (first row, end row, first cache slot read, its mask [rows, 1, M or 1, L])
 Group = tuple[int, int, int, Tensor]
 
@@ -92,7 +95,6 @@ class PopulationForward:
     head_dim: int
     eps: float
     weights: dict[str, Tensor]
-    fused: dict[tuple[str, tuple[str, ...]], Tensor]  # (layer prefix, linears) -> their weights as one [P, out, in]
     head: Tensor
     k_cache: list[Tensor]
     v_cache: list[Tensor]
@@ -104,15 +106,6 @@ class PopulationForward:
         y = torch.bmm(x_pnd, self.weights[name + ".weight"].transpose(1, 2))
         bias = self.weights.get(name + ".bias")
         return y if bias is None else y + bias[:, None, :]
-
-    def _linears(self, x_pnd: Tensor, prefix: str, parts: tuple[str, ...]) -> Sequence[Tensor]:
-        """Several linear layers of the same input: one bmm over their concatenated weights where
-        the decoder fused them (adjacent in the flat layout, no bias), else one bmm each."""
-        w = self.fused.get((prefix, parts))
-        if w is None:
-            return [self._linear(x_pnd, prefix + part) for part in parts]
-        sizes = [self.weights[prefix + part + ".weight"].shape[1] for part in parts]
-        return torch.bmm(x_pnd, w.transpose(1, 2)).split(sizes, -1)
 
     def _norm(self, x_pnd: Tensor, name: str) -> Tensor:
         """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order); one fused
@@ -151,10 +144,9 @@ class PopulationForward:
         for i in range(self.layers):
             p = f"model.layers.{i}."
             h = self._norm(x, p + "input_layernorm")
-            q, v = self._linears(h, p, QV)
-            q = self._rope(q.reshape(P, B, T, H, D), cos, sin)
+            q = self._rope(self._linear(h, p + "self_attn.q_proj").view(P, B, T, H, D), cos, sin)
             k = self._rope(self._linear(h, p + "self_attn.k_proj").view(P, B, T, G, D), cos, sin)
-            v = v.reshape(P, B, T, G, D)
+            v = self._linear(h, p + "self_attn.v_proj").view(P, B, T, G, D)
             k = k.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
             v = v.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
             k_cache, v_cache = self.k_cache[i][:B * P], self.v_cache[i][:B * P]  # fewer rows after a compaction
@@ -169,8 +161,7 @@ class PopulationForward:
             attn = attn.view(B, P, G, rep, T, D).permute(1, 0, 4, 2, 3, 5).reshape(P, B * T, H * D)
             x = x + self._linear(attn, p + "self_attn.o_proj")
             h = self._norm(x, p + "post_attention_layernorm")
-            gate, up = self._linears(h, p, GATE_UP)
-            gated = self.act(gate) * up
+            gated = self.act(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj")
             x = x + self._linear(gated, p + "mlp.down_proj")
         last = self._norm(x.view(P, B, T, -1)[:, :, -1], "model.norm")
         return torch.bmm(last, self.head.transpose(1, 2))

@@ -163,7 +163,7 @@ class RODecodeConfig:
     # 1 = one candidate at a time through `engine`
     population: int = bounded(1, 1)
     # population > 1: its attention kernel, and finished-row compaction (randopt_population.py)
-    population_attention: str = choice("sdpa_efficient", tuple(ATTENTION))
+    population_attention: str = choice("matmul", tuple(ATTENTION))
     population_compact: bool = False
 
     def engine_config(self) -> DecodeConfig:
