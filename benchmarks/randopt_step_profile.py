@@ -7,6 +7,8 @@ lengths (99-212 tokens, SmolLM2's tokenizer), --new-tokens greedy steps. Per var
   the prompt's end, half way and the end, as the engine's length buckets round them;
 - the decode time of one chunk predicted from those (linear in the length), the number to set
   against randopt_speed.py's measured seconds per chunk;
+- the prefill and one whole chunk (prefill + --new-tokens steps, no EOS) timed end to end, and
+  the greedy tokens of one step against the first variant's (same weights and prompts);
 - with --profile, torch.profiler's kernel table of eager steps at the half-way length for the
   first variant: which kernels take the time.
 
@@ -37,7 +39,7 @@ CUDA = torch.cuda.is_available()
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                max_position_embeddings=8192)
-VARIANTS = ["matmul:1:64", "matmul:8:16", "sdpa_efficient:8:16", "sdpa:8:16"]
+VARIANTS = ["matmul:1:64", "fused_decode:1:64", "fused_decode:1:16", "sdpa_efficient:8:16"]
 
 
 def prompt_lengths(rows: int, shortest: int = 99, longest: int = 212) -> list[int]:
@@ -114,6 +116,7 @@ def main() -> None:
               "rows": args.rows, "prompt_tokens": {"min": min(lengths), "max": W, "mean": statistics.mean(lengths)},
               "new_tokens": args.new_tokens, "layers": args.layers, **environment(), "variants": {}}
     path = out / f"randopt_step_profile-{device_tag()}.json"
+    reference = None  # the first variant's greedy tokens of the third step
     for spec in args.variants:
         attention, groups, bucket = spec.split(":")
         decoder = PopulationDecoder(model, space, args.size, args.rows, max_len, graphs=CUDA, attention=attention,
@@ -121,13 +124,20 @@ def main() -> None:
         decoder.load([[(seed, 1e-3)] for seed in range(args.size)])
         with torch.no_grad():
             decoder.decode(ids, mask, [], 0, DecodeConfig(max_new_tokens=2), None)  # prefill, the row groups' starts
+            decoder.slot.fill_(W + 1)  # the third token's step, eager: its greedy tokens against the first variant's
+            tokens = decoder._step(min(max_len, -(-(W + 2) // 64) * 64))[0]
+            agree = None if reference is None else (tokens == reference).float().mean().item()
+            reference = tokens if reference is None else reference
             points = sorted({min(max_len, -(-(W + t) // int(bucket)) * int(bucket))
                              for t in (1, args.new_tokens // 2, args.new_tokens)})
             steps_ms = {n: timed_step(decoder, n, args.repeats) for n in points}
             # one chunk's decode: every step t reads the bucket-rounded W + t slots
             predicted = sum(_interpolate(steps_ms, min(max_len, -(-(W + t) // int(bucket)) * int(bucket)))
                             for t in range(1, args.new_tokens)) / 1e3
-            row = {"steps_ms": steps_ms, "predicted_decode_seconds": predicted, "graphs": len(decoder._graphs)}
+            prefill = _seconds(decoder._prefill, ids, mask)
+            chunk = _seconds(decoder.decode, ids, mask, [], 0, DecodeConfig(max_new_tokens=args.new_tokens), None)
+            row = {"steps_ms": steps_ms, "predicted_decode_seconds": predicted, "graphs": len(decoder._graphs),
+                   "prefill_seconds": prefill, "chunk_seconds": chunk, "tokens_equal_to_first_variant": agree}
             if args.profile and not record["variants"]:
                 row["kernels"] = kernel_table(decoder, points[len(points) // 2])
         # the bytes a step must read at the half-way length: K and V of every row from its group's start, the weights
@@ -147,6 +157,16 @@ def main() -> None:
             torch.cuda.empty_cache()
         path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def _seconds(fn, *args) -> float:
+    if CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(*args)
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _interpolate(points: dict[int, float], n: int) -> float:

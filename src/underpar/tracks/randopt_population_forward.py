@@ -18,7 +18,9 @@ Attention kernels, a registered choice (`decode.population_attention`):
 - "sdpa": F.scaled_dot_product_attention with the additive mask (flash cannot take a mask, so
   on CUDA torch picks the memory-efficient or cuDNN kernel: no materialized scores, K and V
   streamed once; capturable in a CUDA graph);
-- "sdpa_efficient": the same held to the memory-efficient kernel on CUDA.
+- "sdpa_efficient": the same held to the memory-efficient kernel on CUDA;
+- "fused_decode": decode steps in one Triton pass per (row, kv head) that skips the blocks of
+  slots the mask rules out (kernels/decode_attention.py); the prefill takes "matmul".
 "matmul" with one row group and 64-slot buckets is the fastest measured on an H200 (decode step
 at P = 32 x 128 rows: 18.9-26.4 ms against 24.1-39.3 for sdpa_efficient with 8 groups and
 16-slot buckets, benchmarks/results/randopt_step_profile-h200.json; 3.68 against 3.27
@@ -37,6 +39,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from underpar.errors import ConfigError
+from underpar.kernels.decode_attention import decode_attention, decode_attention_reference
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 ATTENTION: dict[str, AttentionFn] = {}
@@ -55,11 +58,9 @@ def attention_of(name: str) -> AttentionFn:
     return ATTENTION[name]
 
 
-@register_attention("matmul")
-def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [n, H, M, D], k/v [n, H, L, D], mask broadcastable to [n, 1, M, L] -> [n, H, M, D]."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
-    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+# q [n, H, M, D], k/v [n, H, L, D], mask broadcastable to [n, 1, M, L] -> [n, H, M, D]
+register_attention("matmul")(decode_attention_reference)
+register_attention("fused_decode")(decode_attention)
 
 
 @register_attention("sdpa")

@@ -1,0 +1,99 @@
+"""Decode attention in one pass, for the population engine (issue 18).
+
+A decode step of the population engine has, per cache row and kv head, only the few query rows
+that share the head (grouped-query attention: heads / kv_heads of them). Materialized-score
+attention (`decode_attention_reference`, the engine's "matmul" choice) runs it as two batched
+matmuls with the scores, the mask add, an fp32 softmax and two casts in between, and reads every
+cache slot up to the length bucket. The kernel here does it in one pass per (row, head): scores,
+the additive mask and an online softmax in fp32, and the weighted sum of V, so K and V are read
+once and no score tensor is written; a block of slots that the mask rules out entirely (left
+padding of a short prompt, slots past the current token) is skipped without reading its K or V.
+
+`decode_attention(q, k, v, mask)`: q [n, H, M, D], k and v [n, H, L, D] (last dim contiguous,
+any strides above: views of the cache), mask additive (0 or -inf) of shape [n, 1, 1, L] or
+broadcastable to it -> [n, H, M, D] in q's dtype. The Triton kernel runs for bf16/fp16 CUDA
+tensors with M <= 16 query rows (decode) and a power-of-two head size; everything else (a prefill's many query rows, fp32,
+a CPU) takes the reference, so results in fp32 are the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:  # the GPU fast path; everything else works without Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = tl = None
+
+BLOCK_L = 64  # cache slots per step of the kernel's loop
+MAX_ROWS = 16  # query rows per (row, head) the kernel takes (tl.dot's smallest tile)
+
+
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Materialized scores: q k^T * scale + mask, softmax in fp32, @ V."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def kernel_applies(q: Tensor, mask: Tensor) -> bool:
+    """Whether `decode_attention` runs the Triton kernel for these inputs."""
+    D = q.shape[-1]
+    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-2] <= MAX_ROWS and 16 <= D <= 256 and D & (D - 1) == 0
+            and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    if not kernel_applies(q, mask):
+        return decode_attention_reference(q, k, v, mask)
+    n, H, M, D = q.shape
+    L = k.shape[-2]
+    mask = mask.expand(n, 1, 1, L)
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    out = torch.empty((n, H, M, D), dtype=q.dtype, device=q.device)
+    _decode_attention_kernel[(n * H,)](
+        q, k, v, mask, out, H, M, L,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), D ** -0.5,
+        D=D, BLOCK_M=MAX_ROWS, BLOCK_L=BLOCK_L, num_warps=4)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, H, M, L,
+                                 sq_n, sq_h, sq_m, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n, sm_l,
+                                 so_n, so_h, so_m, scale,
+                                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+        pid = tl.program_id(0)
+        row, head = pid // H, pid % H
+        rows_m = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, D)
+        slots = tl.arange(0, BLOCK_L)
+        q = tl.load(q_ptr + row * sq_n + head * sq_h + rows_m[:, None] * sq_m + dims[None, :],
+                    mask=rows_m[:, None] < M, other=0.0)
+        k_base = k_ptr + row * sk_n + head * sk_h
+        v_base = v_ptr + row * sv_n + head * sv_h
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start in range(0, L, BLOCK_L):
+            cols = start + slots
+            bias = tl.load(mask_ptr + row * sm_n + cols * sm_l, mask=cols < L, other=float("-inf")).to(tl.float32)
+            if tl.max(bias, axis=0) > float("-inf"):  # a block the mask rules out is not read
+                k = tl.load(k_base + cols[:, None] * sk_l + dims[None, :], mask=cols[:, None] < L, other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale + bias[None, :]
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_base + cols[:, None] * sv_l + dims[None, :], mask=cols[:, None] < L, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + row * so_n + head * so_h + rows_m[:, None] * so_m + dims[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=rows_m[:, None] < M)
