@@ -10,8 +10,9 @@
   decoder's attention kernel, prompt-row groups, length bucket, finished-row compaction):
   `before` = matmul:1:64 (the engine of issue 18's first measurement: materialized scores,
   every row reads from slot 0, 64-slot buckets; measured fastest, the default again),
-  `after` = sdpa_efficient:8:16 (the attention rework), `compact` = after + compaction. Each engine gets an untimed warm-up (compile, graph capture);
-  a variant that fails (out of memory, a kernel that cannot run) is recorded and skipped.
+  `after` = sdpa_efficient:8:16 (the attention rework), `compact` = after + compaction. Each
+  engine gets an untimed warm-up (compile, graph capture); a variant that fails (out of
+  memory, a kernel that cannot run) is recorded and skipped.
 - reward equality: the candidates that every engine scored, by reward and completion digest
   (bf16: near-ties may split greedy paths); and in fp32 (a fresh fp32 load, --fp32-prompts x
   --fp32-tokens) token for token, the static engine eager vs the population engine.

@@ -12,8 +12,9 @@ padding of a short prompt, slots past the current token) is skipped without read
 `decode_attention(q, k, v, mask)`: q [n, H, M, D], k and v [n, H, L, D] (last dim contiguous,
 any strides above: views of the cache), mask additive (0 or -inf) of shape [n, 1, 1, L] or
 broadcastable to it -> [n, H, M, D] in q's dtype. The Triton kernel runs for bf16/fp16 CUDA
-tensors with M <= 16 query rows (decode) and a power-of-two head size; everything else (a prefill's many query rows, fp32,
-a CPU) takes the reference, so results in fp32 are the reference's.
+tensors with M <= 16 query rows (decode) and a power-of-two head size; everything else (a
+prefill's many query rows, fp32, a CPU) takes the reference, so results in fp32 are the
+reference's.
 """
 
 from __future__ import annotations

@@ -21,12 +21,14 @@ Attention kernels, a registered choice (`decode.population_attention`):
 - "sdpa_efficient": the same held to the memory-efficient kernel on CUDA;
 - "fused_decode": decode steps in one Triton pass per (row, kv head) that skips the blocks of
   slots the mask rules out (kernels/decode_attention.py); the prefill takes "matmul".
-"matmul" with one row group and 64-slot buckets is the fastest measured on an H200 (decode step
-at P = 32 x 128 rows: 18.9-26.4 ms against 24.1-39.3 for sdpa_efficient with 8 groups and
-16-slot buckets, benchmarks/results/randopt_step_profile-h200.json; 3.68 against 3.27
-candidates/s end to end, randopt_speed-repro-h200.json): a decode step has 3 query rows per kv
-head, where batched matmuls stream K and V near the copy rate and the fused kernels do not, and
-more row groups cost more launches than the left padding they skip.
+"matmul" with one row group and 64-slot buckets is the fastest measured end to end on an H200
+(decode step at P = 32 x 128 rows: 18.9-26.4 ms against 24.1-39.3 for sdpa_efficient with 8
+groups and 16-slot buckets, benchmarks/results/randopt_step_profile-h200.json; 3.68 against
+3.27 candidates/s, randopt_speed-repro-h200.json): a decode step has 3 query rows per kv head,
+where batched matmuls stream K and V near the copy rate and torch's SDPA kernels do not, and
+more row groups cost more launches than the left padding they skip. "fused_decode" ran a whole
+chunk 1.17x faster than "matmul" (randopt_step_profile-fused-h200.json, random weights); it is
+opt-in until measured end to end on a real model.
 """
 
 from __future__ import annotations
