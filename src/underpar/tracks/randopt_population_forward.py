@@ -62,7 +62,6 @@ def attention_of(name: str) -> AttentionFn:
 
 # q [n, H, M, D], k/v [n, H, L, D], mask broadcastable to [n, 1, M, L] -> [n, H, M, D]
 register_attention("matmul")(decode_attention_reference)
-register_attention("fused_decode")(decode_attention)
 
 
 @register_attention("sdpa")
@@ -76,6 +75,9 @@ def sdpa_efficient_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> T
     whatever torch would prefer: one known kernel, chosen by rule."""
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+register_attention("fused_decode")(decode_attention)
 
 
 def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
