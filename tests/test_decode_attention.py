@@ -1,6 +1,7 @@
 """The one-pass decode attention (kernels/decode_attention.py): which inputs take the Triton kernel,
-the population engine decoding with it ("fused_decode") like one candidate at a time, and on a
-GPU the kernel against its reference on cache views with left padding and a masked tail."""
+and on a GPU the kernel against its reference on cache views with left padding and a masked
+tail. The population engine decoding with it ("fused_decode") like one candidate at a time is
+tested with every attention choice in test_randopt_decoder_fast.py."""
 
 from __future__ import annotations
 
@@ -35,25 +36,6 @@ def test_the_kernel_takes_only_half_precision_cuda_decode_steps():
     assert not da.kernel_applies(q.expand(-1, -1, 17, -1), mask)  # a prefill's many query rows
     assert not da.kernel_applies(q, mask.expand(-1, -1, 3, -1))  # a per-query mask
     assert not da.kernel_applies(q[..., :48], mask)  # head size not a power of two
-
-
-def test_population_engine_with_fused_decode_equals_one_candidate_at_a_time():
-    pytest.importorskip("transformers")
-    from test_generate import PROMPTS, make_model, make_tokenizer
-    from test_randopt_population import POPULATION, one_at_a_time
-    from underpar.eval.generate import DecodeConfig
-    from underpar.kernels.perturb_space import PerturbSpace
-    from underpar.tracks.randopt_population import PopulationDecoder, generate_population
-
-    torch.set_num_threads(1)
-    model = make_model("llama")
-    tokenizer = make_tokenizer(eos=None)
-    space = PerturbSpace(model)
-    cfg = DecodeConfig(max_new_tokens=10, engine="static")
-    reference = one_at_a_time(model, space, tokenizer, POPULATION, cfg)
-    decoder = PopulationDecoder(model, space, size=4, rows=len(PROMPTS), max_len=64 + 10, attention="fused_decode")
-    got = generate_population(decoder, tokenizer, POPULATION, PROMPTS, cfg)
-    assert [[c.token_ids for c in row] for row in got] == reference
 
 
 @pytest.mark.gpu
