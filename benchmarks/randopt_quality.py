@@ -154,10 +154,11 @@ def summary_over_seeds(runs: list[dict]) -> list[dict]:
     for (task, k), values in cells.items():
         gains = [acc - base for base, acc, _ in values]
         gain = mean_ci(gains)
-        p = None
-        if len(gains) > 1:
-            p = 1.0 if gain["std"] == 0 and gain["mean"] == 0 else (
-                0.0 if gain["std"] == 0 else 2 * t_sf(abs(gain["mean"]) / (gain["std"] / len(gains) ** 0.5), len(gains) - 1))
+        p = None  # one seed: no test
+        if len(gains) > 1 and gain["std"] == 0:  # every seed the same gain: certain, or none
+            p = 1.0 if gain["mean"] == 0 else 0.0
+        elif len(gains) > 1:
+            p = 2 * t_sf(abs(gain["mean"]) / (gain["std"] / len(gains) ** 0.5), len(gains) - 1)
         rows.append({"task": task, "k": k, "base": sum(v[0] for v in values) / len(values),
                      "accuracy": sum(v[1] for v in values) / len(values), "gain": gain, "p": p,
                      "significant": sum(v[2] < 0.05 for v in values)})
