@@ -6,11 +6,15 @@
 - candidates/s of `model.generate` (engine hf), today's engine (flat switch + the static engine
   with the compiled CUDA-graph decode step, what `underpar randopt` runs with decode.population=1)
   and the population engine (P candidates in one forward, stacked weights, one CUDA graph per
-  step) for each P in --sizes and each of --variants, ATTENTION:GROUPS:BUCKET[:compact] (the
-  decoder's attention kernel, prompt-row groups, length bucket, finished-row compaction):
+  step) for each P in --sizes and each of --variants,
+  ATTENTION:GROUPS:BUCKET[:compact][:fuse][:prefill=ATTENTION] (the decoder's attention kernel,
+  prompt-row groups, length bucket, finished-row compaction, Inductor-compiled layers, the
+  prefill's attention kernel):
   `before` = matmul:1:64 (the engine of issue 18's first measurement: materialized scores,
   every row reads from slot 0, 64-slot buckets; measured fastest, the default again),
-  `after` = sdpa_efficient:8:16 (the attention rework), `compact` = after + compaction. Each
+  `after` = sdpa_efficient:8:16 (the attention rework), `compact` = after + compaction,
+  `fast` = fused_decode:1:64:fuse:prefill=sdpa_efficient (one-pass decode attention that skips
+  finished candidates, compiled layers, SDPA prefill). Each
   engine gets an untimed warm-up (compile, graph capture); a variant that fails (out of
   memory, a kernel that cannot run) is recorded and skipped.
 - reward equality: the candidates that every engine scored, by reward and completion digest
@@ -131,15 +135,20 @@ def one_at_a_time(model, tokenizer, space, prompts, drawn, engine: str, compile_
             "seconds": seconds, "warmup_seconds": warmup, "candidates_per_second": len(drawn) / seconds, "rows": rows}
 
 
-VARIANT_ALIASES = {"before": "matmul:1:64", "after": "sdpa_efficient:8:16", "compact": "sdpa_efficient:8:16:compact"}
+VARIANT_ALIASES = {"before": "matmul:1:64", "after": "sdpa_efficient:8:16", "compact": "sdpa_efficient:8:16:compact",
+                   "fast": "fused_decode:1:64:fuse:prefill=sdpa_efficient"}
+VARIANT_FORM = "ATTENTION:GROUPS:BUCKET[:compact][:fuse][:prefill=ATTENTION]"
 
 
 def variant(spec: str) -> dict:
-    """ATTENTION:GROUPS:BUCKET[:compact] (or an alias) -> PopulationScorer keywords."""
+    """VARIANT_FORM (or an alias) -> PopulationScorer keywords."""
     fields = VARIANT_ALIASES.get(spec, spec).split(":")
-    if len(fields) not in (3, 4) or fields[3:] not in ([], ["compact"]):
-        raise SystemExit(f"--variants: {spec!r} is not ATTENTION:GROUPS:BUCKET[:compact] or one of {list(VARIANT_ALIASES)}")
-    return {"attention": fields[0], "groups": int(fields[1]), "bucket": int(fields[2]), "compact": len(fields) == 4}
+    options = fields[3:]
+    prefill = [o.removeprefix("prefill=") for o in options if o.startswith("prefill=")]
+    if len(fields) < 3 or not set(options) <= {"compact", "fuse", *(f"prefill={a}" for a in prefill)} or len(prefill) > 1:
+        raise SystemExit(f"--variants: {spec!r} is not {VARIANT_FORM} or one of {list(VARIANT_ALIASES)}")
+    return {"attention": fields[0], "groups": int(fields[1]), "bucket": int(fields[2]), "compact": "compact" in options,
+            "fuse": "fuse" in options, "prefill_attention": (prefill or ["matmul"])[0]}
 
 
 def population_engine(model, tokenizer, space, prompts, drawn, size: int, max_new: int, spec: str,
@@ -236,8 +245,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32],
                         help="population engine: candidates per forward (64 does not fit an H200 at 128 x 256)")
-    parser.add_argument("--variants", nargs="+", default=["before", "after", "compact"],
-                        help="population engine settings ATTENTION:GROUPS:BUCKET[:compact], or an alias: "
+    parser.add_argument("--variants", nargs="+", default=["before", "fast"],
+                        help=f"population engine settings {VARIANT_FORM}, or an alias: "
                         + ", ".join(f"{k} ({v})" for k, v in VARIANT_ALIASES.items()))
     parser.add_argument("--chunks", type=int, default=1, help="timed chunks per population size")
     parser.add_argument("--static-candidates", type=int, default=2)

@@ -1,7 +1,7 @@
 """Where the population engine's decode step spends its time (issue 18). SmolLM2-135M's shape with
 random weights (no download), --size candidates x --rows prompts of gsm_symbolic's chat-prompt
-lengths (99-212 tokens, SmolLM2's tokenizer), --new-tokens greedy steps. Per variant
-(ATTENTION:GROUPS:BUCKET):
+lengths (99-212 tokens, SmolLM2's tokenizer), --new-tokens greedy steps. Per variant (randopt_speed.py's
+form, ATTENTION:GROUPS:BUCKET[:compact][:fuse][:prefill=ATTENTION], or its aliases):
 
 - the CUDA-graph decode step (median of --repeats replays, CUDA events) at three cache lengths,
   the prompt's end, half way and the end, as the engine's length buckets round them;
@@ -9,8 +9,8 @@ lengths (99-212 tokens, SmolLM2's tokenizer), --new-tokens greedy steps. Per var
   against randopt_speed.py's measured seconds per chunk;
 - the prefill and one whole chunk (prefill + --new-tokens steps, no EOS) timed end to end, and
   the greedy tokens of one step against the first variant's (same weights and prompts);
-- with --profile, torch.profiler's kernel table of eager steps at the half-way length for the
-  first variant: which kernels take the time.
+- with --profile, torch.profiler's kernel tables of a step at the half-way length and of the
+  prefill, for every variant: which kernels take the time.
 
 And the bytes floor: the KV cache slots and weights a step must read, at the device's copy rate.
 
@@ -34,12 +34,13 @@ from underpar.eval.generate import DecodeConfig
 from underpar.kernels.perturb_space import PerturbSpace
 from underpar.runs.rundir import device_tag, environment
 from underpar.tracks.randopt_population import ALIGN, PopulationDecoder
+from randopt_speed import variant  # noqa: E402 - the scripts' folder is on the path
 
 CUDA = torch.cuda.is_available()
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                max_position_embeddings=8192)
-VARIANTS = ["matmul:1:64", "fused_decode:1:64", "fused_decode:1:16", "sdpa_efficient:8:16"]
+VARIANTS = ["matmul:1:64", "fused_decode:1:64", "fused_decode:1:64:fuse", "fused_decode:1:64:fuse:prefill=sdpa_efficient"]
 
 
 def prompt_lengths(rows: int, shortest: int = 99, longest: int = 212) -> list[int]:
@@ -67,22 +68,22 @@ def timed_step(decoder: PopulationDecoder, length: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def kernel_table(decoder: PopulationDecoder, length: int, top: int = 25) -> list[dict]:
-    decoder.slot.fill_(length - 1)
+def kernel_table(fn, *args, top: int = 25) -> list[dict]:
+    """The kernels of 3 calls of fn(*args) (eager), per call."""
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
-            decoder._step(length)
+            fn(*args)
         if CUDA:
             torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
         device_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if CUDA and device_us and not e.key.startswith("aten::"):  # kernels, not the ops that launch them
-            rows.append({"kernel": e.key[:160], "calls": e.count // 3, "ms_per_step": device_us / 3e3})
+            rows.append({"kernel": e.key[:160], "calls": e.count // 3, "ms_per_call": device_us / 3e3})
         elif not CUDA and e.key.startswith("aten::"):
-            rows.append({"kernel": e.key, "calls": e.count // 3, "ms_per_step": e.self_cpu_time_total / 3e3})
-    return sorted(rows, key=lambda r: -r["ms_per_step"])[:top]
+            rows.append({"kernel": e.key, "calls": e.count // 3, "ms_per_call": e.self_cpu_time_total / 3e3})
+    return sorted(rows, key=lambda r: -r["ms_per_call"])[:top]
 
 
 def main() -> None:
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--layers", type=int, default=SMOLLM2["num_hidden_layers"])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help="ATTENTION:GROUPS:BUCKET")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -118,9 +119,10 @@ def main() -> None:
     path = out / f"randopt_step_profile-{device_tag()}.json"
     reference = None  # the first variant's greedy tokens of the third step
     for spec in args.variants:
-        attention, groups, bucket = spec.split(":")
-        decoder = PopulationDecoder(model, space, args.size, args.rows, max_len, graphs=CUDA, attention=attention,
-                                    groups=int(groups), bucket=int(bucket))
+        settings = variant(spec)
+        bucket = settings["bucket"]
+        fuse = "inductor" if settings.pop("fuse") and CUDA else None
+        decoder = PopulationDecoder(model, space, args.size, args.rows, max_len, graphs=CUDA, fuse=fuse, **settings)
         decoder.load([[(seed, 1e-3)] for seed in range(args.size)])
         with torch.no_grad():
             decoder.decode(ids, mask, [], 0, DecodeConfig(max_new_tokens=2), None)  # prefill, the row groups' starts
@@ -128,18 +130,20 @@ def main() -> None:
             tokens = decoder._step(min(max_len, -(-(W + 2) // 64) * 64))[0]
             agree = None if reference is None else (tokens == reference).float().mean().item()
             reference = tokens if reference is None else reference
-            points = sorted({min(max_len, -(-(W + t) // int(bucket)) * int(bucket))
+            points = sorted({min(max_len, -(-(W + t) // bucket) * bucket)
                              for t in (1, args.new_tokens // 2, args.new_tokens)})
             steps_ms = {n: timed_step(decoder, n, args.repeats) for n in points}
             # one chunk's decode: every step t reads the bucket-rounded W + t slots
-            predicted = sum(_interpolate(steps_ms, min(max_len, -(-(W + t) // int(bucket)) * int(bucket)))
+            predicted = sum(_interpolate(steps_ms, min(max_len, -(-(W + t) // bucket) * bucket))
                             for t in range(1, args.new_tokens)) / 1e3
             prefill = _seconds(decoder._prefill, ids, mask)
             chunk = _seconds(decoder.decode, ids, mask, [], 0, DecodeConfig(max_new_tokens=args.new_tokens), None)
             row = {"steps_ms": steps_ms, "predicted_decode_seconds": predicted, "graphs": len(decoder._graphs),
                    "prefill_seconds": prefill, "chunk_seconds": chunk, "tokens_equal_to_first_variant": agree}
-            if args.profile and not record["variants"]:
-                row["kernels"] = kernel_table(decoder, points[len(points) // 2])
+            if args.profile:
+                decoder.slot.fill_(points[len(points) // 2] - 1)
+                row["kernels"] = kernel_table(decoder._step, points[len(points) // 2])
+                row["prefill_kernels"] = kernel_table(decoder._prefill, ids, mask)
         # the bytes a step must read at the half-way length: K and V of every row from its group's start, the weights
         half = points[len(points) // 2]
         starts = decoder._starts
@@ -148,9 +152,10 @@ def main() -> None:
         row["bytes_per_step"] = {"kv": slots * args.size * args.layers * kv_bytes_per_slot,
                                  "weights": args.size * space.numel * space.params[0].element_size()}
         record["variants"][spec] = row
-        print(spec, json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
-        for k in row.get("kernels", []):
-            print(f"  {k['ms_per_step']:8.3f} ms  {k['calls']:5d}x  {k['kernel'][:110]}", flush=True)
+        print(spec, json.dumps({k: v for k, v in row.items() if not k.endswith("kernels")}), flush=True)
+        for part in ("kernels", "prefill_kernels"):
+            for k in row.get(part, [])[:12]:
+                print(f"  {part[:7]} {k['ms_per_call']:8.3f} ms  {k['calls']:5d}x  {k['kernel'][:100]}", flush=True)
         del decoder
         gc.collect()
         if CUDA:

@@ -54,3 +54,9 @@ def test_kernel_equals_reference_on_the_gpu(dtype, M):
     v[1, :, :64] = float("nan")
     again = da.decode_attention(q, k, v, mask)
     assert torch.isfinite(again).all() and torch.equal(again, got)
+    # skipped (row, head) pairs are zeros and read nothing; the others are unchanged
+    skip = torch.zeros(q.shape[:2], dtype=torch.bool, device="cuda")
+    skip[2, 1:4] = skip[4] = True
+    k[2, 1:4] = v[4] = float("nan")
+    skipped = da.decode_attention(q, k, v, mask, skip)
+    assert torch.equal(skipped[~skip], got[~skip]) and not skipped[skip].any()

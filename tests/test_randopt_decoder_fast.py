@@ -53,10 +53,25 @@ def test_attention_groups_and_buckets_equal_one_candidate_at_a_time(setup, atten
     assert decoder._starts == ((0, 32) if groups == 2 else (0,))
 
 
+def test_compiled_layers_and_a_prefill_kernel_equal_one_candidate_at_a_time(setup):
+    """The layer pieces traced by torch.compile (backend "eager" on a CPU: the graph capture
+    Inductor takes, without code generation) and SDPA in the prefill change no token."""
+    model, space, tokenizer, cfg, reference = setup
+    torch._dynamo.reset()
+    decoder = PopulationDecoder(model, space, size=3, rows=4, max_len=64 + 16, attention="fused_decode",
+                                prefill_attention="sdpa", fuse="eager")
+    got = generate_population(decoder, tokenizer, POPULATION, PROMPTS, cfg)
+    assert [[c.token_ids for c in row] for row in got] == reference
+    # layer_in and layer_out, for the decode steps and for the prefill (any prompt width)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+
+
 def test_bad_settings_name_the_choices(setup):
     model, space = setup[0], setup[1]
     with pytest.raises(ConfigError, match="matmul, sdpa"):
         PopulationDecoder(model, space, 2, 2, 64, attention="flash3")
+    with pytest.raises(ConfigError, match="matmul, sdpa"):
+        PopulationDecoder(model, space, 2, 2, 64, prefill_attention="flash3")
     with pytest.raises(ConfigError, match="multiple of 16"):
         PopulationDecoder(model, space, 2, 2, 64, bucket=24)
     with pytest.raises(ConfigError, match="groups"):
@@ -88,8 +103,8 @@ def test_compaction_keeps_tokens_when_rows_finish(setup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("attention", sorted(ATTENTION))
-def test_cuda_graphs_with_groups_and_compaction_equal_one_candidate_at_a_time(attention):
+@pytest.mark.parametrize("attention,fuse", [(a, None) for a in sorted(ATTENTION)] + [("fused_decode", "inductor")])
+def test_cuda_graphs_with_groups_and_compaction_equal_one_candidate_at_a_time(attention, fuse):
     model = make_model("qwen2").cuda()
     space = PerturbSpace(model)
     probe = generate(model, make_tokenizer(eos=None), PROMPTS, DecodeConfig(max_new_tokens=NEW))
@@ -102,7 +117,7 @@ def test_cuda_graphs_with_groups_and_compaction_equal_one_candidate_at_a_time(at
         reference.append([c.token_ids for c in generate(model, tokenizer, PROMPTS, cfg)])
     space.restore()
     decoder = PopulationDecoder(model, space, size=3, rows=4, max_len=64 + 16, attention=attention, groups=2,
-                                compact=True)
+                                compact=True, fuse=fuse)
     assert decoder.graphs_on
     got = generate_population(decoder, tokenizer, population, PROMPTS, cfg)
     assert [[c.token_ids for c in row] for row in got] == reference
@@ -114,7 +129,8 @@ def test_randopt_config_names_the_kernels():
     from underpar.config import validate
     from underpar.tracks.randopt_search import RODecodeConfig
 
-    cfg = RODecodeConfig(population=4, population_attention="matmul", population_compact=True)
+    cfg = RODecodeConfig(population=4, population_attention="matmul", population_prefill_attention="sdpa",
+                         population_fuse=True, population_compact=True)
     validate(cfg)
     assert not hasattr(cfg.engine_config(), "population_attention")  # the one-candidate engine takes none of them
     with pytest.raises(ConfigError, match="sdpa_efficient"):

@@ -9,9 +9,11 @@ the additive mask and an online softmax in fp32, and the weighted sum of V, so K
 once and no score tensor is written; a block of slots that the mask rules out entirely (left
 padding of a short prompt, slots past the current token) is skipped without reading its K or V.
 
-`decode_attention(q, k, v, mask)`: q [n, H, M, D], k and v [n, H, L, D] (last dim contiguous,
-any strides above: views of the cache), mask additive (0 or -inf) of shape [n, 1, 1, L] or
-broadcastable to it -> [n, H, M, D] in q's dtype. The Triton kernel runs for bf16/fp16 CUDA
+`decode_attention(q, k, v, mask, skip)`: q [n, H, M, D], k and v [n, H, L, D] (last dim
+contiguous, any strides above: views of the cache), mask additive (0 or -inf) of shape
+[n, 1, 1, L] or broadcastable to it, skip (optional) bool [n, H]: the (row, head) pairs whose
+output is not needed (the population engine's finished candidates), which the kernel writes as
+zeros without reading their K or V (the reference computes them) -> [n, H, M, D] in q's dtype. The Triton kernel runs for bf16/fp16 CUDA
 tensors with M <= 16 query rows (decode) and a power-of-two head size; everything else (a
 prefill's many query rows, fp32, a CPU) takes the reference, so results in fp32 are the
 reference's.
@@ -32,8 +34,8 @@ BLOCK_L = 64  # cache slots per step of the kernel's loop
 MAX_ROWS = 16  # query rows per (row, head) the kernel takes (tl.dot's smallest tile)
 
 
-def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Materialized scores: q k^T * scale + mask, softmax in fp32, @ V."""
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, skip: Tensor | None = None) -> Tensor:
+    """Materialized scores: q k^T * scale + mask, softmax in fp32, @ V (every pair computed)."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask
     return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
@@ -46,7 +48,7 @@ def kernel_applies(q: Tensor, mask: Tensor) -> bool:
             and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, skip: Tensor | None = None) -> Tensor:
     if not kernel_applies(q, mask):
         return decode_attention_reference(q, k, v, mask)
     n, H, M, D = q.shape
@@ -54,23 +56,27 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     mask = mask.expand(n, 1, 1, L)
     q = q.contiguous() if q.stride(-1) != 1 else q
     out = torch.empty((n, H, M, D), dtype=q.dtype, device=q.device)
+    flags = out if skip is None else skip.expand(n, H).contiguous().view(torch.uint8)  # out: not read
     _decode_attention_kernel[(n * H,)](
-        q, k, v, mask, out, H, M, L,
+        q, k, v, mask, flags, out, H, M, L,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0), mask.stride(3),
         out.stride(0), out.stride(1), out.stride(2), D ** -0.5,
-        D=D, BLOCK_M=MAX_ROWS, BLOCK_L=BLOCK_L, num_warps=4)
+        D=D, BLOCK_M=MAX_ROWS, BLOCK_L=BLOCK_L, SKIP=skip is not None, num_warps=4)
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, H, M, L,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, skip_ptr, o_ptr, H, M, L,
                                  sq_n, sq_h, sq_m, sk_n, sk_h, sk_l, sv_n, sv_h, sv_l, sm_n, sm_l,
                                  so_n, so_h, so_m, scale,
-                                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+                                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, SKIP: tl.constexpr):
         pid = tl.program_id(0)
+        end = L
+        if SKIP:  # a pair whose output is not needed reads nothing and writes zeros
+            end = tl.where(tl.load(skip_ptr + pid) != 0, 0, L)
         row, head = pid // H, pid % H
         rows_m = tl.arange(0, BLOCK_M)
         dims = tl.arange(0, D)
@@ -82,7 +88,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for start in range(0, L, BLOCK_L):
+        for start in range(0, end, BLOCK_L):
             cols = start + slots
             bias = tl.load(mask_ptr + row * sm_n + cols * sm_l, mask=cols < L, other=float("-inf")).to(tl.float32)
             if tl.max(bias, axis=0) > float("-inf"):  # a block the mask rules out is not read
@@ -95,6 +101,6 @@ if triton is not None:
                 v = tl.load(v_base + cols[:, None] * sv_l + dims[None, :], mask=cols[:, None] < L, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
-        out = acc / l_i[:, None]
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
         tl.store(o_ptr + row * so_n + head * so_h + rows_m[:, None] * so_m + dims[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rows_m[:, None] < M)

@@ -221,7 +221,8 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
     P = cfg.decode.population
     batched = PopulationScorer(model, tokenizer, space, cfg.decode.engine_config(), rows_per_batch, P, cfg.backend,
                                [train, *tests], attention=cfg.decode.population_attention,
-                               compact=cfg.decode.population_compact) if P > 1 else None
+                               prefill_attention=cfg.decode.population_prefill_attention,
+                               fuse=cfg.decode.population_fuse, compact=cfg.decode.population_compact) if P > 1 else None
     N = cfg.population
     candidates = Candidates(space, draw_population(N, cfg.sigmas, cfg.seed), cfg.backend)
     run_dir = run_dir or RunDir.start(cfg.runs_root, cfg.name, env)

@@ -26,6 +26,7 @@ neighbours (tested on CPU).
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,9 @@ from underpar.eval.generate import (
 )
 from underpar.kernels.perturb import Terms
 from underpar.kernels.perturb_space import PerturbSpace
-from underpar.tracks.randopt_population_forward import Group, PopulationForward, additive, attention_of
+from underpar.tracks.randopt_population_forward import (
+    Group, PopulationForward, additive, attention_of, layer_in, layer_out,
+)
 from underpar.tracks.randopt_search import PromptSet, score_texts
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -62,10 +65,27 @@ def check_model(model: Any, space: PerturbSpace) -> None:
         raise ConfigError("decode.population > 1 needs every perturbed tensor in one dtype on one device")
 
 
+def compiled(fn: Any, backend: str, dynamic: bool) -> Any:
+    """fn compiled by torch.compile, for fixed shapes or for any (the prefill's prompt widths),
+    as a copy with its own code object (torch.compile keeps its graphs with the code it
+    compiles: two compilations of one function would share them); Inductor in its
+    deterministic mode where torch has it (no on-device benchmarking that could pick another
+    reduction order in another process)."""
+    import torch._inductor.config as inductor
+
+    name = f"{fn.__name__}_{'dynamic' if dynamic else 'static'}"
+    copy = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__)
+    deterministic = backend == "inductor" and hasattr(inductor, "deterministic")
+    return torch.compile(copy, backend=backend, fullgraph=True, dynamic=dynamic,
+                         options={"deterministic": True} if deterministic else None)
+
+
 class PopulationDecoder(PopulationForward):
     """Static caches, stacked weights and the decode step for `size` candidates x `rows` prompts.
-    attention: a registered kernel (randopt_population_forward.ATTENTION); groups: row groups
-    with their own first cache slot; bucket: decode steps read the cache up to a multiple of it;
+    attention, prefill_attention: registered kernels (randopt_population_forward.ATTENTION) of
+    the decode steps and of the prefill; fuse: the torch.compile backend of the decode steps'
+    layer pieces (None: eager); groups: row groups with their own first cache slot; bucket:
+    decode steps read the cache up to a multiple of it;
     compact: at each check (every decode.check_every steps) the prompt rows still running for
     some candidate move to the front and the step runs on the fewest of rows, rows/2, rows/4 ...
     that holds them (its own graphs). Off by default: a row's matmuls then run in a batch
@@ -73,12 +93,18 @@ class PopulationDecoder(PopulationForward):
     (bf16 near-ties could then differ with the chunk's composition)."""
 
     def __init__(self, model: Any, space: PerturbSpace, size: int, rows: int, max_len: int, graphs: bool = True,
-                 attention: str = "matmul", groups: int = 1, bucket: int = 64, compact: bool = False):
+                 attention: str = "matmul", groups: int = 1, bucket: int = 64, compact: bool = False,
+                 prefill_attention: str = "matmul", fuse: str | None = None):
         check_model(model, space)
         if groups < 1 or bucket < ALIGN or bucket % ALIGN:
             raise ConfigError(f"population decoder: groups ({groups}) must be >= 1 and bucket ({bucket}) "
                               f"a multiple of {ALIGN}")
         self.attend, self.attention = attention_of(attention), attention
+        self.prefill_attend = attention_of(prefill_attention)
+        self.fused = self.fused_prefill = None
+        if fuse is not None:
+            self.fused = compiled(layer_in, fuse, False), compiled(layer_out, fuse, False)
+            self.fused_prefill = compiled(layer_in, fuse, True), compiled(layer_out, fuse, True)
         self.groups, self.bucket, self.compact = groups, bucket, compact
         self.compactions = 0  # row compactions done (all batches)
         c = model.config
@@ -143,8 +169,11 @@ class PopulationDecoder(PopulationForward):
         mask = additive(self.valid_bl[:B, :length] & (L <= self.slot), self.dtype)[:, None, None, :]  # [B, 1, 1, L]
         rows = self._group_rows(B)
         groups = [(b, min(b + rows, B), s, mask[b:b + rows, :, :, s:]) for b, s in zip(range(0, B, rows), self._starts)]
-        logits = self._forward(self.tok_pb[:, :B, None], self.pos_b[:B, None], groups, self.slot, length)
-        return _pick(logits, self.finished_pb[:, :B], self.eos_t, self.pad_id)
+        done = self.finished_pb[:, :B]  # these candidates' rows need no attention output
+        skip = done.t()[:, :, None].expand(B, self.size, self.kv_heads).reshape(B, -1)
+        logits = self._forward(self.tok_pb[:, :B, None], self.pos_b[:B, None], groups, self.slot, length,
+                               self.attend, skip)
+        return _pick(logits, done, self.eos_t, self.pad_id)
 
     def _replay(self, length: int) -> tuple[Tensor, Tensor]:
         if not self.graphs_on:
@@ -179,7 +208,7 @@ class PopulationDecoder(PopulationForward):
         mask = additive(allowed, self.dtype)[:, None].expand(B, rep, W, W).reshape(B, 1, rep * W, W)
         rows = self._group_rows(B)
         groups: list[Group] = [(b, min(b + rows, B), 0, mask[b:b + rows]) for b in range(0, B, rows)]
-        return self._forward(ids_bw.expand(P, B, W), _positions(mask_bw), groups, 0, W)
+        return self._forward(ids_bw.expand(P, B, W), _positions(mask_bw), groups, 0, W, self.prefill_attend)
 
     def _group_rows(self, B: int) -> int:
         """Rows per row group when B rows are decoded (the last group may have fewer)."""
@@ -304,15 +333,19 @@ class PopulationScorer:
     """RandOpt's answerer for whole chunks of candidates: every prompt set is padded to `rows`
     prompts (copies of its first, dropped afterwards) like `Answerer`, so one decoder serves
     every set; its cache fits the longest prompt of `sets` plus `decode.max_new_tokens`.
-    attention, groups, bucket, compact: `PopulationDecoder`'s."""
+    attention, prefill_attention, groups, bucket, compact: `PopulationDecoder`'s; fuse: compile
+    the decode steps' layers with Inductor (on CUDA with decode.compile on; eager elsewhere)."""
 
     def __init__(self, model: Any, tokenizer: Any, space: PerturbSpace, decode: DecodeConfig, rows: int,
                  size: int, backend: str, sets: Sequence[PromptSet], attention: str = "matmul", groups: int = 1,
-                 bucket: int = 64, compact: bool = False):
+                 bucket: int = 64, compact: bool = False, prefill_attention: str = "matmul", fuse: bool = False):
         longest = max(len(ids) for s in sets for ids in s.ids)
         max_len = -(-(longest + decode.max_new_tokens) // ALIGN) * ALIGN
+        cuda = decode.compile and next(model.parameters()).device.type == "cuda"
         self.decoder = PopulationDecoder(model, space, size, rows, max_len, graphs=decode.compile,
-                                         attention=attention, groups=groups, bucket=bucket, compact=compact)
+                                         attention=attention, groups=groups, bucket=bucket, compact=compact,
+                                         prefill_attention=prefill_attention,
+                                         fuse="inductor" if fuse and cuda else None)
         self.tokenizer, self.decode, self.backend, self.rows, self.size = tokenizer, decode, backend, rows, size
 
     def texts(self, population: Sequence[tuple[int, float]], prompts: PromptSet,

@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from underpar.errors import ConfigError
 from underpar.kernels.decode_attention import decode_attention, decode_attention_reference
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor | None], Tensor]
 ATTENTION: dict[str, AttentionFn] = {}
 
 
@@ -60,17 +60,18 @@ def attention_of(name: str) -> AttentionFn:
     return ATTENTION[name]
 
 
-# q [n, H, M, D], k/v [n, H, L, D], mask broadcastable to [n, 1, M, L] -> [n, H, M, D]
+# q [n, H, M, D], k/v [n, H, L, D], mask broadcastable to [n, 1, M, L], skip [n, H] or None (pairs
+# whose output is not needed: a kernel may leave them out) -> [n, H, M, D]
 register_attention("matmul")(decode_attention_reference)
 
 
 @register_attention("sdpa")
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, skip: Tensor | None = None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @register_attention("sdpa_efficient")
-def sdpa_efficient_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def sdpa_efficient_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, skip: Tensor | None = None) -> Tensor:
     """SDPA held to the memory-efficient kernel (math where it cannot run, e.g. on a CPU),
     whatever torch would prefer: one known kernel, chosen by rule."""
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
@@ -90,12 +91,62 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 Group = tuple[int, int, int, Tensor]
 
 
+def linear(x_pnd: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    y = torch.bmm(x_pnd, weight.transpose(1, 2))
+    return y if bias is None else y + bias[:, None, :]
+
+
+def rms_norm(x_pnd: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order)."""
+    h = F.rms_norm(x_pnd.float(), (x_pnd.shape[-1],), eps=eps)
+    return weight[:, None, :] * h.to(x_pnd.dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def layer_in(x: Tensor, w: Sequence[Tensor | None], cos: Tensor, sin: Tensor, eps: float, B: int, G: int,
+             D: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A layer up to attention: x [P, B x T, hidden], w = (norm, q, k, v weights, q, k, v biases)
+    -> q [B x P, G, rep x T, D] (query rows of kv head g: head in group, then position), k and v
+    [B x P, G, T, D] (the cache layout)."""
+    P, T = x.shape[0], x.shape[1] // B
+    norm, wq, wk, wv, bq, bk, bv = w
+    h = rms_norm(x, norm, eps)
+    H = wq.shape[1] // D
+    q = rope(linear(h, wq, bq).view(P, B, T, H, D), cos, sin)
+    k = rope(linear(h, wk, bk).view(P, B, T, G, D), cos, sin)
+    v = linear(h, wv, bv).view(P, B, T, G, D)
+    q = q.view(P, B, T, G, H // G, D).permute(1, 0, 3, 4, 2, 5).reshape(B * P, G, H // G * T, D)
+    k = k.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
+    v = v.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
+    return q, k, v
+
+
+def layer_out(x: Tensor, attn: Tensor, w: Sequence[Tensor | None], eps: float, act: Callable[[Tensor], Tensor],
+              B: int) -> Tensor:
+    """The rest of a layer: x + o_proj(attn), then the gated MLP with its residual; attn in
+    layer_in's q layout, w = (o weight, o bias, norm, gate, up, down weights)."""
+    P, T = x.shape[0], x.shape[1] // B
+    wo, bo, norm, wg, wu, wd = w
+    n, G, MT, D = attn.shape
+    attn = attn.view(B, P, G, MT // T, T, D).permute(1, 0, 4, 2, 3, 5).reshape(P, B * T, -1)
+    x = x + linear(attn, wo, bo)
+    h = rms_norm(x, norm, eps)
+    return x + linear(act(linear(h, wg, None)) * linear(h, wu, None), wd, None)
+
+
 class PopulationForward:
-    """The forward of `PopulationDecoder` (which sets the attributes used here)."""
+    """The forward of `PopulationDecoder` (which sets the attributes used here). A layer is
+    layer_in -> cache write -> attention -> layer_out; `fused` and `fused_prefill` (or None:
+    eager) hold the two compiled for the decode steps and for the prefill, so their elementwise
+    work and layout copies run as a few fused kernels (the matmuls stay cuBLAS calls; one
+    compiled graph serves every layer)."""
 
     size: int
     layers: int
-    heads: int
     kv_heads: int
     head_dim: int
     eps: float
@@ -103,70 +154,58 @@ class PopulationForward:
     head: Tensor
     k_cache: list[Tensor]
     v_cache: list[Tensor]
-    attend: AttentionFn
     act: Callable[[Tensor], Tensor]
     rotary: torch.nn.Module
+    fused: tuple[Callable, Callable] | None
+    fused_prefill: tuple[Callable, Callable] | None
 
-    def _linear(self, x_pnd: Tensor, name: str) -> Tensor:
-        y = torch.bmm(x_pnd, self.weights[name + ".weight"].transpose(1, 2))
-        bias = self.weights.get(name + ".bias")
-        return y if bias is None else y + bias[:, None, :]
+    def _layer_weights(self, i: int) -> tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
+        w = self.weights.get
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        return ((w(p + "input_layernorm.weight"), w(a + "q_proj.weight"), w(a + "k_proj.weight"),
+                 w(a + "v_proj.weight"), w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")),
+                (w(a + "o_proj.weight"), w(a + "o_proj.bias"), w(p + "post_attention_layernorm.weight"),
+                 w(m + "gate_proj.weight"), w(m + "up_proj.weight"), w(m + "down_proj.weight")))
 
-    def _norm(self, x_pnd: Tensor, name: str) -> Tensor:
-        """LlamaRMSNorm: normalize in fp32, cast back, then scale (HF's order); one fused
-        normalization instead of HF's five elementwise passes (a launch-bound step counts them)."""
-        h = F.rms_norm(x_pnd.float(), (x_pnd.shape[-1],), eps=self.eps)
-        return self.weights[name + ".weight"][:, None, :] * h.to(x_pnd.dtype)
-
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def _attention(self, i: int, q: Tensor, groups: Sequence[Group], length: int) -> Tensor:
+    def _attention(self, attend: AttentionFn, i: int, q: Tensor, groups: Sequence[Group], length: int,
+                   skip: Tensor | None) -> Tensor:
         """q [B x P, G, M, D] -> [B x P, G, M, D], candidates as heads: [B, P x G, M, D]."""
         n, G, M, D = q.shape
         B, heads = n // self.size, self.size * G
         k = self.k_cache[i][:n].view(B, heads, -1, D)
         v = self.v_cache[i][:n].view(B, heads, -1, D)
         q = q.view(B, heads, M, D)
-        outs = [self.attend(q[b0:b1], k[b0:b1, :, s:length], v[b0:b1, :, s:length], mask)
+        outs = [attend(q[b0:b1], k[b0:b1, :, s:length], v[b0:b1, :, s:length], mask,
+                            None if skip is None else skip[b0:b1])
                 for b0, b1, s, mask in groups]
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(n, G, M, D)
 
     def _forward(self, ids_pbt: Tensor, pos_bt: Tensor, groups: Sequence[Group], start: int | Tensor,
-                 length: int) -> Tensor:
+                 length: int, attend: AttentionFn, skip: Tensor | None = None) -> Tensor:
         """Logits [P, B, V] of the last position. Tokens sit at cache slots start..start+T-1
         (an int in prefill, a 0-dim tensor when decoding); attention reads slots [s, length) of
-        each group's rows."""
+        each group's rows; skip [B, P x G] (decoding): the finished candidates' (row, kv head)
+        pairs, whose attention output is not needed."""
         P, B, T = ids_pbt.shape
-        H, G, D = self.heads, self.kv_heads, self.head_dim
-        rep = H // G
+        G, D = self.kv_heads, self.head_dim
         emb = self.weights["model.embed_tokens.weight"]
-        x = emb[torch.arange(P, device=ids_pbt.device)[:, None, None], ids_pbt].view(P, B * T, -1)
+        x = emb[torch.arange(P, device=ids_pbt.device)[:, None], ids_pbt.reshape(P, B * T)]  # not a view: every
+        # layer's x is then alike to torch.compile
         cos, sin = self.rotary(x, pos_bt)  # [B, T, D] in the model dtype, as HF computes them
         cos, sin = cos[None, :, :, None, :], sin[None, :, :, None, :]
+        prefill = isinstance(start, int)
+        first, rest = (self.fused_prefill if prefill else self.fused) or (layer_in, layer_out)
         for i in range(self.layers):
-            p = f"model.layers.{i}."
-            h = self._norm(x, p + "input_layernorm")
-            q = self._rope(self._linear(h, p + "self_attn.q_proj").view(P, B, T, H, D), cos, sin)
-            k = self._rope(self._linear(h, p + "self_attn.k_proj").view(P, B, T, G, D), cos, sin)
-            v = self._linear(h, p + "self_attn.v_proj").view(P, B, T, G, D)
-            k = k.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
-            v = v.permute(1, 0, 3, 2, 4).reshape(B * P, G, T, D)
+            w_in, w_out = self._layer_weights(i)
+            q, k, v = first(x, w_in, cos, sin, self.eps, B, G, D)
             k_cache, v_cache = self.k_cache[i][:B * P], self.v_cache[i][:B * P]  # fewer rows after a compaction
-            if isinstance(start, int):
+            if prefill:
                 k_cache[:, :, start:start + T] = k
                 v_cache[:, :, start:start + T] = v
             else:
                 k_cache.index_copy_(2, start.view(1), k)
                 v_cache.index_copy_(2, start.view(1), v)
-            q = q.view(P, B, T, G, rep, D).permute(1, 0, 3, 4, 2, 5).reshape(B * P, G, rep * T, D)
-            attn = self._attention(i, q, groups, length)
-            attn = attn.view(B, P, G, rep, T, D).permute(1, 0, 4, 2, 3, 5).reshape(P, B * T, H * D)
-            x = x + self._linear(attn, p + "self_attn.o_proj")
-            h = self._norm(x, p + "post_attention_layernorm")
-            gated = self.act(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj")
-            x = x + self._linear(gated, p + "mlp.down_proj")
-        last = self._norm(x.view(P, B, T, -1)[:, :, -1], "model.norm")
+            x = rest(x, self._attention(attend, i, q, groups, length, skip), w_out, self.eps, self.act, B)
+        last = rms_norm(x.view(P, B, T, -1)[:, :, -1], self.weights["model.norm.weight"], self.eps)
         return torch.bmm(last, self.head.transpose(1, 2))

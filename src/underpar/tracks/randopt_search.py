@@ -162,8 +162,12 @@ class RODecodeConfig:
     # a CUDA graph per step when compile is on; reproducible: no kernel is chosen by timing);
     # 1 = one candidate at a time through `engine`
     population: int = bounded(1, 1)
-    # population > 1: its attention kernel, and finished-row compaction (randopt_population.py)
+    # population > 1 (randopt_population.py): the attention kernels of the decode steps and of
+    # the prefill, the decode steps' layers compiled by Inductor (CUDA, with compile), and
+    # finished-row compaction
     population_attention: str = choice("matmul", tuple(ATTENTION))
+    population_prefill_attention: str = choice("matmul", tuple(ATTENTION))
+    population_fuse: bool = False
     population_compact: bool = False
 
     def engine_config(self) -> DecodeConfig:
