@@ -179,7 +179,7 @@ class PopulationForward:
         outs = [attend(q[b0:b1], k[b0:b1, :, s:length], v[b0:b1, :, s:length], mask,
                             None if skip is None else skip[b0:b1])
                 for b0, b1, s, mask in groups]
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(n, G, M, D)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, G, M, D)  # SDPA's may be strided
 
     def _forward(self, ids_pbt: Tensor, pos_bt: Tensor, groups: Sequence[Group], start: int | Tensor,
                  length: int, attend: AttentionFn, skip: Tensor | None = None) -> Tensor:
