@@ -110,7 +110,7 @@ def test_cuda_graphs_with_groups_and_compaction_equal_one_candidate_at_a_time(at
     probe = generate(model, make_tokenizer(eos=None), PROMPTS, DecodeConfig(max_new_tokens=NEW))
     tokenizer = make_tokenizer(eos=probe[0].token_ids[12])
     cfg = DecodeConfig(max_new_tokens=NEW, batch_size=len(PROMPTS), check_every=2)
-    population = [None, [(5, 0.002)], [(7, 0.05)]]
+    population = [None, [(5, 0.002)], [(7, 0.002)]]  # near the base: all end prompts 0 and 2 early
     reference = []
     for terms in population:
         space.apply_combination(terms) if terms else space.restore()
@@ -121,8 +121,9 @@ def test_cuda_graphs_with_groups_and_compaction_equal_one_candidate_at_a_time(at
     assert decoder.graphs_on
     got = generate_population(decoder, tokenizer, population, PROMPTS, cfg)
     assert [[c.token_ids for c in row] for row in got] == reference
+    assert decoder.compactions >= 1 and len(decoder._graphs) >= 2  # a graph per row count
     again = generate_population(decoder, tokenizer, population[::-1], PROMPTS, cfg)  # replays
-    assert again[::-1] == got and len(decoder._graphs) >= 2
+    assert again[::-1] == got
 
 
 def test_randopt_config_names_the_kernels():
