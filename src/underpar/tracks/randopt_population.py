@@ -14,8 +14,10 @@ The forward is written out for Llama-family models (Llama, Qwen2, Mistral withou
 window: RMSNorm, rotary positions from the model's own rotary module, grouped-query attention,
 gated MLP; optional q/k/v biases, tied or untied head); the forward and the attention kernels
 are in randopt_population_forward.py. The KV cache is static, one (rows x P, kv_heads, max_len,
-head_dim) tensor per layer; on CUDA each decode step is captured as a CUDA graph per attention
-length bucket (multiples of `bucket` slots), so early steps read a short cache. Prompts are
+head_dim) tensor per layer; on CUDA each decode step (its layers compiled by Inductor with
+`fuse`) is captured as a CUDA graph per attention length bucket (multiples of `bucket` slots),
+so early steps read a short cache. A finished candidate's rows need no attention output: the
+step passes them to the kernel, which may leave them out ("fused_decode" does). Prompts are
 decoded longest first and the rows of a batch form `groups` groups, each reading the cache from
 its longest prompt's first slot: the left padding of shorter prompts is mostly not read.
 Shapes depend only on (P, rows, max_len) and the batch's prompt lengths, never on which
@@ -94,8 +96,8 @@ class PopulationDecoder(PopulationForward):
     (bf16 near-ties could then differ with the chunk's composition)."""
 
     def __init__(self, model: Any, space: PerturbSpace, size: int, rows: int, max_len: int, graphs: bool = True,
-                 attention: str = "matmul", groups: int = 1, bucket: int = 64, compact: bool = False,
-                 prefill_attention: str = "matmul", fuse: str | None = None):
+                 attention: str = "fused_decode", groups: int = 1, bucket: int = 64, compact: bool = False,
+                 prefill_attention: str = "sdpa_efficient", fuse: str | None = None):
         check_model(model, space)
         if groups < 1 or bucket < ALIGN or bucket % ALIGN:
             raise ConfigError(f"population decoder: groups ({groups}) must be >= 1 and bucket ({bucket}) "
@@ -338,8 +340,8 @@ class PopulationScorer:
     the decode steps' layers with Inductor (on CUDA with decode.compile on; eager elsewhere)."""
 
     def __init__(self, model: Any, tokenizer: Any, space: PerturbSpace, decode: DecodeConfig, rows: int,
-                 size: int, backend: str, sets: Sequence[PromptSet], attention: str = "matmul", groups: int = 1,
-                 bucket: int = 64, compact: bool = False, prefill_attention: str = "matmul", fuse: bool = False):
+                 size: int, backend: str, sets: Sequence[PromptSet], attention: str = "fused_decode", groups: int = 1,
+                 bucket: int = 64, compact: bool = False, prefill_attention: str = "sdpa_efficient", fuse: bool = True):
         longest = max(len(ids) for s in sets for ids in s.ids)
         max_len = -(-(longest + decode.max_new_tokens) // ALIGN) * ALIGN
         cuda = decode.compile and next(model.parameters()).device.type == "cuda"

@@ -12,23 +12,19 @@ Attention over a group of prompt rows reads only the cache slots [start, length)
 with rows sorted by prompt length (generate_population does), the left padding of the shorter
 prompts is not read. Masks are additive (0 where allowed, -inf elsewhere) in the model's dtype.
 
-Attention kernels, a registered choice (`decode.population_attention`):
-- "matmul" (the default): scores = q k^T * scale + mask, softmax in fp32, @ V (scores
-  materialized per layer);
+Attention kernels, a registered choice (`decode.population_attention` for the decode steps,
+`decode.population_prefill_attention` for the prefill):
+- "fused_decode" (the decode default): one Triton pass per (row, kv head) that reads only the
+  slots between the row's first and last allowed ones and nothing for a finished candidate
+  (kernels/decode_attention.py); a prefill's many query rows take "matmul";
+- "matmul": scores = q k^T * scale + mask, softmax in fp32, @ V (scores materialized);
 - "sdpa": F.scaled_dot_product_attention with the additive mask (flash cannot take a mask, so
-  on CUDA torch picks the memory-efficient or cuDNN kernel: no materialized scores, K and V
-  streamed once; capturable in a CUDA graph);
-- "sdpa_efficient": the same held to the memory-efficient kernel on CUDA;
-- "fused_decode": decode steps in one Triton pass per (row, kv head) that skips the blocks of
-  slots the mask rules out (kernels/decode_attention.py); the prefill takes "matmul".
-"matmul" with one row group and 64-slot buckets is the fastest measured end to end on an H200
-(decode step at P = 32 x 128 rows: 18.9-26.4 ms against 24.1-39.3 for sdpa_efficient with 8
-groups and 16-slot buckets, benchmarks/results/randopt_step_profile-h200.json; 3.68 against
-3.27 candidates/s, randopt_speed-repro-h200.json): a decode step has 3 query rows per kv head,
-where batched matmuls stream K and V near the copy rate and torch's SDPA kernels do not, and
-more row groups cost more launches than the left padding they skip. "fused_decode" ran a whole
-chunk 1.17x faster than "matmul" (randopt_step_profile-fused-h200.json, random weights); it is
-opt-in until measured end to end on a real model.
+  on CUDA torch picks the memory-efficient or cuDNN kernel);
+- "sdpa_efficient" (the prefill default): the same held to the memory-efficient kernel.
+With the layers compiled by Inductor (`decode.population_fuse`), these defaults ran a chunk of
+32 candidates x 128 prompts 2.0x faster end to end than matmul for both (SmolLM2-135M on an
+H200: 7.61 against 3.80 candidates/s, benchmarks/results/randopt_speed-fast-h200.json) with
+the same completions in another process; docs/BENCHMARKS.md has the steps' breakdown.
 """
 
 from __future__ import annotations

@@ -165,9 +165,9 @@ class RODecodeConfig:
     # population > 1 (randopt_population.py): the attention kernels of the decode steps and of
     # the prefill, the decode steps' layers compiled by Inductor (CUDA, with compile), and
     # finished-row compaction
-    population_attention: str = choice("matmul", tuple(ATTENTION))
-    population_prefill_attention: str = choice("matmul", tuple(ATTENTION))
-    population_fuse: bool = False
+    population_attention: str = choice("fused_decode", tuple(ATTENTION))
+    population_prefill_attention: str = choice("sdpa_efficient", tuple(ATTENTION))
+    population_fuse: bool = True
     population_compact: bool = False
 
     def engine_config(self) -> DecodeConfig:
