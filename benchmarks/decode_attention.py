@@ -13,26 +13,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from underpar.kernels import decode_attention as da
 from underpar.runs.rundir import device_tag, environment
-
-
-def median_ms(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from randopt_speed import median_ms  # noqa: E402 - the scripts' folder is on the path
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ slots are read (not the left padding of a short prompt, nor the slots past the c
 contiguous, any strides above: views of the cache), mask additive (0 or -inf) of shape
 [n, 1, 1, L] or broadcastable to it, skip (optional) bool [n, H]: the (row, head) pairs whose
 output is not needed (the population engine's finished candidates), which the kernel writes as
-zeros without reading their K or V (the reference computes them) -> [n, H, M, D] in q's dtype. The Triton kernel runs for bf16/fp16 CUDA
-tensors with M <= 16 query rows (decode) and a power-of-two head size; everything else (a
-prefill's many query rows, fp32, a CPU) takes the reference, so results in fp32 are the
-reference's.
+zeros without reading their K or V (the reference computes them) -> [n, H, M, D] in q's dtype.
+The Triton kernel runs for bf16/fp16 CUDA tensors with M <= 16 query rows (decode) and a
+power-of-two head size; everything else (a prefill's many query rows, fp32, a CPU) takes the
+reference, so results in fp32 are the reference's.
 """
 
 from __future__ import annotations

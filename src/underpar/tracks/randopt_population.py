@@ -69,7 +69,7 @@ def check_model(model: Any, space: PerturbSpace) -> None:
 
 def compiled(fn: Any, backend: str, use: str) -> Any:
     """fn compiled by torch.compile for fixed shapes (a prefill of another prompt width compiles
-    again: Inductor's code for any width ran 1.2x slower than eager on an H200), as a copy named
+    again: Inductor's code for any width ran 1.17x slower than eager on an H200), as a copy named
     for its use, with its own code object (torch.compile keeps its graphs with the code it
     compiles: two compilations of one function would share them); Inductor in its
     deterministic mode where torch has it (no on-device benchmarking that could pick another
@@ -86,8 +86,8 @@ def compiled(fn: Any, backend: str, use: str) -> Any:
 class PopulationDecoder(PopulationForward):
     """Static caches, stacked weights and the decode step for `size` candidates x `rows` prompts.
     attention, prefill_attention: registered kernels (randopt_population_forward.ATTENTION) of
-    the decode steps and of the prefill; fuse: the torch.compile backend of the decode steps'
-    layer pieces (None: eager); groups: row groups with their own first cache slot; bucket:
+    the decode steps and of the prefill; fuse: the torch.compile backend of the layer pieces,
+    decode steps and prefill (None: eager); groups: row groups with their own first cache slot; bucket:
     decode steps read the cache up to a multiple of it;
     compact: at each check (every decode.check_every steps) the prompt rows still running for
     some candidate move to the front and the step runs on the fewest of rows, rows/2, rows/4 ...
@@ -337,7 +337,7 @@ class PopulationScorer:
     prompts (copies of its first, dropped afterwards) like `Answerer`, so one decoder serves
     every set; its cache fits the longest prompt of `sets` plus `decode.max_new_tokens`.
     attention, prefill_attention, groups, bucket, compact: `PopulationDecoder`'s; fuse: compile
-    the decode steps' layers with Inductor (on CUDA with decode.compile on; eager elsewhere)."""
+    the layers with Inductor (on CUDA with decode.compile on; eager elsewhere)."""
 
     def __init__(self, model: Any, tokenizer: Any, space: PerturbSpace, decode: DecodeConfig, rows: int,
                  size: int, backend: str, sets: Sequence[PromptSet], attention: str = "fused_decode", groups: int = 1,
