@@ -22,9 +22,9 @@ Attention kernels, a registered choice (`decode.population_attention` for the de
   on CUDA torch picks the memory-efficient or cuDNN kernel);
 - "sdpa_efficient" (the prefill default): the same held to the memory-efficient kernel.
 With the layers compiled by Inductor (`decode.population_fuse`), these defaults ran a chunk of
-32 candidates x 128 prompts 2.0x faster end to end than matmul for both (SmolLM2-135M on an
-H200: 7.61 against 3.80 candidates/s, benchmarks/results/randopt_speed-fast-h200.json) with
-the same completions in another process; docs/BENCHMARKS.md has the steps' breakdown.
+32 candidates x 128 prompts 2.0-2.2x faster end to end than matmul for both (SmolLM2-135M on
+an H200: 7.61-8.08 against 3.71-3.80 candidates/s, benchmarks/results/randopt_speed-fast-h200.json
+and -sizes-h200.json) with the same completions in another process; docs/BENCHMARKS.md has the steps' breakdown.
 """
 
 from __future__ import annotations
