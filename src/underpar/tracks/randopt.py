@@ -239,6 +239,8 @@ def _run(cfg: RandOptConfig, env: dist.Env, model: Any, tokenizer: Any, resume: 
         run_dir.log(f"warm-up: building the decoder ({rows_per_batch} rows, {cfg.decode.max_new_tokens} new tokens"
                     + (", compiled to a CUDA graph: a minute or two)" if compiled else ")"))
         answerer.warm_up([train, *tests])
+        if batched is not None:
+            batched.warm_up([train, *tests])
         lap("warmup")
         run_dir.log(f"warm-up done in {timing['warmup']:.1f} s")
         base_answers = map_with_progress(env, "base model", "sets", [train, *tests], answerer.answers)

@@ -351,6 +351,13 @@ class PopulationScorer:
                                          fuse="inductor" if fuse and cuda else None)
         self.tokenizer, self.decode, self.backend, self.rows, self.size = tokenizer, decode, backend, rows, size
 
+    def warm_up(self, sets: Sequence[PromptSet]) -> None:
+        """Decode every set once with the base model in every slot, untimed: compiles the layers
+        for each set's prompt width and captures the decode step's graphs, so the timed search
+        does neither."""
+        for prompts in sets:
+            self.texts([(0, 0.0)], prompts)
+
     def texts(self, population: Sequence[tuple[int, float]], prompts: PromptSet,
               stats: GenerationStats | None = None) -> list[list[str]]:
         """[candidate][question] completion texts of (seed, sigma) candidates."""
