@@ -20,6 +20,8 @@ from underpar.registry import Registry
 _NUMBER = (r"(?P<sign>-)?(?:\$\s?)?(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
            r"(?:\s?/\s?(?P<den>\d+(?:\.\d+)?))?")
 _NUMBER_RE = re.compile(_NUMBER)
+_DIGIT_RE = re.compile(r"\d")  # the digits _NUMBER_RE's \d takes (any Unicode digit)
+_LETTER_RE = re.compile(r"[A-Za-z]")  # characters no number match holds
 _STRICT_RE = re.compile(r"####\s*(" + _NUMBER + r")")
 _LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
 # What may follow a number in a gold or extracted answer: nothing, a percent sign, or a unit
@@ -55,15 +57,23 @@ def extract_gsm8k_strict(text: str | None) -> str | None:
 
 def extract_last_number(text: str | None) -> str | None:
     """The last number in the text (lm-eval's flexible-extract idea): handles `1,234`, `-5`,
-    `$3.50`, `3/4`; returned without `,` and `$` (e.g. "1234", "-5", "3.50", "3/4")."""
+    `$3.50`, `3/4`; returned without `,` and `$` (e.g. "1234", "-5", "3.50", "3/4").
+
+    The last of `_NUMBER_RE`'s left-to-right matches, found without scanning the whole text: it
+    holds the text's last digit (every digit is in some match), and no match holds a letter, so
+    it is the last match of a scan started right after the last letter before that digit (the
+    matches after a letter do not depend on the text before it)."""
     if not text:
         return None
     text = text.replace("\u2212", "-")
-    last = None
-    for match in _NUMBER_RE.finditer(text):
-        last = match
-    if last is None:
+    backwards = text[::-1]
+    digit = _DIGIT_RE.search(backwards)
+    if digit is None:
         return None
+    letter = _LETTER_RE.search(backwards, digit.end())
+    last = None
+    for match in _NUMBER_RE.finditer(text, 0 if letter is None else len(text) - letter.start()):
+        last = match
     cleaned = _clean_number_text(last)
     if last["sign"] and not _sign_is_minus(text, last):
         cleaned = cleaned[1:]
