@@ -67,6 +67,21 @@ def test_compiled_layers_and_a_prefill_kernel_equal_one_candidate_at_a_time(setu
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 4
 
 
+def test_compiled_layers_take_more_prompt_widths_than_dynamos_recompile_limit(setup):
+    """Ten batches of one prompt, each of another width: past dynamo's limit of 8 compiled
+    shapes the prefill runs eager, with the same tokens as eager throughout."""
+    model, space, tokenizer = setup[0], setup[1], setup[2]
+    prompts = [PROMPTS[0][:n] for n in range(2, 12)]
+    cfg = DecodeConfig(max_new_tokens=3, batch_size=1)
+    runs = []
+    for fuse in (None, "eager"):
+        torch._dynamo.reset()
+        decoder = PopulationDecoder(model, space, size=2, rows=1, max_len=32, fuse=fuse)
+        runs.append([[c.token_ids for c in row] for row in
+                     generate_population(decoder, tokenizer, POPULATION[:2], prompts, cfg)])
+    assert runs[0] == runs[1]
+
+
 def test_bad_settings_name_the_choices(setup):
     model, space = setup[0], setup[1]
     with pytest.raises(ConfigError, match="matmul, sdpa"):
