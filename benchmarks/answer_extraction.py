@@ -3,7 +3,8 @@ The completions stand in as the task's worked solutions (or questions where a ta
 Times, best of --repeats, on this machine's CPU:
 
 - `extract_last_number` scanning only after the last letter before the last digit (the library's);
-- the same by a scan of the whole text (the form it replaced; same results, checked here);
+- `extract_last_number_reference`, a scan of the whole text (the form it replaced; same
+  results, checked here);
 - the task's reward of every completion (strict extraction, the last number, the comparison).
 
     PYTHONPATH=src python3 benchmarks/answer_extraction.py --out $OUT   # ~10 s
@@ -19,20 +20,6 @@ from pathlib import Path
 from underpar.data import answers
 from underpar.data.tasks import get_task
 from underpar.runs.rundir import device_tag, environment
-
-
-def whole_scan(text: str | None) -> str | None:
-    """extract_last_number as a scan of the whole text."""
-    if not text:
-        return None
-    text = text.replace("\u2212", "-")
-    last = None
-    for match in answers._NUMBER_RE.finditer(text):
-        last = match
-    if last is None:
-        return None
-    cleaned = answers._clean_number_text(last)
-    return cleaned[1:] if last["sign"] and not answers._sign_is_minus(text, last) else cleaned
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -56,13 +43,13 @@ def main() -> None:
     examples = task.load("test", limit=args.prompts)
     texts = [e.response or e.question for e in examples] * args.candidates
     gold = examples * args.candidates
-    if [answers.extract_last_number(t) for t in texts] != [whole_scan(t) for t in texts]:
+    if [answers.extract_last_number(t) for t in texts] != [answers.extract_last_number_reference(t) for t in texts]:
         raise SystemExit("extract_last_number differs from a scan of the whole text")
     record = {"benchmark": "answer_extraction", "task": args.task, "completions": len(texts),
               "mean_chars": sum(map(len, texts)) / len(texts), **environment(),
               "seconds": {
                   "last_number": best_seconds(lambda: [answers.extract_last_number(t) for t in texts], args.repeats),
-                  "last_number_whole_scan": best_seconds(lambda: [whole_scan(t) for t in texts], args.repeats),
+                  "last_number_whole_scan": best_seconds(lambda: [answers.extract_last_number_reference(t) for t in texts], args.repeats),
                   "reward": best_seconds(lambda: [task.reward(t, e) for t, e in zip(texts, gold)], args.repeats)}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,9 +71,21 @@ def extract_last_number(text: str | None) -> str | None:
     if digit is None:
         return None
     letter = _LETTER_RE.search(backwards, digit.end())
+    return _last_number(text, 0 if letter is None else len(text) - letter.start())
+
+
+def extract_last_number_reference(text: str | None) -> str | None:
+    """extract_last_number by a scan of the whole text (what tests and benchmarks hold it to)."""
+    return _last_number(text.replace("\u2212", "-"), 0) if text else None
+
+
+def _last_number(text: str, start: int) -> str | None:
+    """The last number match of a scan from `start`, cleaned."""
     last = None
-    for match in _NUMBER_RE.finditer(text, 0 if letter is None else len(text) - letter.start()):
+    for match in _NUMBER_RE.finditer(text, start):
         last = match
+    if last is None:
+        return None
     cleaned = _clean_number_text(last)
     if last["sign"] and not _sign_is_minus(text, last):
         cleaned = cleaned[1:]
