@@ -43,7 +43,7 @@ from underpar.eval.generate import (
 from underpar.kernels.perturb import Terms
 from underpar.kernels.perturb_space import PerturbSpace
 from underpar.tracks.randopt_population_forward import (
-    Group, PopulationForward, additive, attention_of, layer_in, layer_out,
+    Group, PopulationForward, additive, attention_of, layer_in, layer_out, layer_weights,
 )
 from underpar.tracks.randopt_search import PromptSet, score_texts
 
@@ -135,6 +135,7 @@ class PopulationDecoder(PopulationForward):
             else:
                 off = space.offsets[space.names[k]]
                 self.weights[name] = self.stacked[:, off:off + p.numel()].view(size, *p.shape)
+        self.layer_weights = [layer_weights(self.weights, i) for i in range(self.layers)]
         self.head = self.weights.get("lm_head.weight", self.weights["model.embed_tokens.weight"])
         shape = (size * rows, self.kv_heads, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]

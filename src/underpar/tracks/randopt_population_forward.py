@@ -134,6 +134,20 @@ def layer_out(x: Tensor, attn: Tensor, w: Sequence[Tensor | None], eps: float, a
     return x + linear(act(linear(h, wg, None)) * linear(h, wu, None), wd, None)
 
 
+LayerWeights = tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]  # layer_in's w, layer_out's w
+
+
+def layer_weights(weights: dict[str, Tensor], i: int) -> LayerWeights:
+    """Layer i's stacked weights from a model's parameter names, as layer_in and layer_out take them."""
+    w = weights.get
+    p = f"model.layers.{i}."
+    a, m = p + "self_attn.", p + "mlp."
+    return ((w(p + "input_layernorm.weight"), w(a + "q_proj.weight"), w(a + "k_proj.weight"),
+             w(a + "v_proj.weight"), w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")),
+            (w(a + "o_proj.weight"), w(a + "o_proj.bias"), w(p + "post_attention_layernorm.weight"),
+             w(m + "gate_proj.weight"), w(m + "up_proj.weight"), w(m + "down_proj.weight")))
+
+
 class PopulationForward:
     """The forward of `PopulationDecoder` (which sets the attributes used here). A layer is
     layer_in -> cache write -> attention -> layer_out; `fused` and `fused_prefill` (or None:
@@ -142,11 +156,11 @@ class PopulationForward:
     compiled graph serves every layer)."""
 
     size: int
-    layers: int
     kv_heads: int
     head_dim: int
     eps: float
     weights: dict[str, Tensor]
+    layer_weights: list[LayerWeights]
     head: Tensor
     k_cache: list[Tensor]
     v_cache: list[Tensor]
@@ -154,15 +168,6 @@ class PopulationForward:
     rotary: torch.nn.Module
     fused: tuple[Callable, Callable] | None
     fused_prefill: tuple[Callable, Callable] | None
-
-    def _layer_weights(self, i: int) -> tuple[tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
-        w = self.weights.get
-        p = f"model.layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        return ((w(p + "input_layernorm.weight"), w(a + "q_proj.weight"), w(a + "k_proj.weight"),
-                 w(a + "v_proj.weight"), w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")),
-                (w(a + "o_proj.weight"), w(a + "o_proj.bias"), w(p + "post_attention_layernorm.weight"),
-                 w(m + "gate_proj.weight"), w(m + "up_proj.weight"), w(m + "down_proj.weight")))
 
     def _attention(self, attend: AttentionFn, i: int, q: Tensor, groups: Sequence[Group], length: int,
                    skip: Tensor | None) -> Tensor:
@@ -192,8 +197,7 @@ class PopulationForward:
         cos, sin = cos[None, :, :, None, :], sin[None, :, :, None, :]
         prefill = isinstance(start, int)
         first, rest = (self.fused_prefill if prefill else self.fused) or (layer_in, layer_out)
-        for i in range(self.layers):
-            w_in, w_out = self._layer_weights(i)
+        for i, (w_in, w_out) in enumerate(self.layer_weights):
             q, k, v = first(x, w_in, cos, sin, self.eps, B, G, D)
             k_cache, v_cache = self.k_cache[i][:B * P], self.v_cache[i][:B * P]  # fewer rows after a compaction
             if prefill:
